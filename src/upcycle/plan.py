@@ -1,0 +1,160 @@
+"""What to do to a dense model, as data.
+
+A plan is a typed, validated dataclass; every field is a YAML key and a CLI flag of the same name
+(`num_experts: 8` in YAML is `--num_experts 8` on the command line). Validation happens on
+construction, so a plan that exists is a plan that can be applied to a model with enough layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PlanError
+from .layers import DEFAULT_LAYERS, parse_layers
+
+ROUTERS = ("topk", "expert_choice", "soft")
+ROUTER_INITS = ("normal", "zeros", "uniform")
+EXPERT_INITS = ("copy", "noise")
+EC_GROUPS = ("sequence", "batch")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class UpcyclePlan:
+    """Sparse upcycling (Komatsuzaki et al., ICLR 2023): MLPs of the chosen layers become MoE layers
+    whose experts start as copies of the dense MLP, behind a new router."""
+
+    num_experts: int = _f(8, "experts per MoE layer (the paper used 32)")
+    layers: str | tuple[int, ...] = _f(
+        DEFAULT_LAYERS, "which layers: all | every_k:K[:OFFSET] | first_n:N | last_n:N | middle_n:N | 1,3,5"
+    )
+    router: str = _f("topk", "routing: topk (token choice) | expert_choice | soft", choices=ROUTERS)
+    top_k: int = _f(2, "experts per token for the topk router")
+    normalize: bool | None = _f(
+        None,
+        "make each token's combine weights sum to 1 over its selected experts "
+        "(topk: renormalised top-k, Mixtral style; expert_choice: 'normalise after routing'); "
+        "default: on for topk and expert_choice",
+    )
+    capacity_factor: float | None = _f(
+        None,
+        "topk: optional token dropping, capacity = ceil(C * tokens * top_k / num_experts) assignments per "
+        "expert (default: no dropping); expert_choice: capacity = ceil(C * tokens / num_experts) tokens per "
+        "expert (default C = 2)",
+    )
+    ec_group: str = _f("sequence", "expert_choice routes within each sequence or across the whole batch",
+                       choices=EC_GROUPS)
+    router_init: str = _f("normal", "router weights: normal (std router_std) | zeros | uniform (std router_std)",
+                          choices=ROUTER_INITS)
+    router_std: float = _f(0.02, "standard deviation of the router initialisation")
+    expert_init: str = _f("copy", "experts: copy of the dense MLP | noise (copy plus N(0, noise_std) per weight)",
+                          choices=EXPERT_INITS)
+    noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")
+    aux_loss_coef: float = _f(0.01, "load-balancing loss coefficient (alpha)")
+    z_loss_coef: float = _f(0.0, "router z-loss coefficient (beta)")
+    seed: int = _f(0, "seed for the router (and noise) initialisation")
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> PlanError:
+            return PlanError(f"{name}: {why}")
+
+        object.__setattr__(self, "layers", parse_layers(self.layers))
+        for name in ("num_experts", "top_k", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(name, f"expected an integer, got {v!r}")
+        if self.num_experts < 1:
+            raise bad("num_experts", f"must be at least 1, got {self.num_experts}")
+        if self.router not in ROUTERS:
+            raise bad("router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
+        if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:
+            raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
+        if self.normalize is not None and not isinstance(self.normalize, bool):
+            raise bad("normalize", f"expected true or false, got {self.normalize!r}")
+        if self.router == "soft" and self.normalize is False:
+            raise bad("normalize", "the soft router's weights are a softmax over all experts; they always sum to 1")
+        if self.capacity_factor is not None:
+            c = self.capacity_factor
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise bad("capacity_factor", f"must be a positive number, got {c!r}")
+            if self.router == "soft":
+                raise bad("capacity_factor", "the soft router sends every token to every expert; it has no capacity")
+        if self.ec_group not in EC_GROUPS:
+            raise bad("ec_group", f"choose one of {', '.join(EC_GROUPS)}, got {self.ec_group!r}")
+        if self.router_init not in ROUTER_INITS:
+            raise bad("router_init", f"choose one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
+        if self.expert_init not in EXPERT_INITS:
+            raise bad("expert_init", f"choose one of {', '.join(EXPERT_INITS)}, got {self.expert_init!r}")
+        for name in ("router_std", "noise_std", "aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise bad(name, f"must be a non-negative number, got {v!r}")
+
+    # Derived values: one place that says what the defaults mean.
+    @property
+    def normalize_weights(self) -> bool:
+        return True if self.normalize is None else self.normalize
+
+    @property
+    def capacity(self) -> float | None:
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            return 2.0
+        return self.capacity_factor
+
+    @property
+    def experts_per_token(self) -> int:
+        """K of the router (soft routing uses every expert)."""
+        return self.num_experts if self.router == "soft" else self.top_k
+
+    # Serialisation: YAML keys are the field names.
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(self.layers, tuple):
+            d["layers"] = list(self.layers)
+        return {"method": "sparse_upcycling", **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "UpcyclePlan":
+        if not isinstance(d, dict):
+            raise PlanError(f"{source}: expected a mapping of plan fields, got {type(d).__name__}")
+        d = dict(d)
+        method = d.pop("method", "sparse_upcycling")
+        if method != "sparse_upcycling":
+            raise PlanError(f"{source}: method {method!r} is not a sparse upcycling plan")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise PlanError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+        try:
+            return cls(**d)
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "UpcyclePlan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> "UpcyclePlan":
+        return dataclasses.replace(self, **changes)
