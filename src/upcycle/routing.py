@@ -1,0 +1,182 @@
+"""Routers as pure functions of router logits, and the auxiliary losses.
+
+Shape suffixes: T tokens, E experts, K experts per token, A assignments (token, expert pairs that are
+computed), S combine slots per token, G routing groups, N tokens per group.
+
+Every router returns a `Routing`: the assignments sorted once by expert (so the experts run one grouped
+matmul over contiguous rows), each with a combine weight and a slot, and the statistics callers log.
+Router math is fp32 whatever the model dtype.
+
+Conventions
+- Ties go to the lower expert index (top-k) or the lower token index (expert choice): stable sorts.
+- Top-k capacity (optional token dropping) counts assignments: cap = ceil(C * T * K / E) per expert,
+  the vmoe/Megatron convention; all first choices are served before any second choice (K-major
+  priority), in token order. Renormalisation, when on, happens over the top-k set before dropping,
+  so a dropped assignment simply contributes 0.
+- Expert choice capacity counts tokens: c = min(ceil(C * N / E), N) per expert and group.
+  With C >= E every expert takes every token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Routing:
+    expert_A: torch.Tensor  # (A,) int64, sorted ascending
+    token_A: torch.Tensor  # (A,) int64, token each assignment reads
+    slot_A: torch.Tensor  # (A,) int64, row of the (T*S, D) combine buffer it writes
+    weight_A: torch.Tensor  # (A,) fp32 combine weight
+    counts_E: torch.Tensor  # (E,) int64, assignments per expert
+    slots_per_token: int  # S
+    logits_TE: torch.Tensor  # (T, E) fp32, for the aux losses
+    probs_TE: torch.Tensor  # (T, E) fp32
+    topk_idx_TK: torch.Tensor | None  # token-choice selection before dropping (load-balancing loss)
+    dropped_assignments: torch.Tensor  # () int64
+    dropped_tokens: torch.Tensor  # () int64: tokens no expert processed
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs_TE.shape[0]
+
+    def entropy(self) -> torch.Tensor:
+        """Mean per-token entropy of the router distribution, in nats (log E = uniform)."""
+        p = self.probs_TE.detach()
+        return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+
+
+def _sorted_by_expert(expert_A, token_A, slot_A, weight_A, num_experts):
+    order = torch.argsort(expert_A, stable=True)
+    expert_A = expert_A[order]
+    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    return expert_A, token_A[order], slot_A[order], weight_A[order], counts_E
+
+
+def _rank_within_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Position of each assignment among the assignments to the same expert, in the given order."""
+    order = torch.argsort(expert_A, stable=True)
+    counts = torch.bincount(expert_A, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(expert_A)
+    rank[order] = torch.arange(expert_A.numel(), device=expert_A.device) - starts[expert_A[order]]
+    return rank
+
+
+def topk_route(
+    logits_TE: torch.Tensor,
+    k: int,
+    normalize: bool = True,
+    capacity_factor: float | None = None,
+) -> Routing:
+    """Token choice: each token picks its k most probable experts.
+
+    normalize=False: w_e = p_e (Switch / softmax-then-top-k); normalize=True: w_e = p_e / sum_topk p
+    (Mixtral). With capacity_factor set, assignments past an expert's capacity are dropped (see module doc).
+    """
+    logits_TE = logits_TE.float()
+    T, E = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    # Stable descending sort: equal probabilities keep index order, so ties go to the lower expert.
+    sorted_p_TE, sorted_idx_TE = torch.sort(probs_TE, dim=-1, descending=True, stable=True)
+    w_TK, idx_TK = sorted_p_TE[:, :k], sorted_idx_TE[:, :k]
+    if normalize:
+        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
+
+    expert_A = idx_TK.reshape(-1)
+    token_A = torch.arange(T, device=logits_TE.device).repeat_interleave(k)
+    slot_A = torch.arange(T * k, device=logits_TE.device)
+    weight_A = w_TK.reshape(-1)
+    dropped_assignments = torch.zeros((), dtype=torch.long, device=logits_TE.device)
+    dropped_tokens = torch.zeros((), dtype=torch.long, device=logits_TE.device)
+    if capacity_factor is not None:
+        cap = math.ceil(capacity_factor * T * k / E)
+        # K-major order: every token's first choice before any second choice.
+        expert_KT = idx_TK.t().reshape(-1)
+        keep_KT = _rank_within_expert(expert_KT, E) < cap
+        keep_A = keep_KT.view(k, T).t().reshape(-1)
+        dropped_assignments = (~keep_A).sum()
+        dropped_tokens = (~keep_A.view(T, k).any(dim=1)).sum()
+        expert_A, token_A, slot_A, weight_A = expert_A[keep_A], token_A[keep_A], slot_A[keep_A], weight_A[keep_A]
+
+    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
+    return Routing(expert_A, token_A, slot_A, weight_A, counts_E, k, logits_TE, probs_TE, idx_TK,
+                   dropped_assignments, dropped_tokens)
+
+
+def soft_route(logits_TE: torch.Tensor) -> Routing:
+    """Every token uses every expert, weighted by the softmax over experts (BTX 'soft', BAM attention)."""
+    return topk_route(logits_TE, logits_TE.shape[-1], normalize=False)
+
+
+def expert_choice_route(
+    logits_GNE: torch.Tensor,
+    capacity_factor: float = 2.0,
+    normalize: bool = True,
+    mask_GN: torch.Tensor | None = None,
+) -> Routing:
+    """Expert choice (Zhou et al. 2022): within each group of N tokens, each expert picks its
+    c = min(ceil(C*N/E), N) highest-probability tokens; weights are the router probabilities.
+
+    Not causal: a token's experts depend on the other tokens of its group; use it in encoders.
+    normalize=True divides each token's weights by their sum over the experts that picked it
+    (Sparse Upcycling's 'normalise after routing'). Tokens with mask False are never picked.
+    Tokens are numbered g * N + n in the returned routing.
+    """
+    logits_GNE = logits_GNE.float()
+    G, N, E = logits_GNE.shape
+    device = logits_GNE.device
+    probs_GNE = torch.softmax(logits_GNE, dim=-1)
+    c = min(math.ceil(capacity_factor * N / E), N)
+    score_GEN = probs_GNE.transpose(1, 2)
+    if mask_GN is not None:
+        score_GEN = score_GEN.masked_fill(~mask_GN[:, None, :], -1.0)  # below every probability
+    # Stable sort over tokens: ties go to the lower token index.
+    _, idx_GEN = torch.sort(score_GEN, dim=-1, descending=True, stable=True)
+    tok_GEc = idx_GEN[..., :c]
+    gate_GEc = torch.gather(probs_GNE.transpose(1, 2), -1, tok_GEc)
+
+    expert_GEc = torch.arange(E, device=device).view(1, E, 1).expand(G, E, c)
+    token_GEc = tok_GEc + (torch.arange(G, device=device) * N).view(G, 1, 1)
+    # Expert-major order (E, G, c): the assignments of each expert are contiguous.
+    expert_A = expert_GEc.transpose(0, 1).reshape(-1)
+    token_A = token_GEc.transpose(0, 1).reshape(-1)
+    weight_A = gate_GEc.transpose(0, 1).reshape(-1)
+    if mask_GN is not None:
+        keep_A = mask_GN.reshape(-1)[token_A]
+        expert_A, token_A, weight_A = expert_A[keep_A], token_A[keep_A], weight_A[keep_A]
+    T = G * N
+    picked_T = torch.zeros(T, dtype=torch.bool, device=device)
+    picked_T[token_A] = True
+    if normalize:
+        total_T = torch.zeros(T, device=device, dtype=weight_A.dtype).index_add(0, token_A, weight_A)
+        weight_A = weight_A / total_T[token_A]
+    real_T = mask_GN.reshape(-1) if mask_GN is not None else torch.ones_like(picked_T)
+    dropped_tokens = (real_T & ~picked_T).sum()
+    slot_A = token_A * E + expert_A
+    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
+    return Routing(expert_A, token_A, slot_A, weight_A, counts_E, E, logits_GNE.reshape(T, E),
+                   probs_GNE.reshape(T, E), None, torch.zeros((), dtype=torch.long, device=device),
+                   dropped_tokens)
+
+
+def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6) as flaxformer computes it
+    for top-k: L = E * sum_e f_e * P_e, where f_e is the fraction of tokens whose top-k set contains
+    expert e (so sum_e f_e = K) and P_e the mean router probability of e. Perfect balance gives K;
+    gradients reach the router through P_e."""
+    T, E = probs_TE.shape
+    f_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype)
+    f_E = f_E.index_add(0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), device=probs_TE.device,
+                                                          dtype=probs_TE.dtype)) / T
+    P_E = probs_TE.mean(dim=0)
+    return E * (f_E * P_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(z)^2."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
