@@ -1,0 +1,112 @@
+"""The MoE block: router + experts (+ an optional always-on shared expert).
+
+It replaces a dense MLP one for one: it takes hidden states of any leading shape (..., D) and returns
+the same shape, so the host architecture's decoder layer needs no change. Each call keeps its routing
+in `self.last_routing` (tensors with their graph), from which `aux_loss` and `router_stats` read;
+nothing is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import routing as R
+from .experts import Experts
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    kind: str = "topk"  # topk | expert_choice | soft
+    top_k: int = 2
+    normalize: bool = True
+    capacity_factor: float | None = None
+    ec_group: str = "sequence"  # expert_choice: route within each sequence, or over the whole batch
+
+    @classmethod
+    def from_plan(cls, plan) -> "RouterConfig":
+        return cls(plan.router, plan.top_k, plan.normalize_weights, plan.capacity, plan.ec_group)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, experts: Experts, router: RouterConfig, shared_expert: nn.Module | None = None):
+        super().__init__()
+        self.router_config = router
+        self.router = nn.Linear(experts.hidden_size, experts.num_experts, bias=False,
+                                dtype=experts.up_proj.dtype, device=experts.up_proj.device)
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.last_routing: R.Routing | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size) -> R.Routing:
+        rc = self.router_config
+        if rc.kind == "topk":
+            return R.topk_route(logits_TE, rc.top_k, rc.normalize, rc.capacity_factor)
+        if rc.kind == "soft":
+            return R.soft_route(logits_TE)
+        if rc.kind == "expert_choice":
+            groups = lead_shape[0] if (rc.ec_group == "sequence" and len(lead_shape) >= 2) else 1
+            logits_GNE = logits_TE.view(groups, -1, logits_TE.shape[-1])
+            return R.expert_choice_route(logits_GNE, rc.capacity_factor or 2.0, rc.normalize)
+        raise ValueError(f"unknown router kind {rc.kind!r}")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        *lead, D = hidden.shape
+        x_TD = hidden.reshape(-1, D)
+        T = x_TD.shape[0]
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # router math in fp32
+        r = self.route(logits_TE, torch.Size(lead))
+        self.last_routing = r
+        y_AD = self.experts(x_TD.index_select(0, r.token_A), r.counts_E)
+        y_AD = y_AD * r.weight_A.to(y_AD.dtype).unsqueeze(1)  # weighting after the experts: router gradient
+        # Deterministic combine: each assignment owns one slot; sum the S slots of every token.
+        S = r.slots_per_token
+        out_TSD = y_AD.new_zeros(T * S, D).index_copy(0, r.slot_A, y_AD).view(T, S, D)
+        out_TD = out_TSD.sum(dim=1) if S > 1 else out_TSD[:, 0]
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD).to(out_TD.dtype)
+        return out_TD.to(hidden.dtype).view(*lead, D)
+
+    def aux_loss(self, aux_loss_coef: float, z_loss_coef: float) -> dict[str, torch.Tensor]:
+        """Load-balancing and z-loss of the last call (token-choice routers only get the balancing term)."""
+        r = self.last_routing
+        if r is None:
+            raise RuntimeError("aux_loss() needs a forward pass first")
+        zero = r.logits_TE.new_zeros(())
+        lb = R.load_balancing_loss(r.probs_TE, r.topk_idx_TK) if (
+            self.router_config.kind == "topk" and aux_loss_coef) else zero
+        z = R.z_loss(r.logits_TE) if z_loss_coef else zero
+        return {"load_balancing": aux_loss_coef * lb, "z_loss": z_loss_coef * z}
+
+    def router_stats(self) -> dict[str, object]:
+        """Tokens per expert, dropped assignments and tokens, router entropy of the last call (host values)."""
+        r = self.last_routing
+        if r is None:
+            raise RuntimeError("router_stats() needs a forward pass first")
+        return {
+            "tokens": r.num_tokens,
+            "tokens_per_expert": r.counts_E.tolist(),
+            "dropped_assignments": int(r.dropped_assignments),
+            "dropped_tokens": int(r.dropped_tokens),
+            "entropy": float(r.entropy()),
+        }
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEBlock)]
+
+
+def aux_losses(model: nn.Module, aux_loss_coef: float, z_loss_coef: float) -> dict[str, torch.Tensor]:
+    """Sum of every MoE block's aux losses from the last forward pass (BAM/BTX style sum over layers)."""
+    total: dict[str, torch.Tensor] = {}
+    for _, block in moe_blocks(model):
+        for k, v in block.aux_loss(aux_loss_coef, z_loss_coef).items():
+            total[k] = total[k] + v if k in total else v
+    return total
