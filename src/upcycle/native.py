@@ -1,0 +1,255 @@
+"""The native on-disk format and `upcycle.load`.
+
+    out/
+      config.json                       the base model's config, plus an "upcycle" entry (the plan)
+      upcycle.json                      plan, MoE layers, versions, sha256 of the source weights
+      model-00001-of-0000N.safetensors  shards, split by bytes
+      model.safetensors.index.json      {"metadata": {"total_size": ...}, "weight_map": {...}}
+      tokenizer files, generation_config.json (copied from the source)
+
+Everything is written into a temporary sibling directory that is renamed into place at the end:
+an interrupted save leaves no output directory behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UpcycleError
+from .plan import UpcyclePlan
+
+FORMAT = "upcycle-native"
+FORMAT_VERSION = 1
+INDEX = "model.safetensors.index.json"
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from . import __version__
+
+    return {"upcycle": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    raise UpcycleError(f"max_shard_size: cannot read {size!r}; write it like 5GB or 500MB")
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def sha256_files(files: list[Path]) -> dict[str, str]:
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        out[f.name] = "sha256:" + h.hexdigest()
+    return out
+
+
+@contextmanager
+def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _default_permissions(tmp)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, trash / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp and safetensors create private files; give the output the usual umask permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for f in root.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied duplicates, and {dropped key: key it is tied to}."""
+    seen: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for k, v in model.state_dict().items():
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if ident in seen:
+            tied[k] = seen[ident]
+            continue
+        seen[ident] = k
+        out[k] = v
+    return out, tied
+
+
+def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: int, progress=None) -> dict:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(k)
+        size += n
+    weight_map, total = {}, 0
+    for j, keys in enumerate(shards, 1):
+        name = f"model-{j:05d}-of-{len(shards):05d}.safetensors"
+        part = {k: tensors[k].detach().contiguous().cpu() for k in keys}
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        for k in keys:
+            weight_map[k] = name
+            total += part[k].numel() * part[k].element_size()
+        if progress is not None:
+            progress.update(sum(part[k].numel() * part[k].element_size() for k in keys))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir: str | Path | None = None,
+         source_hashes: dict[str, str] | None = None, max_shard_size: str | int = "5GB",
+         overwrite: bool = False, progress: bool = False) -> Path:
+    """Write an upcycled model in the native format (atomically)."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    tensors, tied = unique_state_dict(model)
+    nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    parent = out_dir.parent if out_dir.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + (64 << 20):
+        raise UpcycleError(f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB free on {parent}")
+    layers = [i for i, _ in _moe_layer_indices(model)]
+    with atomic_dir(out_dir, overwrite) as tmp:
+        model.config.upcycle = plan.to_dict() | {"moe_layers": layers}
+        model.config.save_pretrained(tmp)
+        bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="writing shards", disable=not progress)
+        with bar:
+            write_shards(tensors, tmp, parse_size(max_shard_size), bar)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "plan": plan.to_dict(), "moe_layers": layers, "tied_weights": tied,
+            "source": {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}},
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if source_dir is not None:
+            for name in SIDE_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy2(Path(source_dir) / name, tmp / name)
+    return out_dir
+
+
+def _moe_layer_indices(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    from .adapters import adapter_for
+    from .moe import MoEBlock
+
+    adapter = adapter_for(model.config)
+    return [(i, getattr(b, adapter.mlp)) for i, b in enumerate(adapter.layer_list(model))
+            if isinstance(getattr(b, adapter.mlp), MoEBlock)]
+
+
+def read_meta(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise UpcycleError(f"model directory not found: {path}")
+    f = path / "upcycle.json"
+    if not f.is_file():
+        raise UpcycleError(f"{path} has no upcycle.json: not an upcycled model (for a dense model use "
+                           "transformers' from_pretrained)")
+    meta = json.loads(f.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UpcycleError(f"{f}: format {meta.get('format')!r} v{meta.get('format_version')} is not one this "
+                           f"version of upcycle reads ({FORMAT} v{FORMAT_VERSION})")
+    return meta
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an upcycled model saved by `save` (weights read through safetensors only)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .surgery import convert_structure
+
+    path = Path(path)
+    meta = read_meta(path)
+    plan = UpcyclePlan.from_dict(meta["plan"], source=str(path / "upcycle.json"))
+    config = AutoConfig.from_pretrained(path)  # never trust_remote_code
+    files = weight_files(path)
+    if not files:
+        raise UpcycleError(f"{path}: no safetensors weights ({INDEX} or model.safetensors) found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                state[k] = fh.get_tensor(k)
+    stored_dtype = next(iter(state.values())).dtype
+    model = _empty_model(AutoModelForCausalLM, config, stored_dtype)
+    convert_structure(model, plan, meta["moe_layers"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in meta.get("tied_weights", {})]
+    if missing or unexpected:
+        raise UpcycleError(f"{path}: weights do not match the model: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}")
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device).eval()
+
+
+def _empty_model(auto_cls, config, dtype: torch.dtype) -> nn.Module:
+    """Instantiate a transformers model without spending time on random initialisation."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older layout
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = auto_cls.from_config(config, dtype=dtype)
+    return model

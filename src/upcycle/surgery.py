@@ -1,0 +1,129 @@
+"""Dense model -> MoE model.
+
+`upcycle_state_dict` is the pure part: (dense state dict, plan) -> MoE state dict. `convert_structure`
+swaps the chosen MLP modules for empty MoE blocks of the right shape, and `upcycle` puts the two
+together on a live transformers model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from transformers.activations import ACT2FN
+
+from .adapters import MLPAdapter, adapter_for
+from .experts import Experts
+from .layers import select_layers
+from .moe import MoEBlock, RouterConfig
+from .plan import UpcyclePlan
+
+# MoE tensor names inside a block, and the dense projection they come from.
+_EXPERT_PARAMS = (("gate_proj", "gate", "weight"), ("up_proj", "up", "weight"), ("down_proj", "down", "weight"),
+                  ("gate_bias", "gate", "bias"), ("up_bias", "up", "bias"), ("down_bias", "down", "bias"))
+
+
+def moe_layers(plan: UpcyclePlan, config) -> list[int]:
+    adapter = adapter_for(config)
+    return select_layers(plan.layers, adapter.dims(config)[0])
+
+
+def _generator(seed: int, layer: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 16 + stream)
+
+
+def init_router(plan: UpcyclePlan, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Router weight (E, D): normal(0, std) by default (flaxformer / the paper), zeros, or a centred
+    uniform with the same std."""
+    E, std = plan.num_experts, plan.router_std
+    if plan.router_init == "zeros":
+        w = torch.zeros(E, hidden_size)
+    elif plan.router_init == "normal":
+        w = torch.randn(E, hidden_size, generator=_generator(plan.seed, layer, 0)) * std
+    else:  # uniform with standard deviation std
+        a = std * math.sqrt(3.0)
+        w = (torch.rand(E, hidden_size, generator=_generator(plan.seed, layer, 0)) * 2 - 1) * a
+    return w.to(dtype)
+
+
+def init_experts(plan: UpcyclePlan, layer: int, dense: torch.Tensor, which: int) -> torch.Tensor:
+    """(E, ...) expert tensor from one dense tensor: copies, or copies plus independent noise."""
+    out = dense.unsqueeze(0).expand(plan.num_experts, *dense.shape).clone()
+    if plan.expert_init == "noise" and plan.noise_std > 0:
+        g = _generator(plan.seed, layer, 1 + which)
+        noise = torch.randn(out.shape, generator=g, dtype=torch.float32) * plan.noise_std
+        out = (out.float() + noise).to(dense.dtype)
+    return out
+
+
+def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config) -> dict[str, torch.Tensor]:
+    """The MoE state dict of `plan` applied to a dense state dict. Tensors that are not touched are
+    shared with the input (no copy)."""
+    adapter = adapter_for(config)
+    layers = select_layers(plan.layers, adapter.dims(config)[0])
+    out = dict(dense)
+    for i in layers:
+        prefix = adapter.mlp_prefix(i)
+        for n, (moe_name, proj_attr, kind) in enumerate(_EXPERT_PARAMS):
+            proj = getattr(adapter, proj_attr)
+            if proj is None:
+                continue
+            key = adapter.dense_key(i, proj, kind)
+            if key not in out:
+                if kind == "bias":
+                    continue
+                raise KeyError(f"dense state dict has no {key!r}: is this checkpoint a {adapter.family}?")
+            out[f"{prefix}.experts.{moe_name}"] = init_experts(plan, i, out.pop(key), n)
+        ref = out[f"{prefix}.experts.up_proj"]
+        out[f"{prefix}.router.weight"] = init_router(plan, i, ref.shape[-1], ref.dtype)
+    return out
+
+
+def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.dtype,
+                   device: torch.device | str | None = None) -> MoEBlock:
+    _, D, Fd = adapter.dims(config)
+    experts = Experts(plan.num_experts, D, Fd, ACT2FN[getattr(config, adapter.act_key)],
+                      gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device)
+    return MoEBlock(experts, RouterConfig.from_plan(plan))
+
+
+def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None) -> list[int]:
+    """Replace the MLP of each chosen layer by an (uninitialised) MoE block, in place."""
+    config = model.config
+    adapter = adapter_for(config)
+    layers = list(layers) if layers is not None else select_layers(plan.layers, adapter.dims(config)[0])
+    blocks = adapter.layer_list(model)
+    for i in layers:
+        old = getattr(blocks[i], adapter.mlp)
+        ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
+        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device))
+    return layers
+
+
+@torch.no_grad()
+def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress=None) -> nn.Module:
+    """Sparse upcycling of a transformers model: the chosen MLPs become MoE blocks whose experts are
+    initialised from the dense MLP, routers new. Everything else is untouched."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    config = model.config
+    adapter = adapter_for(config)
+    layers = select_layers(plan.layers, adapter.dims(config)[0])
+    blocks = adapter.layer_list(model)
+    for i in layers:
+        prefix = adapter.mlp_prefix(i) + "."
+        mlp = getattr(blocks[i], adapter.mlp)
+        dense = {prefix + k: v for k, v in mlp.state_dict().items()}
+        one = plan.replace(layers=[i])
+        moe_sd = upcycle_state_dict(dense, one, config)
+        block = make_moe_block(config, plan, adapter, mlp.get_submodule(adapter.up).weight.dtype,
+                               mlp.get_submodule(adapter.up).weight.device)
+        block.load_state_dict({k[len(prefix):]: v for k, v in moe_sd.items()}, strict=True)
+        setattr(blocks[i], adapter.mlp, block)
+        if progress is not None:
+            progress.update(1)
+    model.config.upcycle = plan.to_dict() | {"moe_layers": layers}
+    return model
