@@ -48,3 +48,39 @@ def tiny_dir(tmp_path):
     d = tmp_path / "dense"
     tiny_model("llama").save_pretrained(d)
     return d
+
+
+WORDS = ("the a of to and in is it that for on with as was by he she they at be this from or have an "
+         "not are but had his her which one were all we when there can been has more if no out so said "
+         "what up its about into than them only other new some could time these two may then do first "
+         "any my now such like our over man me even most made after also did many before must through "
+         "back years where much your way well down should because each just those people how too little "
+         "state good very make world still own see men work long get here between both life being under "
+         "never day same another know while last might us great old year off come since against go came").split()
+
+
+def save_tiny_tokenizer(directory):
+    """A word-level tokenizer whose vocabulary fits the tiny models (128 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS[:127])}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]").save_pretrained(directory)
+
+
+@pytest.fixture
+def tiny_dir_tok(tiny_dir):
+    save_tiny_tokenizer(tiny_dir)
+    return tiny_dir
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    f = tmp_path / "text.txt"
+    f.write_text(" ".join(rng.choice(WORDS[:127]) for _ in range(300)))
+    return f

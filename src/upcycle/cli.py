@@ -1,0 +1,224 @@
+"""The `upcycle` command.
+
+    upcycle sparse [--model DIR] [--plan plan.yaml] [--<plan field> VALUE ...] --out DIR
+    upcycle check DIR --against DENSE_DIR [--text FILE]
+    upcycle plan [--plan plan.yaml] [--<plan field> VALUE ...]      print the resolved plan as YAML
+
+Plan fields are flags of the same name as their YAML keys (`--num_experts 8`; `--num-experts` works
+too); flags override the plan file. Any bad input ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+from .errors import UpcycleError
+from .plan import UpcyclePlan
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("true", "yes", "1", "on"):
+        return True
+    if v in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan fields (same names as the YAML keys; override --plan)")
+    hints = typing.get_type_hints(UpcyclePlan)
+    for f in dataclasses.fields(UpcyclePlan):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if bool in args:
+            kind = _bool
+        elif int in args and f.name != "layers":
+            kind = int
+        elif float in args:
+            kind = float
+        else:
+            kind = str
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        g.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       choices=f.metadata.get("choices"),
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="upcycle", description="Turn dense Transformer checkpoints into MoE models.")
+    p.add_argument("--version", action="version", version=f"upcycle {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sparse", help="sparse upcycling of a dense checkpoint",
+                       description="Sparse upcycling: chosen MLPs become MoE layers of copied experts.")
+    s.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--plan", type=Path, help="plan YAML file")
+    s.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the source's)")
+    s.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_plan_flags(s)
+
+    c = sub.add_parser("check", help="function-preservation figures of an upcycled model against its dense source")
+    c.add_argument("model", type=Path, help="upcycled model directory")
+    c.add_argument("--against", type=Path, required=True, help="dense model directory it came from")
+    c.add_argument("--text", type=Path, help="text file to evaluate on (default: Python's textwrap.py source)")
+    c.add_argument("--tokens", type=int, default=1024, help="tokens of the text to use (default 1024)")
+    c.add_argument("--context", type=int, default=512, help="window length for logits and perplexity")
+    c.add_argument("--max_rel", "--max-rel", type=float, help="exit 1 if the relative logit difference exceeds this")
+
+    pl = sub.add_parser("plan", help="print the resolved plan as YAML")
+    pl.add_argument("--plan", type=Path, help="plan YAML file")
+    _add_plan_flags(pl)
+    return p
+
+
+def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
+    base = UpcyclePlan.from_yaml(args.plan) if getattr(args, "plan", None) else UpcyclePlan()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(UpcyclePlan) if hasattr(args, f.name)}
+    if not overrides:
+        return base
+    try:
+        return dataclasses.replace(base, **overrides)
+    except UpcycleError as e:
+        raise UpcycleError(f"--{e}") from None
+
+
+def load_dense_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not model_dir.exists():
+        raise UpcycleError(f"model directory not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises several types for unreadable configs
+        raise UpcycleError(f"{model_dir / 'config.json'}: cannot read it ({str(e).splitlines()[0]})") from None
+
+
+def _count(model) -> tuple[int, int]:
+    """(total parameters, parameters active per token)."""
+    from .moe import moe_blocks
+
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    active = total
+    for _, b in moe_blocks(model):
+        per_expert = sum(p.numel() for p in b.experts.parameters()) // b.num_experts
+        rc = b.router_config
+        used = {"topk": rc.top_k, "soft": b.num_experts}.get(rc.kind, rc.capacity_factor or 2.0)
+        active -= int(per_expert * (b.num_experts - used))
+    return total, active
+
+
+def cmd_sparse(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import adapter_for
+    from .default_model import default_model_dir
+    from .layers import select_layers
+    from .native import save, sha256_files, weight_files
+    from .surgery import upcycle
+
+    t0 = time.time()
+    plan = resolve_plan(args)
+    if args.out.exists() and not args.overwrite:
+        raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
+    model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
+    config = load_dense_config(model_dir)
+    adapter = adapter_for(config, source=str(model_dir / "config.json"))
+    layers = select_layers(plan.layers, adapter.dims(config)[0])
+    files = weight_files(model_dir)
+    if not files:
+        raise UpcycleError(f"{model_dir}: no safetensors weights (model.safetensors or {model_dir}/"
+                           "model.safetensors.index.json); convert the checkpoint to safetensors first")
+
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    dense_total = sum(p.numel() for p in {id(p): p for p in dense.parameters()}.values())
+    with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
+        model = upcycle(dense, plan, inplace=True, progress=bar)
+    hashes = sha256_files(files)
+    save(model, plan, args.out, source_dir=model_dir, source_hashes=hashes, max_shard_size=args.max_shard_size,
+         overwrite=args.overwrite, progress=not args.quiet)
+    total, active = _count(model)
+    print(f"upcycled {model_dir.name}: {len(layers)}/{adapter.dims(config)[0]} layers -> MoE "
+          f"({plan.num_experts} experts, router {plan.router}"
+          + (f", top_k {plan.top_k}" if plan.router == "topk" else "") + ")")
+    print(f"parameters: {dense_total / 1e6:.1f}M dense -> {total / 1e6:.1f}M total, {active / 1e6:.1f}M active "
+          f"per token; wrote {args.out} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import compare, format_table, held_out_text
+    from .native import load, read_meta
+
+    read_meta(args.model)
+    load_dense_config(args.against)
+    if args.text is not None:
+        if not args.text.is_file():
+            raise UpcycleError(f"text file not found: {args.text}")
+        text, text_name = args.text.read_text(errors="replace"), str(args.text)
+    else:
+        text, text_name = held_out_text()
+    if args.tokens < 2 or args.context < 2:
+        raise UpcycleError("--tokens and --context must be at least 2")
+    tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids = tok(text, return_tensors="pt").input_ids[0, : args.tokens]
+    moe = load(args.model, dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(args.against, dtype=torch.float32, use_safetensors=True).eval()
+    r = compare(moe, dense, ids, args.context)
+    rows = [
+        ("text", f"{text_name}, {r.tokens} tokens, windows of {args.context}"),
+        ("max |logit diff|", f"{r.max_abs:.3e}"),
+        ("max |logit diff| / max |logit|", f"{r.max_rel:.3e}"),
+        ("top-1 agreement", f"{100 * r.top1_agreement:.2f}%"),
+        ("perplexity (dense)", f"{r.ppl_dense:.4f}"),
+        ("perplexity (upcycled)", f"{r.ppl_moe:.4f}"),
+    ]
+    print(format_table(rows, f"function preservation: {args.model} vs {args.against} (fp32)"))
+    if args.max_rel is not None and r.max_rel > args.max_rel:
+        print(f"relative difference {r.max_rel:.3e} exceeds --max_rel {args.max_rel:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    print(resolve_plan(args).to_yaml(), end="")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"sparse": cmd_sparse, "check": cmd_check, "plan": cmd_plan}[args.command](args)
+    except UpcycleError as e:
+        print(f"upcycle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upcycle: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
