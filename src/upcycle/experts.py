@@ -5,9 +5,11 @@
 y = down(act(gate(x)) * up(x)) for gated MLPs (SwiGLU, GeGLU), y = down(act(up(x))) otherwise.
 
 Two backends compute the same thing:
-- "loop": split the sorted rows by expert once and run plain matmuls per expert, with the weights
-  unbound once per call. This is the CPU path (fp32): indexing a 3-D parameter per expert inside the
-  loop would make autograd build a full-size zero gradient per expert (research/performance.md §3.3).
+- "loop": split the sorted rows by expert once and run plain matmuls per expert, as one autograd node
+  (_ExpertLoop) that writes every expert's output and weight gradients straight into one buffer. This is
+  the CPU path (fp32). Autograd through a 3-D parameter indexed per expert inside the loop would build a
+  full-size zero gradient per expert (research/performance.md §3.3); autograd through `unbind(0)` avoids
+  that but still stacks the gradients in an extra full-size copy per parameter.
 - "grouped": one grouped matmul per projection (torch.nn.functional.grouped_mm) with int32 offsets;
   no host synchronisation, the GPU path (bf16). It also runs on CPU, which is how the tests check it.
 """
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "loop", "grouped")
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -60,24 +63,13 @@ class Experts(nn.Module):
         return self._loop(x_AD, counts_E)
 
     def _loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        E = self.num_experts
-        none = [None] * E
-        up = self.up_proj.unbind(0)
-        down = self.down_proj.unbind(0)
-        gate = self.gate_proj.unbind(0) if self.gated else none
-        gb = self.gate_bias.unbind(0) if self.gate_bias is not None else none
-        ub = self.up_bias.unbind(0) if self.up_bias is not None else none
-        db = self.down_bias.unbind(0) if self.down_bias is not None else none
-        outs = []
-        for e, x in enumerate(x_AD.split(counts_E.tolist())):
-            if x.shape[0] == 0:
-                continue
-            h = F.linear(x, up[e], ub[e])
-            h = self.act_fn(F.linear(x, gate[e], gb[e])) * h if self.gated else self.act_fn(h)
-            outs.append(F.linear(h, down[e], db[e]))
-        if not outs:
-            return x_AD.new_zeros(0, self.hidden_size)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
+        sizes = counts_E.tolist()  # the one host sync of this backend
+        params = (self.gate_proj, self.up_proj, self.down_proj, self.gate_bias, self.up_bias, self.down_bias)
+        if torch.is_autocast_enabled(x_AD.device.type):  # let autocast cast every linear, as it always did
+            return _loop_autograd(x_AD, sizes, self.act_fn, *params)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_AD,) + params):
+            return _ExpertLoop.apply(x_AD.contiguous(), sizes, self.act_fn, *params)
+        return _loop_forward(x_AD, sizes, self.act_fn, *params)[0]
 
     def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
@@ -94,3 +86,137 @@ class Experts(nn.Module):
         h = proj(x_AD, self.up_proj, self.up_bias)
         h = self.act_fn(proj(x_AD, self.gate_proj, self.gate_bias)) * h if self.gated else self.act_fn(h)
         return proj(h, self.down_proj, self.down_bias)
+
+
+def _loop_autograd(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b):
+    """The loop through plain autograd (weights unbound once, never indexed per expert): the autocast path."""
+    E = len(sizes)
+    none = [None] * E
+    up_e, down_e = up.unbind(0), down.unbind(0)
+    gate_e = gate.unbind(0) if gate is not None else none
+    gb, ub, db = (b.unbind(0) if b is not None else none for b in (gate_b, up_b, down_b))
+    outs = []
+    for e, x in enumerate(x_AD.split(sizes)):
+        if x.shape[0] == 0:
+            continue
+        h = F.linear(x, up_e[e], ub[e])
+        h = act_fn(F.linear(x, gate_e[e], gb[e])) * h if gate is not None else act_fn(h)
+        outs.append(F.linear(h, down_e[e], db[e]))
+    if not outs:
+        return x_AD.new_zeros(0, down.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _linear_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """out = F.linear(x, w, b), written in place (the same mm/addmm call F.linear makes for 2-D input)."""
+    if b is None:
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
+
+
+def _loop_forward(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b, keep: bool = False):
+    """Per-expert matmuls over contiguous row blocks, each expert's output written straight into one (A, D)
+    tensor (no cat). keep=True also returns each non-empty expert's pre-activations (gate or None, up) for the
+    backward, kept per expert: the allocator recycles blocks of that size, while a fresh (A, F) buffer per call
+    is a new mapping whose first touch page-faults inside the matmuls (seen in the profile on the 2-core CPU)."""
+    x_AD = x_AD.contiguous()
+    out_AD = x_AD.new_empty(x_AD.shape[0], down.shape[1])
+    saved = []
+    start = 0
+    for e, n in enumerate(sizes):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        x = x_AD[rows]
+        u = F.linear(x, up[e], None if up_b is None else up_b[e])
+        if gate is not None:
+            g = F.linear(x, gate[e], None if gate_b is None else gate_b[e])
+            h = act_fn(g) * u
+        else:
+            g, h = None, act_fn(u)
+        _linear_into(out_AD[rows], h, down[e], None if down_b is None else down_b[e])
+        if keep:
+            saved.append((g, u))
+    return out_AD, saved
+
+
+class _ExpertLoop(torch.autograd.Function):
+    """The "loop" backend as one autograd node.
+
+    Autograd through `param.unbind(0)` + per-expert F.linear + cat is correct but stacks the per-expert weight
+    gradients into the (E, ...) gradient in a separate full-size copy per parameter, and keeps four (A, F)
+    activations alive. This node writes each expert's weight gradients straight into one (E, ...) buffer, keeps
+    only the two pre-activations (the activation and its product are recomputed per expert, cache-hot, in the
+    backward) and skips the gradients nobody asked for (frozen experts, an input that needs none).
+    Same matmuls, so the same results to fp32 rounding; the activation's derivative comes from autograd itself,
+    so any act_fn works.
+    """
+
+    @staticmethod
+    def forward(ctx, x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b):
+        out_AD, saved = _loop_forward(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b, keep=True)
+        ctx.sizes, ctx.act_fn = sizes, act_fn
+        ctx.has = tuple(t is not None for t in (gate, gate_b, up_b, down_b))
+        pre = [t for g, u in saved for t in ((g, u) if gate is not None else (u,))]
+        ctx.save_for_backward(x_AD, gate, up, down, *pre)
+        return out_AD
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy_AD):
+        x_AD, gate, up, down, *pre = ctx.saved_tensors
+        has_gate, has_gb, has_ub, has_db = ctx.has
+        n_x, _, _, n_gate, n_up, n_down, n_gb, n_ub, n_db = ctx.needs_input_grad
+        E, D, F_ = down.shape[0], down.shape[1], up.shape[1]
+        dy_AD = dy_AD.contiguous()
+        dx = torch.empty_like(x_AD) if n_x else None
+        dgate = torch.empty_like(gate) if n_gate else None
+        dup = torch.empty_like(up) if n_up else None
+        ddown = torch.empty_like(down) if n_down else None
+        dgb = x_AD.new_empty(E, F_) if n_gb else None
+        dub = x_AD.new_empty(E, F_) if n_ub else None
+        ddb = x_AD.new_empty(E, D) if n_db else None
+        upstream = n_x or n_gate or n_up or n_gb or n_ub
+        pre = iter(pre)
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            if n == 0:  # an expert without tokens gets a zero gradient
+                for grad in (dgate, dup, ddown, dgb, dub, ddb):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            start += n
+            g = next(pre) if has_gate else None
+            u = next(pre)
+            x, dy = x_AD[rows], dy_AD[rows]
+            with torch.enable_grad():
+                z = (g if has_gate else u).detach().requires_grad_(True)
+                act = ctx.act_fn(z)
+            h = act.detach() * u if has_gate else act.detach()
+            if n_down:
+                torch.mm(dy.t(), h, out=ddown[e])
+            if n_db:
+                torch.sum(dy, 0, out=ddb[e])
+            if not upstream:
+                continue
+            dh = torch.mm(dy, down[e])
+            if has_gate:
+                du = dh * act.detach()
+                dg = torch.autograd.grad(act, z, dh * u)[0]
+            else:
+                du, dg = torch.autograd.grad(act, z, dh)[0], None
+            if n_up:
+                torch.mm(du.t(), x, out=dup[e])
+            if n_ub:
+                torch.sum(du, 0, out=dub[e])
+            if n_gate:
+                torch.mm(dg.t(), x, out=dgate[e])
+            if n_gb:
+                torch.sum(dg, 0, out=dgb[e])
+            if n_x:
+                dx_rows = torch.mm(du, up[e], out=dx[rows])
+                if dg is not None:
+                    dx_rows.addmm_(dg, gate[e])
+        return dx, None, None, dgate, dup, ddown, dgb, dub, ddb

@@ -68,7 +68,7 @@ class MoEBlock(nn.Module):
         y_AD = y_AD * r.weight_A.to(y_AD.dtype).unsqueeze(1)  # weighting after the experts: router gradient
         # Deterministic combine: each assignment owns one slot; sum the S slots of every token.
         S = r.slots_per_token
-        out_TSD = y_AD.new_zeros(T * S, D).index_copy(0, r.slot_A, y_AD).view(T, S, D)
+        out_TSD = y_AD.new_zeros(T * S, D).index_copy_(0, r.slot_A, y_AD).view(T, S, D)  # in place: no clone
         out_TD = out_TSD.sum(dim=1) if S > 1 else out_TSD[:, 0]
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD).to(out_TD.dtype)
