@@ -77,3 +77,13 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
         UpcyclePlan.from_yaml(f)
     with pytest.raises(PlanError, match="plan file not found"):
         UpcyclePlan.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_example_plans_load():
+    from pathlib import Path
+    plans = Path(__file__).resolve().parents[1] / "examples" / "plans"
+    paper = UpcyclePlan.from_yaml(plans / "paper-decoder.yaml")
+    assert (paper.num_experts, paper.router, paper.top_k, paper.normalize_weights) == (32, "topk", 2, True)
+    assert select_layers(paper.layers, 30) == list(range(1, 30, 2))
+    ec = UpcyclePlan.from_yaml(plans / "expert-choice.yaml")
+    assert (ec.router, ec.capacity) == ("expert_choice", 2.0)
