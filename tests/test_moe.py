@@ -126,3 +126,10 @@ def test_combine_is_deterministic():
     block = make_block(RouterConfig("expert_choice", 2, True, 2.0))
     x = torch.randn(4, 32, D)
     assert torch.equal(block(x), block(x))
+
+
+def test_experts_per_token_for_active_parameter_counts():
+    assert RouterConfig("topk", top_k=2).experts_per_token(8) == 2
+    assert RouterConfig("soft").experts_per_token(8) == 8
+    assert RouterConfig("expert_choice").experts_per_token(8) == 2.0  # the paper's C = 2 by default
+    assert RouterConfig("expert_choice", capacity_factor=16.0).experts_per_token(8) == 8  # at most every expert

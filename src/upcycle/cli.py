@@ -109,17 +109,19 @@ def load_dense_config(model_dir: Path):
         raise UpcycleError(f"{model_dir / 'config.json'}: cannot read it ({str(e).splitlines()[0]})") from None
 
 
+def _num_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied weights once
+
+
 def _count(model) -> tuple[int, int]:
     """(total parameters, parameters active per token)."""
     from .moe import moe_blocks
 
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = _num_params(model)
     active = total
     for _, b in moe_blocks(model):
         per_expert = sum(p.numel() for p in b.experts.parameters()) // b.num_experts
-        rc = b.router_config
-        used = {"topk": rc.top_k, "soft": b.num_experts}.get(rc.kind, rc.capacity_factor or 2.0)
-        active -= int(per_expert * (b.num_experts - used))
+        active -= int(per_expert * (b.num_experts - b.router_config.experts_per_token(b.num_experts)))
     return total, active
 
 
@@ -149,7 +151,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
-    dense_total = sum(p.numel() for p in {id(p): p for p in dense.parameters()}.values())
+    dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
         model = upcycle(dense, plan, inplace=True, progress=bar)
     hashes = sha256_files(files)

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import PlanError
 from .layers import DEFAULT_LAYERS, parse_layers
+from .routing import EC_CAPACITY_FACTOR
 
 ROUTERS = ("topk", "expert_choice", "soft")
 ROUTER_INITS = ("normal", "zeros", "uniform")
@@ -107,13 +108,8 @@ class UpcyclePlan:
     @property
     def capacity(self) -> float | None:
         if self.router == "expert_choice" and self.capacity_factor is None:
-            return 2.0
+            return EC_CAPACITY_FACTOR
         return self.capacity_factor
-
-    @property
-    def experts_per_token(self) -> int:
-        """K of the router (soft routing uses every expert)."""
-        return self.num_experts if self.router == "soft" else self.top_k
 
     # Serialisation: YAML keys are the field names.
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# The paper's expert-choice capacity factor (C = 2), used when a plan gives none.
+EC_CAPACITY_FACTOR = 2.0
+
 
 @dataclass
 class Routing:
@@ -115,7 +118,7 @@ def soft_route(logits_TE: torch.Tensor) -> Routing:
 
 def expert_choice_route(
     logits_GNE: torch.Tensor,
-    capacity_factor: float = 2.0,
+    capacity_factor: float = EC_CAPACITY_FACTOR,
     normalize: bool = True,
     mask_GN: torch.Tensor | None = None,
 ) -> Routing:
