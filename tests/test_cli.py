@@ -75,6 +75,7 @@ BAD = [
     (["--model", "{dense}", "--capacity_factor", "-2", "--router", "expert_choice"], "capacity_factor"),
     (["--model", "{dense}", "--plan", "{tmp}/nope.yaml"], "plan file not found"),
     (["--model", "{tmp}"], "has no config.json"),
+    (["--model", "{dense}", "--plan", "{badplan}"], "bad.yaml: unknown key 'experts_per_token'"),
 ]
 
 
@@ -82,7 +83,9 @@ BAD = [
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_dir, capsys, args, msg):
     work = tmp_path / "work"
     work.mkdir()
-    subs = {"tmp": str(work), "dense": str(tiny_dir), "gpt2": str(gpt2_dir(tmp_path))}
+    badplan = tmp_path / "bad.yaml"
+    badplan.write_text("num_experts: 4\nexperts_per_token: 2\n")
+    subs = {"tmp": str(work), "dense": str(tiny_dir), "gpt2": str(gpt2_dir(tmp_path)), "badplan": str(badplan)}
     out = work / "out"
     capsys.readouterr()  # drop what building the fixtures printed
     code, stdout, err = run(capsys, "sparse", *[a.format(**subs) for a in args], "--out", out, "--quiet")
