@@ -30,6 +30,11 @@ class RouterConfig:
     def from_plan(cls, plan) -> "RouterConfig":
         return cls(plan.router, plan.top_k, plan.normalize_weights, plan.capacity, plan.ec_group)
 
+    @property
+    def ec_capacity(self) -> float:
+        """Expert-choice capacity factor, the paper's C = 2 when none was given."""
+        return self.capacity_factor or R.EC_CAPACITY_FACTOR
+
     def experts_per_token(self, num_experts: int) -> float:
         """Experts each token uses on average: K (top-k, before any dropping), all of them (soft), or
         min(C, E) for expert choice (each of E experts takes C*N/E of N tokens)."""
@@ -37,7 +42,7 @@ class RouterConfig:
             return self.top_k
         if self.kind == "soft":
             return num_experts
-        return min(self.capacity_factor or R.EC_CAPACITY_FACTOR, num_experts)
+        return min(self.ec_capacity, num_experts)
 
 
 class MoEBlock(nn.Module):
@@ -63,7 +68,7 @@ class MoEBlock(nn.Module):
         if rc.kind == "expert_choice":
             groups = lead_shape[0] if (rc.ec_group == "sequence" and len(lead_shape) >= 2) else 1
             logits_GNE = logits_TE.view(groups, -1, logits_TE.shape[-1])
-            return R.expert_choice_route(logits_GNE, rc.capacity_factor or R.EC_CAPACITY_FACTOR, rc.normalize)
+            return R.expert_choice_route(logits_GNE, rc.ec_capacity, rc.normalize)
         raise ValueError(f"unknown router kind {rc.kind!r}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
