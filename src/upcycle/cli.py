@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import time
 import types
@@ -22,6 +23,10 @@ from .errors import UpcycleError
 from .plan import UpcyclePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Commands that live in their own modules: each has HELP, add_arguments(parser) and run(args) -> int,
+# and imports anything heavy inside run().
+EXTRA_COMMANDS: dict[str, str] = {}
 
 
 def _bool(s: str) -> bool:
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the resolved plan as YAML")
     pl.add_argument("--plan", type=Path, help="plan YAML file")
     _add_plan_flags(pl)
+
+    for name, module in EXTRA_COMMANDS.items():
+        mod = importlib.import_module(module)
+        sp = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
     return p
 
 
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in EXTRA_COMMANDS:
+            return importlib.import_module(EXTRA_COMMANDS[args.command]).run(args)
         return {"sparse": cmd_sparse, "check": cmd_check, "plan": cmd_plan}[args.command](args)
     except UpcycleError as e:
         print(f"upcycle: error: {e}", file=sys.stderr)
