@@ -113,6 +113,26 @@ class MoEBlock(nn.Module):
         }
 
 
+class SharedExpert(nn.Module):
+    """An always-on gated MLP beside the routed experts (Qwen2-MoE layout): act(x Wg) * (x Wu) Wd, times
+    sigmoid(x w) when `gated` (the `gate` row), else times 1."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act_fn, gated: bool = True,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.intermediate_size = intermediate_size
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+        self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return y * torch.sigmoid(self.gate(x)) if self.gate is not None else y
+
+
 def moe_blocks(model: nn.Module) -> list[tuple[str, MoEBlock]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoEBlock)]
 

@@ -83,12 +83,16 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
 
 @contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`."""
+    """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`.
+
+    The temporary directory is `.NAME.tmp-PID-XXXX`: an exception (KeyboardInterrupt included)
+    removes it; one left by a killed process is removed by the next writer of the same `out_dir`."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temp_dirs(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         yield tmp
         _default_permissions(tmp)
@@ -102,6 +106,29 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` directories next to `out_dir` left by a writer that was killed
+    (SIGKILL, power loss): those whose PID is no longer a running process. A live writer's
+    directory is left alone. Returns what was removed."""
+    removed = []
+    for d in Path(out_dir).parent.glob(f".{Path(out_dir).name}.tmp-*"):
+        pid = d.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _default_permissions(root: Path) -> None:
@@ -167,16 +194,19 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
     if free < nbytes + (64 << 20):
         raise UpcycleError(f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, "
                            f"{free / 1e9:.2f} GB free on {parent}")
+    from .surgery import structure_of
+
     layers = [i for i, _ in _moe_layer_indices(model)]
+    structure = structure_of(model)
     with atomic_dir(out_dir, overwrite) as tmp:
-        model.config.upcycle = plan.to_dict() | {"moe_layers": layers}
+        model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
         model.config.save_pretrained(tmp)
         bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="writing shards", disable=not progress)
         with bar:
             write_shards(tensors, tmp, parse_size(max_shard_size), bar)
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION,
-            "plan": plan.to_dict(), "moe_layers": layers, "tied_weights": tied,
+            "plan": plan.to_dict(), "moe_layers": layers, "tied_weights": tied, **structure,
             "source": {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}},
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -213,12 +243,17 @@ def read_meta(path: Path) -> dict:
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an upcycled model saved by `save` (weights read through safetensors only)."""
+    """Rebuild an upcycled model saved by `save`, or import a stock Mixtral / Qwen2-MoE / Qwen3-MoE
+    directory (weights read through safetensors only)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .surgery import convert_structure
 
+    from .export import import_stock, is_stock_moe
+
     path = Path(path)
+    if is_stock_moe(path) and not (path / "upcycle.json").is_file():
+        return import_stock(path, dtype).to(device)
     meta = read_meta(path)
     plan = UpcyclePlan.from_dict(meta["plan"], source=str(path / "upcycle.json"))
     config = AutoConfig.from_pretrained(path)  # never trust_remote_code
@@ -232,7 +267,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
     model = _empty_model(AutoModelForCausalLM, config, stored_dtype)
-    convert_structure(model, plan, meta["moe_layers"])
+    convert_structure(model, plan, meta["moe_layers"], structure=meta)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in meta.get("tied_weights", {})]
     if missing or unexpected:

@@ -18,7 +18,7 @@ from transformers.activations import ACT2FN
 from .adapters import MLPAdapter, adapter_for
 from .experts import Experts
 from .layers import select_layers
-from .moe import MoEBlock, RouterConfig
+from .moe import MoEBlock, RouterConfig, SharedExpert
 from .plan import UpcyclePlan
 
 # MoE tensor names inside a block, and the dense projection they come from.
@@ -83,14 +83,41 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config
 
 
 def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.dtype,
-                   device: torch.device | str | None = None) -> MoEBlock:
+                   device: torch.device | str | None = None, structure: dict | None = None) -> MoEBlock:
+    """An uninitialised MoE block. `structure` overrides the shape where it differs from a copy of the
+    dense MLP: {"expert_intermediate_size": F, "shared_expert": {"intermediate_size": S, "gated": bool}}
+    (models imported from stock checkpoints)."""
     _, D, Fd = adapter.dims(config)
-    experts = Experts(plan.num_experts, D, Fd, ACT2FN[getattr(config, adapter.act_key)],
+    structure = structure or {}
+    act = ACT2FN[getattr(config, adapter.act_key)]
+    experts = Experts(plan.num_experts, D, structure.get("expert_intermediate_size") or Fd, act,
                       gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device)
-    return MoEBlock(experts, RouterConfig.from_plan(plan))
+    shared = structure.get("shared_expert")
+    shared_mlp = SharedExpert(D, shared["intermediate_size"], act, shared.get("gated", True), dtype=dtype,
+                              device=device) if shared else None
+    return MoEBlock(experts, RouterConfig.from_plan(plan), shared_mlp)
 
 
-def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None) -> list[int]:
+def structure_of(model: nn.Module) -> dict:
+    """The shape facts `make_moe_block` needs beyond the plan, read off a model's MoE blocks."""
+    from .moe import moe_blocks
+
+    blocks = moe_blocks(model)
+    if not blocks:
+        return {}
+    b = blocks[0][1]
+    _, _, Fd = adapter_for(model.config).dims(model.config)
+    out: dict = {}
+    if b.experts.intermediate_size != Fd:
+        out["expert_intermediate_size"] = b.experts.intermediate_size
+    if isinstance(b.shared_expert, SharedExpert):
+        out["shared_expert"] = {"intermediate_size": b.shared_expert.intermediate_size,
+                                "gated": b.shared_expert.gate is not None}
+    return out
+
+
+def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None,
+                      structure: dict | None = None) -> list[int]:
     """Replace the MLP of each chosen layer by an (uninitialised) MoE block, in place."""
     config = model.config
     adapter = adapter_for(config)
@@ -99,7 +126,7 @@ def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int]
     for i in layers:
         old = getattr(blocks[i], adapter.mlp)
         ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
-        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device))
+        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device, structure))
     return layers
 
 

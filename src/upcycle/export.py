@@ -1,0 +1,435 @@
+"""Export to stock transformers MoE classes, and import them back.
+
+A stock class is a target only where it computes exactly what our model computes; `why_not` says
+precisely why not otherwise. Our model is the source's own transformers class (Llama, Mistral,
+Qwen2, Qwen3) with MoE blocks in place of some MLPs, so a target must match three things:
+
+    attention   Mixtral = Llama/Mistral attention (no biases); Qwen2-MoE = Qwen2 attention (q/k/v
+                bias, none on o), which is Llama's when the biases are zero; Qwen3-MoE = Qwen3's
+                (per-head q/k RMSNorm), so only Qwen3 sources; OLMoE has a pre-norm block with
+                full-width q/k RMSNorm, which no dense transformers class has.
+    placement   Mixtral: every layer MoE. Qwen2/3-MoE: any set, written as `mlp_only_layers` with
+                `decoder_sparse_step = 1`.
+    combine     softmax over all experts, top-k, renormalised (Mixtral always; Qwen `norm_topk_prob`),
+                no capacity, no expert choice, no soft routing.
+
+Expert tensors are written per expert by default ("legacy" keys, which every engine and every
+transformers version reads: Mixtral `block_sparse_moe.experts.{j}.w1/w2/w3`, Qwen
+`mlp.experts.{j}.gate_proj/up_proj/down_proj`), or in transformers 5's fused layout on request
+(`mlp.experts.gate_up_proj` (E, 2F, D) with gate rows first, `mlp.experts.down_proj` (E, D, F)).
+
+All mappings work tensor by tensor (`stock_items`, `native_items`), so the streaming converter can
+write a stock layout without the model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import UpcycleError
+from .plan import UpcyclePlan
+
+LAYOUTS = ("legacy", "fused")
+
+# Config fields every target shares with the Llama-family source config.
+_COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+           "use_cache", "tie_word_embeddings", "rope_parameters", "attention_dropout", "bos_token_id",
+           "eos_token_id", "pad_token_id")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # our name, = the stock model_type
+    architecture: str
+    sources: tuple[str, ...]  # source model_types whose attention the target reproduces
+    every_layer: bool  # the class makes every layer MoE
+    always_normalizes: bool  # the class always renormalises the top-k weights
+    experts_prefix: str  # where a layer's MoE block lives, legacy keys
+    router_key: str  # router weight name inside the block, legacy keys
+    expert_names: tuple[str, str, str]  # (gate, up, down) per-expert names, legacy keys
+    zero_qkv_bias: bool = False  # write zero q/k/v biases for sources without them
+    shared_expert: bool = False  # the class always builds a (sigmoid-gated) shared expert
+
+
+TARGETS: dict[str, Target] = {
+    "mixtral": Target("mixtral", "MixtralForCausalLM", ("llama", "mistral"), True, True,
+                      "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
+    "qwen2_moe": Target("qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), False, False,
+                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
+                        zero_qkv_bias=True, shared_expert=True),
+    "qwen3_moe": Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), False, False,
+                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "olmoe": Target("olmoe", "OlmoeForCausalLM", (), True, False,
+                    "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+}
+# The dense class each stock MoE class is imported into (the attention that class computes).
+_IMPORT_HOST = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+
+
+def _cfg(config: Any) -> dict:
+    return config if isinstance(config, dict) else config.to_dict()
+
+
+def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
+            structure: dict | None = None) -> list[str]:
+    """Every reason the stock class `target` cannot represent this upcycled model exactly (empty: it can)."""
+    if target not in TARGETS:
+        raise UpcycleError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
+    t, c = TARGETS[target], _cfg(config)
+    src, L = c.get("model_type"), c.get("num_hidden_layers")
+    reasons = []
+    if target == "olmoe":
+        reasons.append("OLMoE's block is pre-norm with RMSNorm over the full q and k projections; no dense "
+                       "transformers class computes that attention (OLMo has no q/k norm and a parameter-free "
+                       "LayerNorm, OLMo-2/3 normalise after each sublayer), so no upcycled model maps onto it "
+                       "exactly")
+        return reasons
+    if src not in t.sources:
+        why = {"qwen2": "Qwen2 attention has q/k/v biases, which Mixtral lacks",
+               "qwen3": "Qwen3 attention normalises q and k per head, which only Qwen3-MoE does"}.get(
+            src, "its attention differs")
+        reasons.append(f"{t.architecture} reproduces the attention of {', '.join(t.sources)} models, not "
+                       f"{src!r} ({why})")
+    if plan.router != "topk":
+        reasons.append(f"router {plan.router!r}: stock decoder classes route tokens to their top-k experts "
+                       "only (expert choice and soft routing have no stock class)")
+    if plan.capacity_factor is not None:
+        reasons.append(f"capacity_factor {plan.capacity_factor}: stock classes never drop tokens")
+    normalize = plan.normalize_weights
+    if t.always_normalizes and not normalize:
+        reasons.append(f"{t.architecture} always renormalises the top-k weights; this plan does not "
+                       "(use --to qwen2_moe, whose norm_topk_prob can be off)")
+    if t.every_layer and sorted(moe_layers) != list(range(L)):
+        dense = [i for i in range(L) if i not in moe_layers]
+        reasons.append(f"{t.architecture} makes every layer MoE; layers {_short(dense)} are dense here "
+                       "(upcycle with --layers all, or export --to qwen2_moe, which interleaves)")
+    if c.get("mlp_bias"):
+        reasons.append("the MLPs have biases; stock MoE experts have none")
+    if c.get("attention_bias") and src != "qwen3":
+        reasons.append("attention_bias: the source's o_proj has a bias, which the stock attention lacks")
+    if (structure or {}).get("shared_expert") and not t.shared_expert:
+        reasons.append(f"the MoE layers have a shared expert; {t.architecture} has none (use --to qwen2_moe)")
+    if src == "mistral" and c.get("sliding_window") and target != "mixtral":
+        reasons.append(f"sliding_window {c['sliding_window']}: {t.architecture} slides on alternate layers "
+                       "only; Mixtral slides on all, like Mistral")
+    return reasons
+
+
+def _short(xs: list[int]) -> str:
+    return ", ".join(map(str, xs)) if len(xs) <= 8 else f"{', '.join(map(str, xs[:8]))}, ... ({len(xs)} layers)"
+
+
+def check_exportable(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
+                     structure: dict | None = None) -> None:
+    reasons = why_not(target, config, plan, moe_layers, structure)
+    if reasons:
+        arch = TARGETS[target].architecture
+        raise UpcycleError(f"cannot export to {arch} exactly: " + "; ".join(reasons))
+
+
+def stock_config(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int], *,
+                 structure: dict | None = None, shared_expert_size: int = 0):
+    """The stock config.json content of the exported model (a transformers config object)."""
+    from transformers import AutoConfig
+
+    t, c = TARGETS[target], _cfg(config)
+    kw = {k: c[k] for k in _COMMON if k in c and c[k] is not None}
+    kw.update(num_experts_per_tok=plan.top_k, router_aux_loss_coef=plan.aux_loss_coef,
+              output_router_logits=False, architectures=[t.architecture])
+    if "dtype" in c:
+        kw["dtype"] = c["dtype"]
+    structure = structure or {}
+    F = structure.get("expert_intermediate_size") or c["intermediate_size"]
+    shared = structure.get("shared_expert")
+    if shared:
+        shared_expert_size = shared["intermediate_size"]
+    if target == "mixtral":
+        kw.update(num_local_experts=plan.num_experts, intermediate_size=F, router_jitter_noise=0.0,
+                  sliding_window=c.get("sliding_window"))
+    else:
+        dense = [i for i in range(c["num_hidden_layers"]) if i not in moe_layers]
+        kw.update(num_experts=plan.num_experts, moe_intermediate_size=F, intermediate_size=c["intermediate_size"],
+                  decoder_sparse_step=1, mlp_only_layers=dense, norm_topk_prob=bool(plan.normalize_weights),
+                  use_sliding_window=False)
+        if target == "qwen2_moe":
+            kw.update(shared_expert_intermediate_size=shared_expert_size, qkv_bias=True)
+        if target == "qwen3_moe":
+            kw.update(attention_bias=bool(c.get("attention_bias", False)))
+    out = AutoConfig.for_model(target, **kw)
+    return out
+
+
+def _layer(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def stock_items(items: Iterable[tuple[str, torch.Tensor]], target: str, config: Any, moe_layers: list[int], *,
+                layout: str = "legacy", structure: dict | None = None,
+                shared_expert_size: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map our tensors, one at a time in our order, to the target's names and shapes.
+
+    Holds at most one expert tensor back (the gate waits for the up projection in the fused layout)."""
+    if layout not in LAYOUTS:
+        raise UpcycleError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    t, c = TARGETS[target], _cfg(config)
+    moe = set(moe_layers)
+    D, hd = c["hidden_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    shared = (structure or {}).get("shared_expert")
+    gate_of: dict[int, torch.Tensor] = {}
+    for name, x in items:
+        i = _layer(name)
+        if i is not None and i in moe and f".{i}.mlp." in name:
+            base, leaf = f"model.layers.{i}", name.split(f"model.layers.{i}.mlp.", 1)[1]
+            if leaf == "router.weight":
+                key = t.experts_prefix if layout == "legacy" else "mlp"
+                yield f"{base}.{key}.gate.weight", x
+                if t.shared_expert and not shared:
+                    yield from _zero_shared_expert(base, D, shared_expert_size, x.dtype)
+                elif shared and not shared.get("gated", True):  # sigmoid(0) * 2 = 1 exactly
+                    yield f"{base}.mlp.shared_expert_gate.weight", x.new_zeros(1, D)
+                continue
+            if leaf.startswith("shared_expert."):
+                if leaf == "shared_expert.gate.weight":
+                    yield f"{base}.mlp.shared_expert_gate.weight", x
+                elif leaf == "shared_expert.down_proj.weight" and not shared.get("gated", True):
+                    yield f"{base}.mlp.{leaf}", x * 2
+                else:
+                    yield f"{base}.mlp.{leaf}", x
+                continue
+            which = leaf.removeprefix("experts.")
+            if which.endswith("_bias") or not leaf.startswith("experts."):
+                raise UpcycleError(f"{name}: no place for this tensor in {t.architecture}")
+            if layout == "legacy":
+                j = ("gate_proj", "up_proj", "down_proj").index(which)
+                for e in range(x.shape[0]):
+                    yield f"{base}.{t.experts_prefix}.experts.{e}.{t.expert_names[j]}.weight", x[e]
+            elif which == "gate_proj":
+                gate_of[i] = x
+            elif which == "up_proj":
+                yield f"{base}.mlp.experts.gate_up_proj", torch.cat([gate_of.pop(i), x], dim=1)
+            else:
+                yield f"{base}.mlp.experts.down_proj", x
+            continue
+        yield name, x
+        if t.zero_qkv_bias and c.get("model_type") != "qwen2" and name.endswith("self_attn.q_proj.weight"):
+            base = name.removesuffix("q_proj.weight")
+            kv = c["num_key_value_heads"] * hd
+            yield base + "q_proj.bias", x.new_zeros(x.shape[0])
+            yield base + "k_proj.bias", x.new_zeros(kv)
+            yield base + "v_proj.bias", x.new_zeros(kv)
+    if gate_of:
+        raise UpcycleError(f"layers {sorted(gate_of)}: gate projection without its up projection")
+
+
+def _zero_shared_expert(base: str, D: int, S: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Qwen2-MoE always has a sigmoid-gated shared expert; ours has none: a zero one adds exactly 0."""
+    p = f"{base}.mlp.shared_expert."
+    yield p + "gate_proj.weight", torch.zeros(S, D, dtype=dtype)
+    yield p + "up_proj.weight", torch.zeros(S, D, dtype=dtype)
+    yield p + "down_proj.weight", torch.zeros(D, S, dtype=dtype)
+    yield f"{base}.mlp.shared_expert_gate.weight", torch.zeros(1, D, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, layout: str = "legacy",
+           plan: UpcyclePlan | None = None, shared_expert_size: int = 0, max_shard_size: str | int = "5GB",
+           overwrite: bool = False, progress: bool = False, source_dir: str | Path | None = None) -> Path:
+    """Write an upcycled model (a native directory, or a model in memory with its plan) as a stock
+    transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
+    import shutil
+
+    from tqdm.auto import tqdm
+
+    from .native import SIDE_FILES, atomic_dir, parse_size, read_meta, unique_state_dict, weight_files, write_shards
+
+    if isinstance(source, nn.Module):
+        model = source
+        from .surgery import structure_of
+
+        plan = plan or plan_from_meta(model.config.upcycle)
+        moe_layers = list(model.config.upcycle["moe_layers"])
+        structure = structure_of(model)
+        config = model.config.to_dict()
+        config.pop("upcycle", None)
+        tensors, _ = unique_state_dict(model)
+        items = list(tensors.items())
+    else:
+        src = Path(source)
+        meta = read_meta(src)
+        plan = UpcyclePlan.from_dict(meta["plan"], source=str(src / "upcycle.json"))
+        moe_layers = meta["moe_layers"]
+        structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
+        config = json.loads((src / "config.json").read_text())
+        config.pop("upcycle", None)
+        items = _lazy_items(weight_files(src))
+        source_dir = source_dir or src
+    check_exportable(target, config, plan, moe_layers, structure)
+    cfg = stock_config(target, config, plan, moe_layers, structure=structure, shared_expert_size=shared_expert_size)
+    mapped = stock_items(items, target, config, moe_layers, layout=layout, structure=structure,
+                         shared_expert_size=shared_expert_size)
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
+        cfg.save_pretrained(tmp)
+        tensors = dict(mapped)
+        nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+        with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"writing {target}", disable=not progress) as bar:
+            write_shards(tensors, tmp, parse_size(max_shard_size), bar)
+        if source_dir is not None:
+            for name in SIDE_FILES:
+                if (Path(source_dir) / name).is_file():
+                    shutil.copy2(Path(source_dir) / name, tmp / name)
+    return Path(out_dir)
+
+
+def _lazy_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)
+
+
+def plan_from_meta(meta: dict) -> UpcyclePlan:
+    """The plan part of a `config.upcycle` / upcycle.json entry (which also holds layers and shapes)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(UpcyclePlan)}
+    return UpcyclePlan.from_dict({k: v for k, v in meta.items() if k in names})
+
+
+# --------------------------------------------------------------------------------------------- import
+
+
+def is_stock_moe(path: str | Path) -> bool:
+    f = Path(path) / "config.json"
+    return f.is_file() and json.loads(f.read_text()).get("model_type") in _IMPORT_HOST
+
+
+def stock_moe_layers(c: dict) -> list[int]:
+    """Which layers of a stock checkpoint are MoE (the Qwen rule for Qwen2/3-MoE; all for Mixtral)."""
+    L = c["num_hidden_layers"]
+    if c["model_type"] == "mixtral":
+        return list(range(L))
+    skip, step = set(c.get("mlp_only_layers") or []), c.get("decoder_sparse_step") or 1
+    return [i for i in range(L) if i not in skip and _num_experts(c) > 0 and (i + 1) % step == 0]
+
+
+def _num_experts(c: dict) -> int:
+    return c.get("num_experts") or c.get("num_local_experts") or 0  # Qwen3-MoE saves the alias
+
+
+_STOCK_EXPERT = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
+
+
+def native_items(items: Iterable[tuple[str, torch.Tensor]], c: dict, moe_layers: list[int]
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Our state dict and structure from a stock checkpoint's tensors (legacy or fused layout)."""
+    names = dict(zip(("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")))
+    moe = set(moe_layers)
+    out: dict[str, torch.Tensor] = {}
+    per_expert: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    shared: dict[str, torch.Tensor] = {}
+    for name, x in items:
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        m = _STOCK_EXPERT.match(name)
+        if m:
+            per_expert.setdefault((m.group(1), names.get(m.group(3), m.group(3))), {})[int(m.group(2))] = x
+        elif name.endswith(".mlp.gate.weight") and _layer(name) in moe:
+            out[name.replace(".mlp.gate.weight", ".mlp.router.weight")] = x
+        elif name.endswith(".mlp.experts.gate_up_proj"):
+            g, u = x.chunk(2, dim=1)
+            out[name.replace("gate_up_proj", "gate_proj")] = g.contiguous()
+            out[name.replace("gate_up_proj", "up_proj")] = u.contiguous()
+        elif ".mlp.shared_expert" in name:
+            shared[name] = x
+        else:
+            out[name] = x
+    for (base, proj), experts in per_expert.items():
+        out[f"{base}.mlp.experts.{proj}"] = torch.stack([experts[j] for j in range(len(experts))])
+    structure: dict = {}
+    if shared and any(t.any() for k, t in shared.items() if "down_proj" in k):
+        size = next(t for k, t in shared.items() if k.endswith("shared_expert.down_proj.weight")).shape[1]
+        structure["shared_expert"] = {"intermediate_size": size, "gated": True}
+        for k, x in shared.items():
+            out[k.replace(".mlp.shared_expert_gate.", ".mlp.shared_expert.gate.")] = x
+    expert_F = c.get("moe_intermediate_size") or c["intermediate_size"]
+    if expert_F != c["intermediate_size"]:
+        structure["expert_intermediate_size"] = expert_F
+    return out, structure
+
+
+def host_config(c: dict):
+    """The dense transformers config whose attention, norms and dense MLPs the stock MoE class has."""
+    from transformers import AutoConfig
+
+    host = _IMPORT_HOST[c["model_type"]]
+    if host == "mistral" and not c.get("sliding_window"):
+        host = "llama"  # Mistral without a sliding window is Llama
+    kw = {k: c[k] for k in _COMMON if k in c and c[k] is not None}
+    kw["intermediate_size"] = c["intermediate_size"]
+    if "dtype" in c:
+        kw["dtype"] = c["dtype"]
+    if host == "mistral":
+        kw["sliding_window"] = c["sliding_window"]
+    if host == "qwen3":
+        kw["attention_bias"] = c.get("attention_bias", False)
+    if c.get("use_sliding_window"):
+        raise UpcycleError(f"{c['model_type']} checkpoint uses a sliding window on some layers; importing that "
+                           "is not supported")
+    if host == "qwen2" and c.get("qkv_bias") is False:
+        raise UpcycleError("qwen2_moe checkpoint without q/k/v biases: import it is not supported yet")
+    return AutoConfig.for_model(host, **kw)
+
+
+def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Our model from a stock Mixtral / Qwen2-MoE / Qwen3-MoE directory (weights through safetensors only),
+    with `config.upcycle` set, so it trains, evaluates, saves and exports like an upcycled model."""
+    from transformers import AutoModelForCausalLM
+
+    from .native import _empty_model, weight_files
+    from .surgery import convert_structure
+
+    path = Path(path)
+    c = json.loads((path / "config.json").read_text())
+    if c.get("model_type") not in _IMPORT_HOST:
+        raise UpcycleError(f"{path / 'config.json'}: model_type {c.get('model_type')!r} is not a stock MoE class "
+                           f"upcycle imports ({', '.join(_IMPORT_HOST)})")
+    files = weight_files(path)
+    if not files:
+        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or an index); convert the "
+                           "checkpoint to safetensors first")
+    layers = stock_moe_layers(c)
+    if not layers:
+        raise UpcycleError(f"{path / 'config.json'}: no MoE layers (num_experts 0 or every layer in mlp_only_layers)")
+    E = _num_experts(c)
+    normalize = True if c["model_type"] == "mixtral" else bool(c.get("norm_topk_prob", False))
+    plan = UpcyclePlan(num_experts=E, top_k=c["num_experts_per_tok"], normalize=normalize,
+                       layers=tuple(layers) if len(layers) < c["num_hidden_layers"] else "all",
+                       aux_loss_coef=c.get("router_aux_loss_coef", 0.01) or 0.0)
+    state, structure = native_items(_lazy_items(files), c, layers)
+    config = host_config(c)
+    stored = next(iter(state.values())).dtype
+    model = _empty_model(AutoModelForCausalLM, config, stored)
+    convert_structure(model, plan, layers, structure=structure)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UpcycleError(f"{path}: weights do not match a {c['model_type']} model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    model.tie_weights()
+    model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
