@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--stream", type=_bool, default=True, metavar="BOOL",
+                   help="convert tensor by tensor without loading the model (default true; false: load the model "
+                        "with transformers, upcycle it in memory, then save)")
     _add_plan_flags(s)
 
     c = sub.add_parser("check", help="function-preservation figures of an upcycled model against its dense source")
@@ -161,6 +164,9 @@ def cmd_sparse(args: argparse.Namespace) -> int:
                            "model.safetensors.index.json); convert the checkpoint to safetensors first")
 
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.stream:
+        _sparse_streaming(args, plan, model_dir, config, dtype, t0)
+        return 0
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
@@ -168,13 +174,35 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     hashes = sha256_files(files)
     save(model, plan, args.out, source_dir=model_dir, source_hashes=hashes, max_shard_size=args.max_shard_size,
          overwrite=args.overwrite, progress=not args.quiet)
-    total, active = _count(model)
-    print(f"upcycled {model_dir.name}: {len(layers)}/{adapter.dims(config)[0]} layers -> MoE "
+    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+    return 0
+
+
+def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, dtype,
+                      t0: float) -> None:
+    """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
+    from .stream import meta_model, stream_upcycle
+    from .surgery import convert_structure
+
+    stream_upcycle(model_dir, plan, args.out, dtype=None if dtype == "auto" else dtype,
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet)
+    model = meta_model(config)  # parameter counts from shapes alone
+    dense_total = _num_params(model)
+    convert_structure(model, plan)
+    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+
+
+def _report(args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int,
+            t0: float) -> None:
+    from .adapters import adapter_for
+    from .layers import select_layers
+
+    num_layers = adapter_for(config).dims(config)[0]
+    print(f"upcycled {model_dir.name}: {len(select_layers(plan.layers, num_layers))}/{num_layers} layers -> MoE "
           f"({plan.num_experts} experts, router {plan.router}"
           + (f", top_k {plan.top_k}" if plan.router == "topk" else "") + ")")
     print(f"parameters: {dense_total / 1e6:.1f}M dense -> {total / 1e6:.1f}M total, {active / 1e6:.1f}M active "
           f"per token; wrote {args.out} in {time.time() - t0:.1f} s")
-    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
