@@ -26,7 +26,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Commands that live in their own modules: each has HELP, add_arguments(parser) and run(args) -> int,
 # and imports anything heavy inside run().
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {
+    "export": "upcycle.export_cli",
+    "eval": "upcycle.eval_cli",
+    "plot": "upcycle.plot_cli",
+}
 
 
 def _bool(s: str) -> bool:

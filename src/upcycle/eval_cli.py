@@ -1,0 +1,139 @@
+"""Evaluate a model directory: perplexity on held-out text and, for an upcycled model, the expert load of
+every MoE layer (tokens per expert, dropped tokens, router entropy).
+
+    upcycle eval DIR [--text FILE ...] [--tokens N] [--context N] [--out OUT_DIR]
+
+DIR is a native upcycled directory (it has upcycle.json) or a plain dense Hugging Face directory with
+safetensors weights. The text is cut into disjoint windows of --context tokens, each scored on every token
+but its first, and routed as one sequence (the protocol of `upcycle check`). With --out, eval.json and,
+for an MoE model, expert-load.png (layers x experts heatmap) are written there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UpcycleError
+
+HELP = "perplexity and per-layer expert load of a model directory, with a heatmap"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", type=Path, help="upcycled (native) or dense Hugging Face model directory")
+    p.add_argument("--text", type=Path, action="append",
+                   help="text file to evaluate on; repeat for several (default: Python's textwrap.py source)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens of each text to use (default 2048)")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--tokenizer", type=Path, help="directory with the tokenizer (default: the model directory)")
+    p.add_argument("--out", type=Path, help="directory to write eval.json and expert-load.png into")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def load_model(path: Path, dtype=None, device: str = "cpu"):
+    """A native upcycled directory through `upcycle.load`, a dense HF directory through transformers
+    (safetensors only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .native import load, weight_files
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UpcycleError(f"model directory not found: {path}")
+    if (path / "upcycle.json").is_file():
+        return load(path, dtype=dtype, device=device)
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not weight_files(path):
+        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
+                           "convert the checkpoint to safetensors first")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UpcycleError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def _texts(files: list[Path] | None) -> list[tuple[str, str]]:
+    from .evaluate import held_out_text
+
+    if not files:
+        text, name = held_out_text()
+        return [(name, text)]
+    out = []
+    for f in files:
+        if not f.is_file():
+            raise UpcycleError(f"text file not found: {f}")
+        out.append((str(f), f.read_text(errors="replace")))
+    return out
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .evaluate import ExpertLoad, markdown_table, perplexity_and_load
+
+    t0 = time.time()
+    if args.tokens < 2 or args.context < 2:
+        raise UpcycleError("--tokens and --context must be at least 2")
+    texts = _texts(args.text)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UpcycleError(f"--out {args.out} exists and is not a directory")
+    tok_dir = args.tokenizer or args.model
+    if not args.model.is_dir():
+        raise UpcycleError(f"model directory not found: {args.model}")
+    if not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer_config.json").is_file()):
+        raise UpcycleError(f"{tok_dir} has no tokenizer (tokenizer.json); pass --tokenizer DIR")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    dtype = getattr(torch, args.dtype)
+    model = load_model(args.model, dtype=dtype, device=args.device)
+
+    results, loads = [], []
+    for name, text in texts:
+        ids = tok(text, return_tensors="pt").input_ids[0, : args.tokens]
+        if ids.numel() < 2:
+            raise UpcycleError(f"{name}: fewer than 2 tokens of text")
+        ppl, load = perplexity_and_load(model, ids, args.context)
+        results.append({"text": name, "tokens": int(ids.numel()), "perplexity": ppl,
+                        "expert_load": load.to_dict() if load is not None else None})
+        if load is not None:
+            loads.append(load)
+    total = ExpertLoad.total(loads) if loads else None
+
+    print(f"## upcycle eval: {args.model} ({args.dtype}, windows of {args.context} tokens)\n")
+    print(markdown_table(["text", "tokens", "perplexity"],
+                         [[r["text"], str(r["tokens"]), f"{r['perplexity']:.4f}"] for r in results]))
+    if total is None:
+        print("\nno MoE layers: a dense model (perplexity only)")
+    else:
+        routers = ", ".join(sorted(set(total.routers)))
+        print(f"\nexpert load: {len(total.layers)} MoE layers x {total.num_experts} experts, router {routers}; "
+              f"{total.tokens} tokens; tokens/expert counts token-expert assignments\n")
+        print(total.table())
+    png = None
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if total is not None:
+            from .plots import plot_load
+
+            png = plot_load(total, args.out / "expert-load.png", title=f"Expert load: {args.model.name}")
+        summary = {"model": str(args.model), "dtype": args.dtype, "context": args.context, "texts": results,
+                   "expert_load": total.to_dict() if total is not None else None,
+                   "seconds": round(time.time() - t0, 2)}
+        _write_atomic(args.out / "eval.json", json.dumps(summary, indent=2) + "\n")
+        print(f"\nwrote {args.out / 'eval.json'}" + (f" and {png}" if png else ""), file=sys.stderr)
+    return 0
