@@ -30,6 +30,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "export": "upcycle.export_cli",
     "eval": "upcycle.eval_cli",
     "plot": "upcycle.plot_cli",
+    "train": "upcycle.train_cli",
 }
 
 

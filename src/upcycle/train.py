@@ -664,13 +664,15 @@ def _prepare_out(out_dir: Path, resume, overwrite: bool) -> Path | None:
 def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str | Path, *,
           resume: bool | str | Path = False, overwrite: bool = False, init_optimizer_state: dict | None = None,
           tokenizer=None, source_dir: str | Path | None = None, progress: bool = True,
-          save_model: bool = True) -> list[dict]:
+          save_model: bool = True, stop_at: int | None = None) -> list[dict]:
     """Train `model` (dense or upcycled transformers causal LM) on `data.train`, validating on `data.val`.
 
     resume: True picks the newest checkpoint under out_dir/checkpoints, a path picks that one; the run
     then continues exactly where it stopped (same losses, same parameters as an uninterrupted run).
     init_optimizer_state: a name-keyed AdamW state to start from (`carry_over_optimizer_state`).
-    tokenizer / source_dir: saved / copied next to the final model. Returns the history: one dict per
+    stop_at: stop after this step with a checkpoint, as an interrupted run would (the schedule still
+    runs to the full length; resume later). tokenizer / source_dir: saved / copied next to the final
+    model. Returns the history: one dict per
     logged step with the keys of METRICS (None where not measured at that step).
     """
     from tqdm.auto import tqdm
@@ -746,6 +748,8 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
     last_val = None
     try:
         while step < total_steps:
+            if stop_at is not None and step >= stop_at:
+                break
             t0 = time.perf_counter()
             lr = config.lr_at(step, total_steps)
             for g in opt.param_groups:
@@ -798,13 +802,16 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
                 post["val"] = f"{last_val:.4f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop_at:
                 _save_checkpoint(out_dir, step, model, raw, opt, batches, state, config, d)
     finally:
         bar.close()
         if tb is not None:
             tb.close()
 
+    if step < total_steps:  # stopped early: the checkpoint is the output
+        _barrier(d)
+        return history
     summary = {"steps": step, "tokens": state["tokens"], "flops": state["flops"], "flops_per_token": fpt,
                "dense_flops_per_token": fpt_dense, "active_params": active_params(raw),
                "pretrain_flops": pretrain_flops,

@@ -1,0 +1,160 @@
+"""Continue training a dense or upcycled model on your text.
+
+    upcycle train --model DIR --data PATH --out DIR [--config train.yaml] [--<field> VALUE ...]
+    upcycle train --out DIR --resume ...           continue the newest checkpoint of DIR exactly
+    torchrun --nproc_per_node N -m upcycle train ... --parallel ddp|fsdp
+
+--model is an upcycled model (from `upcycle sparse`) or a dense transformers directory (default: the
+embedded SmolLM2-135M-Instruct). --data is a text file, a folder of text files or a .jsonl file;
+documents are split into train and validation by a hash of their id, then packed into sequences of
+--seq_len tokens. Training fields are flags of the same name as their YAML keys and override --config.
+--dense-optimizer-state starts an upcycled model from a dense run's AdamW state (a checkpoint of
+`upcycle train` on the dense model): experts get copies of the MLP's moments, routers start at zero.
+Writes OUT/metrics.csv, OUT/tb/ (TensorBoard), OUT/checkpoints/step-N/, OUT/summary.json, OUT/model/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+from .errors import UpcycleError
+
+HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FSDP)"
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    g = p.add_argument_group("training fields (same names as the YAML keys; override --config)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kind = int if int in args and float not in args else float if float in args else str
+        if f.name in ("tokens",):
+            kind = lambda s: int(float(s))  # noqa: E731 - accept 1e6
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        g.add_argument(*names, dest=f"cfg_{f.name}", type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                       choices=f.metadata.get("choices"), help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="upcycled or dense model directory (default: embedded SmolLM2-135M)")
+    p.add_argument("--data", type=Path, required=True, help="text file, folder of text files, or .jsonl file")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--config", type=Path, help="training config YAML (keys = the training fields below)")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start over")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model's)")
+    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.05,
+                   help="share of documents held out for validation (default 0.05)")
+    p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
+    p.add_argument("--chunk-chars", "--chunk_chars", type=int, default=8192,
+                   help="text files are cut at blank lines into documents of about this many characters")
+    p.add_argument("--dense-optimizer-state", "--dense_optimizer_state", type=Path,
+                   help="dense run's checkpoint directory (or its optimizer.pt) to carry the AdamW state over from")
+    p.add_argument("--stop-at", "--stop_at", type=int, help="stop after this step with a checkpoint (resume later)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+
+def resolve_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
+                 if hasattr(args, f"cfg_{f.name}")}
+    try:
+        return dataclasses.replace(base, **overrides) if overrides else base
+    except UpcycleError as e:
+        raise UpcycleError(f"--{e}") from None
+
+
+def _load_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .native import load
+
+    if not model_dir.is_dir():
+        raise UpcycleError(f"model directory not found: {model_dir}")
+    if (model_dir / "upcycle.json").is_file():
+        return load(model_dir, dtype=torch.float32)
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"{model_dir} has no config.json: not a model directory")
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise UpcycleError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]}); it needs "
+                           "safetensors weights") from None
+
+
+def _dense_state(path: Path) -> dict:
+    import torch
+
+    f = path / "optimizer.pt" if path.is_dir() else path
+    if not f.is_file():
+        raise UpcycleError(f"dense optimizer state not found: {f} (give a checkpoints/step-N directory of a "
+                           "dense `upcycle train` run, or its optimizer.pt)")
+    try:
+        return torch.load(f, weights_only=True)
+    except Exception as e:  # pickle errors of several kinds
+        raise UpcycleError(f"{f}: not a readable optimizer state ({str(e).splitlines()[0]})") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .data import load_data
+    from .default_model import cache_root, default_model_dir
+    from .train import carry_over_optimizer_state, model_on_meta, train
+
+    config = resolve_config(args)
+    if not args.data.exists():
+        raise UpcycleError(f"data path not found: {args.data}")
+    if not 0 <= args.val_fraction < 1:
+        raise UpcycleError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    out = args.out
+    if args.resume and not (out / "checkpoints").is_dir():
+        raise UpcycleError(f"nothing to resume: {out}/checkpoints does not exist")
+    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UpcycleError(f"output directory already exists and is not empty: {out} (pass --resume to continue "
+                           "its run, --overwrite to start over, or choose another --out)")
+    dense_state = _dense_state(args.dense_optimizer_state) if args.dense_optimizer_state else None
+    model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
+    tok_dir = args.tokenizer or model_dir
+    if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
+        raise UpcycleError(f"no tokenizer files in {tok_dir}; pass --tokenizer DIR")
+    model = _load_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    data = load_data(args.data, tokenizer, config.seq_len, args.val_fraction, config.seed, args.text_field,
+                     args.chunk_chars, cache_dir=cache_root() / "tokens")
+    init_state = None
+    if dense_state is not None and not args.resume:
+        if not getattr(model.config, "upcycle", None):
+            raise UpcycleError("--dense-optimizer-state needs an upcycled --model (the state is carried from the "
+                               "dense model it came from)")
+        dense = model_on_meta(model.config)
+        init_state = carry_over_optimizer_state(dense_state, dense, model)
+    print(f"data: {data.info['train_documents']} train / {data.info['val_documents']} validation documents, "
+          f"{data.info['train_sequences']} x {config.seq_len} train tokens", file=sys.stderr)
+    history = train(model, data, config, out, resume=args.resume, overwrite=args.overwrite,
+                    init_optimizer_state=init_state, tokenizer=tokenizer, source_dir=model_dir,
+                    progress=not args.quiet, stop_at=args.stop_at)
+    import json
+
+    summary_file = out / "summary.json"
+    if summary_file.is_file():
+        s = json.loads(summary_file.read_text())
+        share = f", {100 * s['compute_share']:.4g}% of the dense pretraining compute" if s["compute_share"] else ""
+        val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
+        print(f"trained {s['steps']} steps, {s['tokens']:,} tokens, {s['flops']:.3g} FLOPs{share}; "
+              f"final train loss {s['final_train_loss']:.4f}, validation loss {val}; model in {out / 'model'}")
+    elif history:
+        print(f"stopped at step {history[-1]['step']}; continue with --resume")
+    return 0
