@@ -125,3 +125,26 @@ def test_cli_export_refuses_cleanly_and_writes_nothing(tmp_path, capsys):
 def test_import_refuses_non_moe_directory(tiny_dir):
     with pytest.raises(UpcycleError, match="upcycle.json"):
         load(tiny_dir)
+
+
+@pytest.mark.parametrize("layout", ["legacy", "fused"])
+def test_sparse_format_writes_stock_directly_streaming_equals_in_memory(tmp_path, tiny_dir, ids, layout):
+    from safetensors.torch import load_file
+
+    common = ["sparse", "--model", str(tiny_dir), "--num-experts", "4", "--format", "qwen2_moe", "--layout", layout,
+              "--quiet", "--router-std", "0.5", "--expert-init", "noise", "--noise-std", "0.05"]
+    assert main(common + ["--out", str(tmp_path / "s")]) == 0
+    assert main(common + ["--out", str(tmp_path / "m"), "--stream", "false"]) == 0
+    a, b = load_file(tmp_path / "s" / "model-00001-of-00001.safetensors"), load_file(
+        tmp_path / "m" / "model-00001-of-00001.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    stock = _stock(tmp_path / "s")
+    plan = UpcyclePlan(num_experts=4, router_std=0.5, expert_init="noise", noise_std=0.05)
+    moe = upcycle(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), plan).eval()
+    assert rel_diff(_logits(stock, ids), _logits(moe, ids)) <= TOL
+    assert rel_diff(_logits(load(tmp_path / "s"), ids), _logits(moe, ids)) <= TOL
+
+
+def test_sparse_format_refused_before_any_work(tmp_path, tiny_dir, capsys):
+    assert main(["sparse", "--model", str(tiny_dir), "--format", "mixtral", "--out", str(tmp_path / "x")]) == 2
+    assert "every layer MoE" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", type=_bool, default=True, metavar="BOOL",
                    help="convert tensor by tensor without loading the model (default true; false: load the model "
                         "with transformers, upcycle it in memory, then save)")
+    s.add_argument("--format", choices=("native", "mixtral", "qwen2_moe", "qwen3_moe"), default="native",
+                   help="native (upcycle.load reads it) or a stock transformers MoE class, written directly "
+                        "(refused with the reasons when that class cannot represent the plan exactly)")
+    s.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
+                   help="stock formats: expert tensors one per expert (default) or fused 3-D")
     _add_plan_flags(s)
 
     c = sub.add_parser("check", help="function-preservation figures of an upcycled model against its dense source")
@@ -168,6 +173,10 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         raise UpcycleError(f"{model_dir}: no safetensors weights (model.safetensors or {model_dir}/"
                            "model.safetensors.index.json); convert the checkpoint to safetensors first")
 
+    if args.format != "native":
+        from .export import check_exportable
+
+        check_exportable(args.format, config, plan, layers)  # before any work
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.stream:
         _sparse_streaming(args, plan, model_dir, config, dtype, t0)
@@ -176,9 +185,14 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
         model = upcycle(dense, plan, inplace=True, progress=bar)
-    hashes = sha256_files(files)
-    save(model, plan, args.out, source_dir=model_dir, source_hashes=hashes, max_shard_size=args.max_shard_size,
-         overwrite=args.overwrite, progress=not args.quiet)
+    if args.format != "native":
+        from .export import export
+
+        export(model, args.format, args.out, layout=args.layout, plan=plan, max_shard_size=args.max_shard_size,
+               overwrite=args.overwrite, progress=not args.quiet, source_dir=model_dir)
+    else:
+        save(model, plan, args.out, source_dir=model_dir, source_hashes=sha256_files(files),
+             max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet)
     _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
     return 0
 
@@ -189,8 +203,20 @@ def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Pa
     from .stream import meta_model, stream_upcycle
     from .surgery import convert_structure
 
+    transform = write_config = None
+    if args.format != "native":
+        from .export import stock_config, stock_items
+        from .layers import select_layers
+        from .adapters import adapter_for
+
+        layers = select_layers(plan.layers, adapter_for(config).dims(config)[0])
+        cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
+        transform = lambda items: stock_items(items, args.format, cfg, layers, layout=args.layout)  # noqa: E731
+        write_config = lambda c, d: stock_config(  # noqa: E731
+            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers).save_pretrained(d)
     stream_upcycle(model_dir, plan, args.out, dtype=None if dtype == "auto" else dtype,
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet)
+                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
+                   transform=transform, write_config=write_config)
     model = meta_model(config)  # parameter counts from shapes alone
     dense_total = _num_params(model)
     convert_structure(model, plan)

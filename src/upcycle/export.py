@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from .errors import UpcycleError
 from .plan import UpcyclePlan
+from .stream import Item
 
 LAYOUTS = ("legacy", "fused")
 
@@ -172,71 +173,89 @@ def _layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def stock_items(items: Iterable[tuple[str, torch.Tensor]], target: str, config: Any, moe_layers: list[int], *,
-                layout: str = "legacy", structure: dict | None = None,
-                shared_expert_size: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-    """Map our tensors, one at a time in our order, to the target's names and shapes.
-
-    Holds at most one expert tensor back (the gate waits for the up projection in the fused layout)."""
+def stock_items(items: Iterable[Item], target: str, config: Any, moe_layers: list[int], *,
+                layout: str = "legacy", structure: dict | None = None, shared_expert_size: int = 0) -> Iterator[Item]:
+    """Map our tensors to the target's names and shapes, lazily: each output item produces its values
+    from the input items' producers when the writer asks for them (in whatever order it writes)."""
     if layout not in LAYOUTS:
         raise UpcycleError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     t, c = TARGETS[target], _cfg(config)
     moe = set(moe_layers)
     D, hd = c["hidden_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
     shared = (structure or {}).get("shared_expert")
-    gate_of: dict[int, torch.Tensor] = {}
-    for name, x in items:
-        i = _layer(name)
-        if i is not None and i in moe and f".{i}.mlp." in name:
-            base, leaf = f"model.layers.{i}", name.split(f"model.layers.{i}.mlp.", 1)[1]
-            if leaf == "router.weight":
-                key = t.experts_prefix if layout == "legacy" else "mlp"
-                yield f"{base}.{key}.gate.weight", x
-                if t.shared_expert and not shared:
-                    yield from _zero_shared_expert(base, D, shared_expert_size, x.dtype)
-                elif shared and not shared.get("gated", True):  # sigmoid(0) * 2 = 1 exactly
-                    yield f"{base}.mlp.shared_expert_gate.weight", x.new_zeros(1, D)
-                continue
-            if leaf.startswith("shared_expert."):
-                if leaf == "shared_expert.gate.weight":
-                    yield f"{base}.mlp.shared_expert_gate.weight", x
-                elif leaf == "shared_expert.down_proj.weight" and not shared.get("gated", True):
-                    yield f"{base}.mlp.{leaf}", x * 2
-                else:
-                    yield f"{base}.mlp.{leaf}", x
-                continue
-            which = leaf.removeprefix("experts.")
-            if which.endswith("_bias") or not leaf.startswith("experts."):
-                raise UpcycleError(f"{name}: no place for this tensor in {t.architecture}")
-            if layout == "legacy":
-                j = ("gate_proj", "up_proj", "down_proj").index(which)
-                for e in range(x.shape[0]):
-                    yield f"{base}.{t.experts_prefix}.experts.{e}.{t.expert_names[j]}.weight", x[e]
-            elif which == "gate_proj":
-                gate_of[i] = x
-            elif which == "up_proj":
-                yield f"{base}.mlp.experts.gate_up_proj", torch.cat([gate_of.pop(i), x], dim=1)
-            else:
-                yield f"{base}.mlp.experts.down_proj", x
+    stacks = _Recent(3)  # a layer's gate, up and down stacks, produced once for its E per-expert items
+    gates: dict[int, Item] = {}
+    for it in items:
+        name, i = it.name, _layer(it.name)
+        if i is None or i not in moe or f".{i}.mlp." not in name:
+            yield it
+            if t.zero_qkv_bias and c.get("model_type") != "qwen2" and name.endswith("self_attn.q_proj.weight"):
+                base, kv = name.removesuffix("q_proj.weight"), c["num_key_value_heads"] * hd
+                for proj, n in (("q", it.shape[0]), ("k", kv), ("v", kv)):
+                    yield _zeros(f"{base}{proj}_proj.bias", (n,), it.dtype)
             continue
-        yield name, x
-        if t.zero_qkv_bias and c.get("model_type") != "qwen2" and name.endswith("self_attn.q_proj.weight"):
-            base = name.removesuffix("q_proj.weight")
-            kv = c["num_key_value_heads"] * hd
-            yield base + "q_proj.bias", x.new_zeros(x.shape[0])
-            yield base + "k_proj.bias", x.new_zeros(kv)
-            yield base + "v_proj.bias", x.new_zeros(kv)
-    if gate_of:
-        raise UpcycleError(f"layers {sorted(gate_of)}: gate projection without its up projection")
+        base, leaf = f"model.layers.{i}", name.split(f"model.layers.{i}.mlp.", 1)[1]
+        if leaf == "router.weight":
+            yield _renamed(it, f"{base}.{t.experts_prefix if layout == 'legacy' else 'mlp'}.gate.weight")
+            if t.shared_expert and not shared:
+                p = f"{base}.mlp.shared_expert."
+                S = shared_expert_size
+                yield from (_zeros(p + "gate_proj.weight", (S, D), it.dtype), _zeros(p + "up_proj.weight", (S, D), it.dtype),
+                            _zeros(p + "down_proj.weight", (D, S), it.dtype))
+            if t.shared_expert and (not shared or not shared.get("gated", True)):
+                yield _zeros(f"{base}.mlp.shared_expert_gate.weight", (1, D), it.dtype)  # sigmoid(0) = 1/2
+        elif leaf.startswith("shared_expert."):
+            if leaf == "shared_expert.gate.weight":
+                yield _renamed(it, f"{base}.mlp.shared_expert_gate.weight")
+            elif leaf == "shared_expert.down_proj.weight" and not shared.get("gated", True):
+                yield Item(f"{base}.mlp.{leaf}", it.shape, it.dtype, lambda it=it: it.produce() * 2)  # 1/2 * 2 = 1
+            else:
+                yield _renamed(it, f"{base}.mlp.{leaf}")
+        elif leaf.endswith("_bias") or not leaf.startswith("experts."):
+            raise UpcycleError(f"{name}: no place for this tensor in {t.architecture}")
+        else:
+            which = leaf.removeprefix("experts.")
+            if layout == "legacy":
+                proj = t.expert_names[("gate_proj", "up_proj", "down_proj").index(which)]
+                for e in range(it.shape[0]):
+                    yield Item(f"{base}.{t.experts_prefix}.experts.{e}.{proj}.weight", it.shape[1:], it.dtype,
+                               lambda it=it, e=e: stacks.get(it)[e])
+            elif which == "gate_proj":
+                gates[i] = it
+            elif which == "up_proj":
+                g = gates.pop(i)
+                yield Item(f"{base}.mlp.experts.gate_up_proj", (g.shape[0], g.shape[1] + it.shape[1], g.shape[2]),
+                           it.dtype, lambda g=g, u=it: torch.cat([g.produce(), u.produce()], dim=1))
+            else:
+                yield _renamed(it, f"{base}.mlp.experts.down_proj")
+    if gates:
+        raise UpcycleError(f"layers {sorted(gates)}: gate projection without its up projection")
 
 
-def _zero_shared_expert(base: str, D: int, S: int, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Qwen2-MoE always has a sigmoid-gated shared expert; ours has none: a zero one adds exactly 0."""
-    p = f"{base}.mlp.shared_expert."
-    yield p + "gate_proj.weight", torch.zeros(S, D, dtype=dtype)
-    yield p + "up_proj.weight", torch.zeros(S, D, dtype=dtype)
-    yield p + "down_proj.weight", torch.zeros(D, S, dtype=dtype)
-    yield f"{base}.mlp.shared_expert_gate.weight", torch.zeros(1, D, dtype=dtype)
+class _Recent:
+    """The last few produced tensors, by item name: a stack is built once, not once per expert."""
+
+    def __init__(self, size: int):
+        self.size, self.cache = size, {}
+
+    def get(self, it: Item) -> torch.Tensor:
+        if it.name not in self.cache:
+            if len(self.cache) >= self.size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[it.name] = it.produce()
+        return self.cache[it.name]
+
+
+def _renamed(it: Item, name: str) -> Item:
+    return Item(name, it.shape, it.dtype, it.produce)
+
+
+def _zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Item:
+    return Item(name, tuple(shape), dtype, lambda: torch.zeros(shape, dtype=dtype))
+
+
+def tensor_items(tensors: dict[str, torch.Tensor]) -> list[Item]:
+    return [Item(k, tuple(v.shape), v.dtype, lambda v=v: v.detach().cpu()) for k, v in tensors.items()]
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -245,59 +264,63 @@ def _zero_shared_expert(base: str, D: int, S: int, dtype: torch.dtype) -> Iterat
 def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, layout: str = "legacy",
            plan: UpcyclePlan | None = None, shared_expert_size: int = 0, max_shard_size: str | int = "5GB",
            overwrite: bool = False, progress: bool = False, source_dir: str | Path | None = None) -> Path:
-    """Write an upcycled model (a native directory, or a model in memory with its plan) as a stock
-    transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
+    """Write an upcycled model (a native directory, read tensor by tensor, or a model in memory) as a
+    stock transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
+    from .native import read_meta, unique_state_dict
+    from .stream import SafetensorsSource
+
+    if isinstance(source, nn.Module):
+        from .surgery import structure_of
+
+        plan = plan or plan_from_meta(source.config.upcycle)
+        moe_layers = list(source.config.upcycle["moe_layers"])
+        config = {k: v for k, v in source.config.to_dict().items() if k != "upcycle"}
+        structure = structure_of(source)
+        items = tensor_items(unique_state_dict(source)[0])
+        write_stock(items, target, out_dir, config, plan, moe_layers, structure=structure, layout=layout,
+                    shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
+                    progress=progress, side_files_from=source_dir)
+        return Path(out_dir)
+    src = Path(source)
+    meta = read_meta(src)
+    plan = plan_from_meta(meta["plan"])
+    config = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k != "upcycle"}
+    structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
+    with SafetensorsSource(src) as s:
+        items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
+        write_stock(items, target, out_dir, config, plan, meta["moe_layers"], structure=structure, layout=layout,
+                    shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
+                    progress=progress, side_files_from=source_dir or src)
+    return Path(out_dir)
+
+
+def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dict, plan: UpcyclePlan,
+                moe_layers: list[int], *, structure: dict | None = None, layout: str = "legacy",
+                shared_expert_size: int = 0, max_shard_size: str | int = "5GB", overwrite: bool = False,
+                progress: bool = False, side_files_from: str | Path | None = None) -> None:
+    """Check, map and write items (ours, lazily produced) as the stock checkpoint, tensor by tensor."""
     import shutil
 
     from tqdm.auto import tqdm
 
-    from .native import SIDE_FILES, atomic_dir, parse_size, read_meta, unique_state_dict, weight_files, write_shards
+    from .native import SIDE_FILES, atomic_dir, parse_size
+    from .stream import check_disk_space, output_bytes, write_items
 
-    if isinstance(source, nn.Module):
-        model = source
-        from .surgery import structure_of
-
-        plan = plan or plan_from_meta(model.config.upcycle)
-        moe_layers = list(model.config.upcycle["moe_layers"])
-        structure = structure_of(model)
-        config = model.config.to_dict()
-        config.pop("upcycle", None)
-        tensors, _ = unique_state_dict(model)
-        items = list(tensors.items())
-    else:
-        src = Path(source)
-        meta = read_meta(src)
-        plan = UpcyclePlan.from_dict(meta["plan"], source=str(src / "upcycle.json"))
-        moe_layers = meta["moe_layers"]
-        structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
-        config = json.loads((src / "config.json").read_text())
-        config.pop("upcycle", None)
-        items = _lazy_items(weight_files(src))
-        source_dir = source_dir or src
     check_exportable(target, config, plan, moe_layers, structure)
     cfg = stock_config(target, config, plan, moe_layers, structure=structure, shared_expert_size=shared_expert_size)
-    mapped = stock_items(items, target, config, moe_layers, layout=layout, structure=structure,
-                         shared_expert_size=shared_expert_size)
+    mapped = list(stock_items(items, target, config, moe_layers, layout=layout, structure=structure,
+                              shared_expert_size=shared_expert_size))
+    limit = parse_size(max_shard_size)
+    check_disk_space(Path(out_dir), output_bytes(mapped, limit))
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         cfg.save_pretrained(tmp)
-        tensors = dict(mapped)
-        nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
-        with tqdm(total=nbytes, unit="B", unit_scale=True, desc=f"writing {target}", disable=not progress) as bar:
-            write_shards(tensors, tmp, parse_size(max_shard_size), bar)
-        if source_dir is not None:
+        with tqdm(total=sum(it.nbytes for it in mapped), unit="B", unit_scale=True, desc=f"writing {target}",
+                  disable=not progress) as bar:
+            write_items(mapped, tmp, limit, bar)
+        if side_files_from is not None:
             for name in SIDE_FILES:
-                if (Path(source_dir) / name).is_file():
-                    shutil.copy2(Path(source_dir) / name, tmp / name)
-    return Path(out_dir)
-
-
-def _lazy_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                yield k, fh.get_tensor(k)
+                if (Path(side_files_from) / name).is_file():
+                    shutil.copy2(Path(side_files_from) / name, tmp / name)
 
 
 def plan_from_meta(meta: dict) -> UpcyclePlan:
@@ -433,3 +456,12 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def _lazy_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)

@@ -252,7 +252,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     from .export import import_stock, is_stock_moe
 
     path = Path(path)
-    if is_stock_moe(path) and not (path / "upcycle.json").is_file():
+    if is_stock_moe(path):  # a stock MoE class's config (our stock exports keep upcycle.json as provenance)
         return import_stock(path, dtype).to(device)
     meta = read_meta(path)
     plan = UpcyclePlan.from_dict(meta["plan"], source=str(path / "upcycle.json"))
