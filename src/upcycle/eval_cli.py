@@ -98,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"model directory not found: {args.model}")
     if not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer_config.json").is_file()):
         raise UpcycleError(f"{tok_dir} has no tokenizer (tokenizer.json); pass --tokenizer DIR")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    if not ((args.model / "config.json").is_file() or (args.model / "upcycle.json").is_file()):
+        raise UpcycleError(f"{args.model} has no config.json: not a Hugging Face model directory")
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    except Exception as e:  # transformers raises many types for unreadable tokenizer files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
     dtype = getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device=args.device)
 

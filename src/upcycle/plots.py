@@ -114,14 +114,18 @@ def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train:
                        title: str = "Loss vs training compute", xlabel: str = "training FLOPs",
                        ylabel: str = "validation loss", budget: float | None = None,
                        budget_label: str = "dense pretraining", logx: bool = True,
-                       reference: Mapping[str, float] | None = None) -> Path:
+                       reference: Mapping[str, float] | None = None,
+                       ylim: tuple[float, float] | str | None = "auto") -> Path:
     """Several runs on one figure: one curve per label, x = compute (log scale), y = loss.
 
     runs: {label: [(x, loss), ...]} drawn as lines with markers; train: optional {label: [(x, loss)]} drawn
-    thin and light in the same colour (the noisy training loss behind the validation points).
+    thin and light in the same colour (the noisy training loss behind the validation points). The legend
+    gives each run's last value.
     budget: a compute budget (e.g. the dense model's pretraining FLOPs); adds a top axis with x as a share of
     it and, when it falls inside the plotted range, a dashed vertical line. reference: horizontal dotted
-    lines, e.g. {"dense start": 2.31}."""
+    lines, e.g. {"dense start": 2.31}. ylim: (low, high), None for matplotlib's choice, or "auto": when one
+    run starts far above where the runs end (a model trained from scratch next to warm-started ones), the
+    y axis is cut so that the differences between the final losses stay readable."""
     plt = _plt()
     train = train or {}
     labels = list(dict.fromkeys(list(runs) + list(train)))
@@ -129,44 +133,70 @@ def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train:
         raise UpcycleError("nothing to plot: every run is empty")
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
     xs_all: list[float] = []
+    ys_all: list[float] = []
+    lasts: list[float | None] = []
     for i, label in enumerate(labels):
         colour = PALETTE[i % len(PALETTE)]
         t = sorted((x, y) for x, y in train.get(label, []) if not logx or x > 0)
         v = sorted((x, y) for x, y in runs.get(label, []) if not logx or x > 0)
         if t:
             ax.plot([p[0] for p in t], [p[1] for p in t], color=colour, alpha=0.3, lw=1.0,
-                    label=None if v else label)
+                    label=None if v else f"{label}  ({t[-1][1]:.3f})")
         if v:
             many = len(v) > 40
             ax.plot([p[0] for p in v], [p[1] for p in v], color=colour, lw=2.0, marker=None if many else "o",
-                    ms=4.5, label=label)
+                    ms=4.5, label=f"{label}  ({v[-1][1]:.3f})")
         xs_all += [p[0] for p in t + v]
+        ys_all += [p[1] for p in t + v]
+        lasts.append((v or t)[-1][1] if (v or t) else None)
     if logx:
         ax.set_xscale("log")
     lo, hi = min(xs_all), max(xs_all)
     if reference:
-        for j, (name, y) in enumerate(reference.items()):
+        for name, y in reference.items():
             ax.axhline(y, color="0.35", ls=":", lw=1.2)
             ax.annotate(name, (0.005, y), xycoords=("axes fraction", "data"), xytext=(2, 3),
-                        textcoords="offset points", fontsize=9, color="0.3")
+                        textcoords="offset points", fontsize=9, color="0.3",
+                        bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+    if ylim == "auto":
+        ylim = _auto_ylim(ys_all, [y for y in lasts if y is not None], list((reference or {}).values()))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if budget:
         if lo <= budget <= hi * 1.05:
             ax.axvline(budget, color="0.3", ls="--", lw=1.2)
             ax.annotate(budget_label, (budget, 0.97), xycoords=("data", "axes fraction"), rotation=90,
                         ha="right", va="top", fontsize=9, color="0.3", xytext=(-3, 0), textcoords="offset points")
+        from matplotlib.ticker import FuncFormatter
+
         top = ax.secondary_xaxis("top", functions=(lambda x: 100 * x / budget, lambda p: p * budget / 100))
         top.set_xlabel(f"% of {budget_label} compute ({_si(budget)}FLOPs)" if "FLOP" in xlabel
-                       else f"% of {budget_label}", fontsize=10)
+                       else f"% of {budget_label}", fontsize=10, color="0.3")
         if logx:
             top.set_xscale("log")
+        top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        top.tick_params(colors="0.3", labelsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, loc="left", fontweight="bold")
+    ax.set_title(title, loc="left", fontweight="bold", pad=12 if budget else 6)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(frameon=False, loc="upper right")
     fig.tight_layout()
     return _save(fig, out_png)
+
+
+def _auto_ylim(ys: list[float], lasts: list[float], refs: list[float]) -> tuple[float, float] | None:
+    """Cut the top of the y axis when the curves' starts dwarf the spread of where they end."""
+    if len(lasts) < 2 or not ys:
+        return None
+    lo, hi = min(ys + refs), max(ys + refs)
+    end_spread = max(lasts + refs) - lo
+    top = lo + max(3.0 * end_spread, 0.15 * (hi - lo))
+    if top >= hi:
+        return None
+    pad = 0.04 * (top - lo)
+    return lo - pad, top + pad
 
 
 # -------------------------------------------------------------------------------------------- expert load
@@ -194,9 +224,8 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     spread = max(rel.max(), 1.0 / nonzero.min() if nonzero.size else 1.0, 2.0)
     vmax = 2.0 ** min(math.ceil(math.log2(spread)), max(1, math.ceil(math.log2(E))))
     norm = LogNorm(vmin=1.0 / vmax, vmax=vmax)
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_under(cmap(0.0))
-    cmap.set_over(cmap(1.0))
+    base = plt.get_cmap("RdBu_r")
+    cmap = base.with_extremes(under=base(0.0), over=base(1.0))
     side = dropped is not None or entropy is not None
     width = min(16.0, max(6.0, 0.62 * E + 3.2 + (1.6 if side else 0)))
     height = min(14.0, max(3.2, 0.36 * L + 1.9))
