@@ -189,37 +189,45 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(big_dir, tmp_path):
     assert m["peak"] - m["base"] <= 2 * BIG_LARGEST + (64 << 20), m
 
 
-def _start_and_interrupt(big_dir: Path, out: Path, sig: int) -> tuple[int, str, int]:
-    """Start `upcycle sparse` on big_dir, send `sig` once ~300 MB of output are on disk; (exit code,
-    stderr, pid)."""
-    cmd = [sys.executable, "-m", "upcycle", "sparse", "--model", str(big_dir), "--out", str(out), "--quiet",
-           "--max_shard_size", "100MB"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None:
-        written = sum(f.stat().st_size for d in out.parent.glob(f".{out.name}.tmp-*") for f in d.glob("*.safetensors"))
-        if written > 300 << 20:
-            break
+def _interrupt_both(big_dir: Path, outs: dict[int, Path]) -> dict[int, tuple[int, str, int]]:
+    """Start `upcycle sparse` on big_dir once per {signal: out dir}, all at once, and send each its
+    signal once 150 MB of its output are on disk; {signal: (exit code, stderr, pid)}."""
+    procs = {sig: subprocess.Popen([sys.executable, "-m", "upcycle", "sparse", "--model", str(big_dir), "--out",
+                                    str(out), "--quiet", "--max_shard_size", "100MB"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for sig, out in outs.items()}
+    waiting, deadline = set(procs), time.time() + 90
+    while waiting and time.time() < deadline:
+        for sig in list(waiting):
+            out = outs[sig]
+            assert procs[sig].poll() is None, "the conversion ended before it could be interrupted"
+            tmp = out.parent.glob(f".{out.name}.tmp-*")
+            if sum(f.stat().st_size for d in tmp for f in d.glob("*.safetensors")) > 150 << 20:
+                procs[sig].send_signal(sig)
+                waiting.discard(sig)
         time.sleep(0.02)
-    assert p.poll() is None, "the conversion ended before it could be interrupted"
-    p.send_signal(sig)
-    _, stderr = p.communicate(timeout=60)
-    return p.returncode, stderr, p.pid
+    assert not waiting, "the conversions did not start writing within 90 s"
+    errs = {sig: p.communicate(timeout=60)[1] for sig, p in procs.items()}
+    return {sig: (p.returncode, errs[sig], p.pid) for sig, p in procs.items()}
 
 
 def test_interrupted_conversion_leaves_no_output_and_the_next_run_succeeds(big_dir, tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    out = work / "moe"
-    code, stderr, _ = _start_and_interrupt(big_dir, out, signal.SIGINT)
+    """Ctrl-C removes the temporary directory at once; a SIGKILL leaves it (nothing can run), and
+    the next conversion to the same --out removes it and succeeds."""
+    outs = {signal.SIGINT: tmp_path / "a" / "moe", signal.SIGKILL: tmp_path / "b" / "moe"}
+    for out in outs.values():
+        out.parent.mkdir()
+    done = _interrupt_both(big_dir, outs)
+    code, stderr, _ = done[signal.SIGINT]
     assert code == 130 and "interrupted; nothing was written" in stderr, stderr
-    assert list(work.iterdir()) == []  # Ctrl-C cleans up after itself
+    assert list((tmp_path / "a").iterdir()) == []
 
-    code, _, pid = _start_and_interrupt(big_dir, out, signal.SIGKILL)
+    code, _, pid = done[signal.SIGKILL]
     assert code == -signal.SIGKILL
-    left = [p.name for p in work.iterdir()]
+    left = [p.name for p in (tmp_path / "b").iterdir()]
     assert left and all(n.startswith(f".moe.tmp-{pid}-") for n in left)  # only the killed writer's temp dir
 
-    assert main(["sparse", "--model", str(big_dir), "--out", str(out), "--quiet", "--max_shard_size", "100MB"]) == 0
-    assert [p.name for p in work.iterdir()] == ["moe"]  # the stale temp dir is gone
-    assert (out / "upcycle.json").is_file() and len(weight_files(out)) > 5
+    out = outs[signal.SIGKILL]  # the next run (a smaller plan, to keep the test short) cleans up and succeeds
+    assert main(["sparse", "--model", str(big_dir), "--out", str(out), "--quiet", "--num_experts", "2"]) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["moe"]
+    assert (out / "upcycle.json").is_file()
