@@ -96,6 +96,8 @@ def test_total_and_dict(tokens):
     assert torch.allclose(t.router_entropy, expect)
     d = json.loads(json.dumps(t.to_dict()))
     assert d["tokens_per_expert"] == t.counts.tolist() and len(d["load_entropy_over_log_e"]) == 2
+    back = ExpertLoad.from_dict(d)
+    assert torch.equal(back.demand, t.demand) and torch.allclose(back.load_entropy, t.load_entropy)
     with pytest.raises(ValueError, match="no MoE layers"):
         expert_load(tiny_model("llama"), tokens, CTX)
 

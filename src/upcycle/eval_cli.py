@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--tokenizer", type=Path, help="directory with the tokenizer (default: the model directory)")
     p.add_argument("--out", type=Path, help="directory to write eval.json and expert-load.png into")
+    p.add_argument("--title", help="title of the heatmap (default: 'Expert load: <model directory name>')")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         if total is not None:
             from .plots import plot_load
 
-            png = plot_load(total, args.out / "expert-load.png", title=f"Expert load: {args.model.name}")
+            png = plot_load(total, args.out / "expert-load.png", title=args.title or f"Expert load: {args.model.name}")
         summary = {"model": str(args.model), "dtype": args.dtype, "context": args.context, "texts": results,
                    "expert_load": total.to_dict() if total is not None else None,
                    "seconds": round(time.time() - t0, 2)}

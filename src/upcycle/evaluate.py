@@ -193,6 +193,16 @@ class ExpertLoad:
             "load_entropy_over_log_e": self.load_entropy.tolist(),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExpertLoad":
+        """Inverse of `to_dict` (for example the "expert_load" entry of an eval.json)."""
+        return cls(list(d["layers"]), list(d["routers"]), int(d["num_experts"]), int(d["tokens"]),
+                   torch.tensor(d["tokens_per_expert"], dtype=torch.long),
+                   torch.tensor(d["router_choices_per_expert"], dtype=torch.long),
+                   torch.tensor(d["dropped_assignments"], dtype=torch.long),
+                   torch.tensor(d["dropped_tokens"], dtype=torch.long),
+                   torch.tensor(d["router_entropy_nats"], dtype=torch.float64))
+
     def table(self) -> str:
         """One markdown row per MoE layer."""
         header = ["layer", "tokens/expert min / mean / max", "max/mean", "dropped", "router entropy / log E",

@@ -271,7 +271,13 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     cbar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
     cbar.minorticks_off()
     cbar.set_label("share of tokens × E   (1 = balanced, log scale)")
-    ax.set_title(title, loc="left", fontweight="bold", pad=22 if subtitle else 8)
+    if subtitle:  # wrapped to the heatmap's width, so it never runs into the column heads on the right
+        import textwrap
+
+        heat_in = width * 0.92 - 1.2 - (1.6 if side else 0) - 1.0
+        subtitle = textwrap.fill(subtitle, max(40, int(heat_in * 72 / (9.5 * 0.56))))
+    lines = subtitle.count("\n") + 1 if subtitle else 0
+    ax.set_title(title, loc="left", fontweight="bold", pad=8 + 14 * lines)
     if subtitle:
         ax.annotate(subtitle, (0, 1), xycoords="axes fraction", xytext=(0, 6), textcoords="offset points",
                     fontsize=9.5, color="0.35", va="bottom")
@@ -279,7 +285,7 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     return _save(fig, out_png)
 
 
-def plot_load(load, out_png: str | Path, title: str = "Expert load") -> Path:
+def plot_load(load, out_png: str | Path, title: str = "Expert load", subtitle: str | None = None) -> Path:
     """`plot_expert_load` of an `evaluate.ExpertLoad`: the router's choices (before any capacity cut) per
     layer and expert, with the dropped share on the right when a router has a capacity, and the load entropy."""
     ec = all(r.startswith("expert_choice") for r in load.routers)
@@ -289,4 +295,4 @@ def plot_load(load, out_png: str | Path, title: str = "Expert load") -> Path:
     return plot_expert_load(load.demand, out_png, load.layers,
                             dropped=load.dropped_token_share.tolist() if can_drop else None,
                             entropy=load.load_entropy.tolist(), title=title,
-                            subtitle=f"{load.tokens} tokens, router {routers}; right: {', '.join(right)}")
+                            subtitle=subtitle or f"{load.tokens} tokens, router {routers}; right: {', '.join(right)}")
