@@ -243,7 +243,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .evaluate import compare, format_table, held_out_text
     from .native import load, read_meta
 
-    read_meta(args.model)
+    from .export import is_stock_moe
+
+    if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
+        read_meta(args.model)
     load_dense_config(args.against)
     if args.text is not None:
         if not args.text.is_file():
