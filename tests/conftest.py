@@ -10,7 +10,7 @@ torch.set_num_threads(2)
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, head_dim=16)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 
 
 def tiny_config(model_type: str = "llama", **overrides):

@@ -16,7 +16,7 @@ from upcycle.export import export, plan_from_meta, why_not
 TOL = 1e-5
 # (source family, target, layers): every exact pairing, interleaved where the target allows it.
 PAIRS = [("llama", "mixtral", "all"), ("mistral", "mixtral", "all"), ("llama", "qwen2_moe", "every_k:2:1"),
-         ("qwen2", "qwen2_moe", "every_k:2:1"), ("qwen3", "qwen3_moe", "1,2")]
+         ("qwen2", "qwen2_moe", "every_k:2:1"), ("qwen3", "qwen3_moe", "1,2"), ("olmo2", "flex_olmo", "all")]
 
 
 def _stock(path):
@@ -43,7 +43,7 @@ def test_export_reloads_with_stock_class_and_same_logits(tmp_path, ids, family, 
     export(tmp_path / "native", target, tmp_path / "stock", layout=layout)
     stock = _stock(tmp_path / "stock")
     assert type(stock).__name__ == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                    "qwen3_moe": "Qwen3MoeForCausalLM"}[target]
+                                    "qwen3_moe": "Qwen3MoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM"}[target]
     ours = _logits(moe, ids)
     assert rel_diff(_logits(stock, ids), ours) <= TOL
     assert rel_diff(_logits(dense, ids), ours) > 1e-3  # the test would notice experts collapsed to the dense MLP
@@ -75,6 +75,7 @@ def test_in_memory_export_matches_directory_export(tmp_path, ids):
     ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=48, mlp_only_layers=[0, 2], norm_topk_prob=False)),
     ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)),
+    ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0)),
 ])
 def test_import_stock_checkpoint_then_save_and_reexport(tmp_path, ids, model_type, kw):
     torch.manual_seed(0)

@@ -68,11 +68,13 @@ TARGETS: dict[str, Target] = {
                         zero_qkv_bias=True, shared_expert=True),
     "qwen3_moe": Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), False, False,
                         "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "flex_olmo": Target("flex_olmo", "FlexOlmoForCausalLM", ("olmo2",), True, False,
+                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
     "olmoe": Target("olmoe", "OlmoeForCausalLM", (), True, False,
                     "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
 }
 # The dense class each stock MoE class is imported into (the attention that class computes).
-_IMPORT_HOST = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
+_IMPORT_HOST = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "flex_olmo": "olmo2"}
 
 
 def _cfg(config: Any) -> dict:
@@ -91,11 +93,12 @@ def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
         reasons.append("OLMoE's block is pre-norm with RMSNorm over the full q and k projections; no dense "
                        "transformers class computes that attention (OLMo has no q/k norm and a parameter-free "
                        "LayerNorm, OLMo-2/3 normalise after each sublayer), so no upcycled model maps onto it "
-                       "exactly")
+                       "exactly; OLMo-2 sources export exactly to flex_olmo")
         return reasons
     if src not in t.sources:
         why = {"qwen2": "Qwen2 attention has q/k/v biases, which Mixtral lacks",
-               "qwen3": "Qwen3 attention normalises q and k per head, which only Qwen3-MoE does"}.get(
+               "qwen3": "Qwen3 attention normalises q and k per head, which only Qwen3-MoE does",
+               "olmo2": "OLMo-2 normalises q, k and each sublayer's output, which only FlexOlmo does"}.get(
             src, "its attention differs")
         reasons.append(f"{t.architecture} reproduces the attention of {', '.join(t.sources)} models, not "
                        f"{src!r} ({why})")
@@ -114,7 +117,7 @@ def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
                        "(upcycle with --layers all, or export --to qwen2_moe, which interleaves)")
     if c.get("mlp_bias"):
         reasons.append("the MLPs have biases; stock MoE experts have none")
-    if c.get("attention_bias") and src != "qwen3":
+    if c.get("attention_bias") and src not in ("qwen3", "olmo2"):
         reasons.append("attention_bias: the source's o_proj has a bias, which the stock attention lacks")
     if (structure or {}).get("shared_expert") and not t.shared_expert:
         reasons.append(f"the MoE layers have a shared expert; {t.architecture} has none (use --to qwen2_moe)")
@@ -155,6 +158,9 @@ def stock_config(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[i
     if target == "mixtral":
         kw.update(num_local_experts=plan.num_experts, intermediate_size=F, router_jitter_noise=0.0,
                   sliding_window=c.get("sliding_window"))
+    elif target == "flex_olmo":
+        kw.update(num_experts=plan.num_experts, intermediate_size=F, norm_topk_prob=bool(plan.normalize_weights),
+                  attention_bias=bool(c.get("attention_bias", False)))
     else:
         dense = [i for i in range(c["num_hidden_layers"]) if i not in moe_layers]
         kw.update(num_experts=plan.num_experts, moe_intermediate_size=F, intermediate_size=c["intermediate_size"],
@@ -164,8 +170,7 @@ def stock_config(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[i
             kw.update(shared_expert_intermediate_size=shared_expert_size, qkv_bias=True)
         if target == "qwen3_moe":
             kw.update(attention_bias=bool(c.get("attention_bias", False)))
-    out = AutoConfig.for_model(target, **kw)
-    return out
+    return AutoConfig.for_model(target, **kw)
 
 
 def _layer(name: str) -> int | None:
@@ -340,9 +345,9 @@ def is_stock_moe(path: str | Path) -> bool:
 
 
 def stock_moe_layers(c: dict) -> list[int]:
-    """Which layers of a stock checkpoint are MoE (the Qwen rule for Qwen2/3-MoE; all for Mixtral)."""
+    """Which layers of a stock checkpoint are MoE (the Qwen rule for Qwen2/3-MoE; all for Mixtral, FlexOlmo)."""
     L = c["num_hidden_layers"]
-    if c["model_type"] == "mixtral":
+    if c["model_type"] in ("mixtral", "flex_olmo"):
         return list(range(L))
     skip, step = set(c.get("mlp_only_layers") or []), c.get("decoder_sparse_step") or 1
     return [i for i in range(L) if i not in skip and _num_experts(c) > 0 and (i + 1) % step == 0]
@@ -405,7 +410,7 @@ def host_config(c: dict):
         kw["dtype"] = c["dtype"]
     if host == "mistral":
         kw["sliding_window"] = c["sliding_window"]
-    if host == "qwen3":
+    if host in ("qwen3", "olmo2"):
         kw["attention_bias"] = c.get("attention_bias", False)
     if c.get("use_sliding_window"):
         raise UpcycleError(f"{c['model_type']} checkpoint uses a sliding window on some layers; importing that "
