@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stream", type=_bool, default=True, metavar="BOOL",
                    help="convert tensor by tensor without loading the model (default true; false: load the model "
                         "with transformers, upcycle it in memory, then save)")
-    s.add_argument("--format", choices=("native", "mixtral", "qwen2_moe", "qwen3_moe"), default="native",
+    s.add_argument("--format", choices=("native", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"), default="native",
                    help="native (upcycle.load reads it) or a stock transformers MoE class, written directly "
                         "(refused with the reasons when that class cannot represent the plan exactly)")
     s.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
