@@ -222,7 +222,7 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     # Symmetric log colour scale around 1: twice the fair share is as red as half of it is blue.
     nonzero = rel[rel > 0]
     spread = max(rel.max(), 1.0 / nonzero.min() if nonzero.size else 1.0, 2.0)
-    vmax = 2.0 ** min(math.ceil(math.log2(spread)), max(1, math.ceil(math.log2(E))))
+    vmax = 2.0 ** min(math.ceil(math.log2(spread)), max(1, math.ceil(math.log2(min(E, 8)))))  # beyond 8x: saturate
     norm = LogNorm(vmin=1.0 / vmax, vmax=vmax)
     base = plt.get_cmap("RdBu_r")
     cmap = base.with_extremes(under=base(0.0), over=base(1.0))
@@ -242,7 +242,7 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
         s.set_visible(False)
     ax.set_xticks(np.arange(-0.5, E, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, L, 1), minor=True)
-    ax.grid(which="minor", color="white", lw=1.0)
+    ax.grid(which="minor", color="white", lw=1.0 if max(E, L) <= 32 else 0.4)
     ax.tick_params(which="minor", length=0)
     if annotate is None:
         annotate = E <= 16 and L <= 40
@@ -253,20 +253,16 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
                 v = rel[i, e]
                 dark = abs(float(norm(max(v, 1e-9))) - 0.5) > 0.3
                 ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=fs, color="white" if dark else "0.15")
-    if side:
-        for i in range(L):
-            parts = []
-            if dropped is not None:
-                parts.append(f"{100 * dropped[i]:.1f}%")
-            if entropy is not None:
-                parts.append(f"{entropy[i]:.2f}")
-            ax.annotate("   ".join(parts), (1.0, i), xycoords=("axes fraction", "data"), xytext=(8, 0),
-                        textcoords="offset points", va="center", fontsize=9, family="monospace", color="0.2")
-        heads = ([["dropped"]] if dropped is not None else []) + ([["H/logE"]] if entropy is not None else [])
-        head = "  ".join(h[0] for h in heads)
-        ax.annotate(head, (1.0, -0.5), xycoords=("axes fraction", "data"), xytext=(8, 4),
+    columns = ([("dropped", [f"{100 * x:.1f}%" for x in dropped])] if dropped is not None else []) + \
+        ([("H/log E", [f"{x:.2f}" for x in entropy])] if entropy is not None else [])
+    for k, (head, cells) in enumerate(columns):  # small tables right of the heatmap, one column each
+        dx = 8 + 54 * k
+        ax.annotate(head, (1.0, -0.5), xycoords=("axes fraction", "data"), xytext=(dx, 4),
                     textcoords="offset points", va="bottom", fontsize=9, fontweight="bold", color="0.2")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.03 + 0.065 * ((dropped is not None) + (entropy is not None)), aspect=25, extend="both")
+        for i, cell in enumerate(cells):
+            ax.annotate(cell, (1.0, i), xycoords=("axes fraction", "data"), xytext=(dx, 0),
+                        textcoords="offset points", va="center", fontsize=9, family="monospace", color="0.2")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=(0.15 + 0.55 * len(columns)) / (width - 2.2), aspect=25, extend="both")
     ticks = [2.0 ** k for k in range(-int(math.log2(vmax)), int(math.log2(vmax)) + 1)]
     cbar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
     cbar.minorticks_off()
@@ -274,7 +270,7 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     if subtitle:  # wrapped to the heatmap's width, so it never runs into the column heads on the right
         import textwrap
 
-        heat_in = width * 0.92 - 1.2 - (1.6 if side else 0) - 1.0
+        heat_in = width - 2.2 - 0.75 * len(columns)  # minus labels, colour bar and side columns
         subtitle = textwrap.fill(subtitle, max(40, int(heat_in * 72 / (9.5 * 0.56))))
     lines = subtitle.count("\n") + 1 if subtitle else 0
     ax.set_title(title, loc="left", fontweight="bold", pad=8 + 14 * lines)
