@@ -135,11 +135,14 @@ def doc_hash(doc_id: str, seed: int) -> float:
 def split_documents(docs: Sequence[Document], val_fraction: float, seed: int = 0
                     ) -> tuple[list[Document], list[Document]]:
     """(train, validation) by document hash. With val_fraction > 0 and at least two documents, the
-    validation side is never empty (the document of lowest hash goes there) and train never either."""
+    validation side is never empty (the document of lowest hash goes there) and train never either;
+    a single document is all train."""
     if not 0 <= val_fraction < 1:
         raise UpcycleError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if len({d.id for d in docs}) != len(docs):
         raise UpcycleError("document ids are not unique; the split needs one id per document")
+    if len(docs) == 1:  # nothing to hold out without losing all the training data
+        return list(docs), []
     keys = {d.id: doc_hash(d.id, seed) for d in docs}
     val = [d for d in docs if keys[d.id] < val_fraction]
     train = [d for d in docs if keys[d.id] >= val_fraction]

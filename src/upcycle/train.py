@@ -78,7 +78,7 @@ class TrainConfig:
     aux_loss_coef: float | None = _f(None, "load-balancing coefficient alpha (default: the model's plan, 0.01)")
     z_loss_coef: float | None = _f(None, "router z-loss coefficient beta (default: the model's plan, 0)")
     eval_every: int = _f(100, "validation every N steps, and at the end (0: only at the end)")
-    eval_batches: int = _f(8, "validation micro-batches per evaluation (per process)")
+    eval_batches: int = _f(8, "validation sequences per evaluation = eval_batches * batch_size (all processes)")
     checkpoint_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
     keep_checkpoints: int = _f(2, "checkpoints to keep (the newest)")
     seed: int = _f(0, "seed for the data order and torch/python/numpy RNGs")
@@ -603,26 +603,27 @@ def _router_summary(raw: nn.Module) -> tuple[float | None, float | None]:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int, max_batches: int, device,
-                  autocast, d: _Dist | None = None) -> float | None:
-    """Mean LM loss over the first max_batches*batch_size*world validation sequences (each rank its share)."""
+                  autocast=nullcontext, d: _Dist | None = None) -> float | None:
+    """Mean LM loss over the first max_batches * batch_size validation sequences, whatever the number
+    of processes: each rank scores every world-th of them (the count rounded down to a multiple of the
+    world size, so every rank runs as many forward passes, which FSDP needs)."""
     d = d or _Dist()
-    n = min(seqs.shape[0], max_batches * batch_size * d.world)
-    n -= n % (batch_size * d.world) if n >= batch_size * d.world else 0
-    if n == 0 or seqs.shape[0] < d.world:
+    n = min(seqs.shape[0], max_batches * batch_size)
+    n -= n % d.world
+    if n == 0:
         return None
     mine = seqs[:n][d.rank::d.world]
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     for i in range(0, mine.shape[0], batch_size):
         x = mine[i:i + batch_size].to(device)
         with autocast():
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, labels=x).loss  # every sequence has seq_len tokens: mean of means
         total += float(loss) * x.shape[0]
-        count += x.shape[0]
     model.train(was)
-    total, count = _all_mean([total, float(count)], d)
-    return total / count
+    (total,) = _all_mean([total], d)
+    return total * d.world / n
 
 
 def _devices(config: TrainConfig, d_local_rank: int):

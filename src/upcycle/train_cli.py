@@ -127,13 +127,19 @@ def run(args: argparse.Namespace) -> int:
                            "its run, --overwrite to start over, or choose another --out)")
     dense_state = _dense_state(args.dense_optimizer_state) if args.dense_optimizer_state else None
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
+    if not model_dir.is_dir():
+        raise UpcycleError(f"model directory not found: {model_dir}")
     tok_dir = args.tokenizer or model_dir
     if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
         raise UpcycleError(f"no tokenizer files in {tok_dir}; pass --tokenizer DIR")
-    model = _load_model(model_dir)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     data = load_data(args.data, tokenizer, config.seq_len, args.val_fraction, config.seed, args.text_field,
                      args.chunk_chars, cache_dir=cache_root() / "tokens")
+    model = _load_model(model_dir)
     init_state = None
     if dense_state is not None and not args.resume:
         if not getattr(model.config, "upcycle", None):
