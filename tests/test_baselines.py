@@ -122,10 +122,16 @@ def test_moe_from_scratch_rejects_an_upcycled_config():
 
 
 def test_flops_per_token_counts_active_experts():
-    dense = tiny_model("llama")
+    dense = tiny_model("llama")  # tied head: the embedding matrix counts once, as the head
     D, Fd, V, L, ctx = TINY["hidden_size"], TINY["intermediate_size"], TINY["vocab_size"], 4, 64
+    attn_width = TINY["num_attention_heads"] * TINY["head_dim"]
+    assert flops_per_token(dense, ctx) == 6 * num_params(dense) + 12 * L * ctx * attn_width
+    untied = tiny_model("llama", tie_word_embeddings=False)
+    assert flops_per_token(untied, ctx) == flops_per_token(dense, ctx)  # the lookup is free
+    up = upcycle(dense, UpcyclePlan(num_experts=4, top_k=2))  # layers 1, 3: 2 of 4 experts active, plus routers
     mlp = 3 * D * Fd
-    assert flops_per_token(dense, ctx) == 6 * (num_params(dense)) + 12 * L * ctx * D  # tied head: embedding counted once
-    up = upcycle(dense, UpcyclePlan(num_experts=4, top_k=2))  # layers 1, 3: 2 experts of 4 active, plus routers
     assert flops_per_token(up, ctx) - flops_per_token(dense, ctx) == 6 * 2 * (mlp + 4 * D)
-    assert V * D > 0
+    assert flops_per_token(depth_tile(dense, factor=2), ctx) == pytest.approx(
+        flops_per_token(dense, ctx) + 6 * L * sum(p.numel() for p in dense.model.layers[0].parameters())
+        + 12 * L * ctx * attn_width)
+    assert V * D == dense.lm_head.weight.numel()
