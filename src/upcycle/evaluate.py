@@ -1,4 +1,4 @@
-"""Function preservation and perplexity.
+"""Function preservation, perplexity, and expert load (what the routers do with real text).
 
 Perplexity protocol: the text is tokenised once (no BOS added beyond what the tokenizer adds), cut
 into disjoint windows of `context` tokens, and every token but the first of each window is scored.
