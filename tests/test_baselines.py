@@ -6,7 +6,8 @@ import torch
 
 from conftest import TINY, tiny_config, tiny_model
 from upcycle import UpcyclePlan, UpcycleError, upcycle
-from upcycle.baselines import depth_tile, flops_per_token, moe_from_scratch, num_params, tile_order
+from upcycle.baselines import depth_tile, moe_from_scratch, num_params, tile_order
+from upcycle.train import flops_per_token
 from upcycle.moe import moe_blocks
 
 

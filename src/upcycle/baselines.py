@@ -160,28 +160,3 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
 def num_params(model: nn.Module) -> int:
     """Parameters counted once (tied weights once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def flops_per_token(model: nn.Module, context: int | None = None) -> float:
-    """Training FLOPs per token: 6 x (parameters a token uses) + 12 x layers x context x attention width,
-    the accounting of PaLM (Chowdhery et al. 2022, appendix B): forward + backward matmuls, attention
-    scores and weighted values without causal-mask savings. Input-embedding lookups cost nothing; the output
-    head counts (once, if tied). MoE layers count the router and the experts a token uses on average."""
-    from .moe import moe_blocks
-
-    config = model.config
-    adapter = adapter_for(config)
-    L, D, _ = adapter.dims(config)
-    active = num_params(model)
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    if head is None or head.weight is not emb:
-        active -= emb.numel()
-    for _, b in moe_blocks(model):
-        per_expert = sum(p.numel() for p in b.experts.parameters()) // b.num_experts
-        active -= per_expert * (b.num_experts - b.router_config.experts_per_token(b.num_experts))
-    heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(config, "head_dim", None) or (D // heads if heads else None)
-    width = heads * head_dim if heads and head_dim else D
-    ctx = context if context is not None else getattr(config, "max_position_embeddings", 2048)
-    return 6.0 * active + 12.0 * L * ctx * width
