@@ -30,8 +30,10 @@ import os
 import shutil
 import struct
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -103,19 +105,22 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 class SafetensorsSource:
     """A safetensors checkpoint directory (model.safetensors, or shards with an index) read lazily:
-    names, shapes and dtypes come from the headers; `read(name)` reads one tensor into a fresh
-    CPU tensor of its own size."""
+    names, shapes and dtypes come from the headers; `read(name)` gives one tensor at a time, a view
+    of the memory-mapped file whose pages leave resident memory again at the next read."""
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
-        self.files = weight_files(self.dir)
+        try:
+            self.files = weight_files(self.dir)
+            index = json.loads((self.dir / INDEX).read_text()) if (self.dir / INDEX).is_file() else {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UpcycleError(f"{self.dir / INDEX}: not a valid safetensors index ({e}); re-download or re-save "
+                               "the checkpoint") from None
         if not self.files:
             raise UpcycleError(f"{self.dir}: no safetensors weights (model.safetensors or {INDEX}); convert the "
                                "checkpoint to safetensors first")
         self.tensors: dict[str, TensorInfo] = {}
-        self.index_metadata: dict[str, Any] = {}
-        if (self.dir / INDEX).is_file():
-            self.index_metadata = json.loads((self.dir / INDEX).read_text()).get("metadata") or {}
+        self.index_metadata: dict[str, Any] = index.get("metadata") or {}
         for f in self.files:
             if not f.is_file():
                 raise UpcycleError(f"{self.dir / INDEX} names {f.name}, which is missing; re-download the checkpoint")
@@ -124,7 +129,8 @@ class SafetensorsSource:
                 if k in self.tensors:
                     raise UpcycleError(f"{f}: tensor {k!r} is also in {self.tensors[k].file.name}")
                 self.tensors[k] = v
-        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap | None] = {}
+        self._recent: list[tuple[mmap.mmap, int, int]] = []
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -138,25 +144,61 @@ class SafetensorsSource:
         return next((t.dtype for t in self.tensors.values() if t.file == first and t.dtype.is_floating_point), None)
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor, as a view of the file's memory map: no copy, no anonymous memory. Treat it as
+        read-only. The pages of tensors read before are dropped from this process's resident memory
+        at each call (they stay in the page cache; an older view still reads correctly, the kernel
+        maps its pages again), so resident memory stays at about one tensor. Where the file cannot
+        be mapped or the data is misaligned for its dtype, the tensor is read into a fresh buffer."""
+        t = self.tensors[name]
+        self._release()
+        mm = self._map(t.file)
+        if mm is None or t.start % t.dtype.itemsize or t.end == t.start:
+            return self.read_copy(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flat = torch.frombuffer(mm, dtype=t.dtype, count=(t.end - t.start) // t.dtype.itemsize, offset=t.start)
+        self._recent.append((mm, t.start, t.end))
+        return flat.view(t.shape)
+
+    def read_copy(self, name: str) -> torch.Tensor:
+        """The tensor read into a fresh CPU tensor of its own size (plain reads, no memory map)."""
         t = self.tensors[name]
         out = torch.empty(t.shape, dtype=t.dtype)
         buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        fd = self._fds.get(t.file)
-        if fd is None:
-            fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [buf[done:]], t.start + done)
-            if n <= 0:
-                raise UpcycleError(f"{t.file}: unexpected end of file reading {name!r}; the file changed or is "
-                                   "truncated")
-            done += n
+        with open(t.file, "rb", buffering=0) as f:
+            done = 0
+            while done < len(buf):
+                n = os.preadv(f.fileno(), [buf[done:]], t.start + done)
+                if n <= 0:
+                    raise UpcycleError(f"{t.file}: unexpected end of file reading {name!r}; the file changed or "
+                                       "is truncated")
+                done += n
         return out
 
+    def _map(self, file: Path) -> mmap.mmap | None:
+        if file not in self._maps:
+            try:
+                with open(file, "rb") as f:  # private and writable, so torch gets a writable buffer
+                    self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):
+                self._maps[file] = None
+        return self._maps[file]
+
+    def _release(self) -> None:
+        for mm, a, b in self._recent:
+            a -= a % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+        self._recent.clear()
+
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._release()
+        for mm in self._maps.values():
+            try:
+                if mm is not None:
+                    mm.close()
+            except BufferError:  # a tensor still views it; it is unmapped when that tensor goes
+                pass
+        self._maps.clear()
 
     def __enter__(self) -> "SafetensorsSource":
         return self
@@ -227,13 +269,13 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
                 moe_keys[f"{prefix}.experts.{moe_name}"] = (i, n, adapter.dense_key(i, proj, kind))
         routers[f"{prefix}.router.weight"] = i
 
-    def load(key: str) -> torch.Tensor:
+    def load(key: str, dtype: torch.dtype) -> torch.Tensor:
         t = source.read(key)
-        return t.to(out_dtype) if t.dtype.is_floating_point else t
+        return t.to(dtype) if t.dtype.is_floating_point else t
 
-    def experts(i: int, n: int, key: str) -> Callable[[], torch.Tensor]:
+    def experts(i: int, n: int, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
         def produce() -> torch.Tensor:
-            dense = load(key)
+            dense = load(key, dtype)
             if plan.expert_init == "noise" and plan.noise_std > 0:
                 return init_experts(plan, i, dense, n)
             return dense.unsqueeze(0).expand(plan.num_experts, *dense.shape)  # = init_experts' copies, no copy
@@ -245,23 +287,22 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
             tied[name] = seen[id(p)]
             continue
         seen[id(p)] = name
-        shape, want = tuple(p.shape), p.dtype
+        shape, want = tuple(p.shape), p.dtype  # the model's dtype for it: what from_pretrained would load
         if name in routers:
-            i = routers[name]
-            produce = (lambda i=i, D=shape[1]: init_router(plan, i, D, want))
+            produce = partial(init_router, plan, routers[name], shape[1], want)
         else:
             key = moe_keys[name][2] if name in moe_keys else name
             if key not in source:
                 raise UpcycleError(f"{source.dir}: the checkpoint has no tensor {key!r}, which a "
                                    f"{config.model_type} model with this config.json needs; is it the right "
                                    "config for these weights?")
-            have = source.info(key).shape
-            if have != (shape[1:] if name in moe_keys else shape):
-                raise UpcycleError(f"{source.info(key).file}: tensor {key!r} has shape {list(have)}, but "
-                                   f"config.json implies {list(shape[1:] if name in moe_keys else shape)}")
+            expected = shape[1:] if name in moe_keys else shape
+            if source.info(key).shape != expected:
+                raise UpcycleError(f"{source.info(key).file}: tensor {key!r} has shape {list(source.info(key).shape)}, "
+                                   f"but config.json implies {list(expected)}")
             if not source.info(key).dtype.is_floating_point:
                 want = source.info(key).dtype
-            produce = experts(*moe_keys[name]) if name in moe_keys else (lambda key=key: load(key))
+            produce = experts(*moe_keys[name], want) if name in moe_keys else partial(load, key, want)
         items.append(Item(name, shape, want, produce))
     return items, tied, layers
 
