@@ -97,6 +97,18 @@ def test_header_matches_safetensors_for_mixed_dtypes(tmp_path):
     assert len(header) % 8 == 0 and [i.name for i in order] == ["c", "a", "e", "b", "f", "d"]
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_sequential_writer_keeps_every_byte(tmp_path, direct):
+    """Buffers fill, swap and flush across block boundaries; the unaligned tail is written plainly."""
+    data = os.urandom(5 * 8192 + 123)
+    for n, parts in enumerate([[data], [data[:1], data[1:8192], data[8192:9000], data[9000:]], [b"", data[:100]]]):
+        w = stream.SequentialWriter(tmp_path / f"f{n}", block=8192, direct=direct)
+        for part in parts:
+            w.write(memoryview(part))
+        w.close()
+        assert (tmp_path / f"f{n}").read_bytes() == b"".join(parts)
+
+
 def test_transform_and_config_hook(tmp_path, tiny_dir):
     """The hook another output format plugs into: rename tensors, drop some, write its own config."""
 
@@ -135,6 +147,9 @@ def test_bad_sources_are_clear_errors(tmp_path, tiny_dir):
         SafetensorsSource(tiny_dir)
     f.write_bytes(b"\x00" * 4)
     with pytest.raises(UpcycleError, match="not a readable safetensors file"):
+        SafetensorsSource(tiny_dir)
+    (tiny_dir / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(UpcycleError, match="model.safetensors.index.json: not a valid safetensors index"):
         SafetensorsSource(tiny_dir)
     tiny_model(num_hidden_layers=2).save_pretrained(tmp_path / "two")  # weights of 2 layers, config says 4
     (tmp_path / "two" / "config.json").write_text(tiny_config().to_json_string())
