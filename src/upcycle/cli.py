@@ -29,6 +29,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXTRA_COMMANDS: dict[str, str] = {
     "export": "upcycle.export_cli",
     "eval": "upcycle.eval_cli",
+    "experiment": "upcycle.experiment_cli",
     "plot": "upcycle.plot_cli",
     "train": "upcycle.train_cli",
 }
@@ -134,7 +135,9 @@ def load_dense_config(model_dir: Path):
 
 
 def _num_params(model) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied weights once
+    from .baselines import num_params
+
+    return num_params(model)
 
 
 def _count(model) -> tuple[int, int]:

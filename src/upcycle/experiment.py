@@ -1,0 +1,644 @@
+"""Sparse Upcycling's central comparison at small scale (Komatsuzaki et al., ICLR 2023, Figs. 2-3).
+
+    pretrain    a small dense Llama from scratch on an offline corpus for B FLOPs (`pretrain_tokens`),
+                warmup then a constant learning rate; or, with `model: smollm2`, start from the embedded
+                SmolLM2-135M and call B the dense FLOPs of `reference_tokens` (a unit, not its pretraining)
+    arms        from that checkpoint, spend the same extra FLOPs (fractions `extra` of B) on:
+                  dense        the dense model trained on (its AdamW state carried over: the same run)
+                  upcycled     `surgery.upcycle(dense, plan)`: E=8, top-2, every other layer, aux 0.01;
+                               fresh AdamW state (the paper's language recipe)
+                  depth_tiled  `baselines.depth_tile(dense, factor, mode)`: 2x deeper, stacked copies
+                  moe_scratch  `baselines.moe_from_scratch(config, plan)`: the upcycled shape from a
+                               random init, given the whole budget B plus the extra (its x = FLOPs - B)
+    schedule    every continued arm runs once to the largest budget at one constant learning rate
+                (`continue_lr`, a short linear warmup), and is evaluated at every budget on the way: with
+                a constant LR a budget's point does not depend on how long the run goes on after it, so
+                one run per arm is the same as one run per budget. moe_scratch uses the pretraining
+                schedule (its own warmup, then the same constant LR).
+    data        one document-level train/validation split; the continued arms see the training
+                sequences the pretraining did not (same order for every arm); moe_scratch sees the
+                pretraining's sequences first, then the same unseen ones; validation is one fixed set
+    FLOPs       one counter for every arm, `train.flops_per_token` (forward + backward, active
+                parameters, attention); a budget's step is the multiple of the arm's evaluation
+                interval closest to the target, and the table reports the FLOPs actually spent
+    outputs     OUT/results.csv, OUT/results.md, OUT/loss_vs_flops.png, OUT/<run>/metrics.csv; runs
+                with a summary.json are skipped when the experiment is run again (resume)
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from .errors import UpcycleError
+
+ARMS = ("dense", "upcycled", "depth_tiled", "moe_scratch")
+LABELS = {"dense": "dense continued", "upcycled": "sparse upcycled", "depth_tiled": "depth tiled (dense, 2x deep)",
+          "moe_scratch": "MoE from scratch (B + extra)"}
+PRETRAINED = ("smollm2",)
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One experiment; every field is a YAML key. `tiny:` holds overrides for `--tiny`."""
+
+    name: str = _f("experiment", "name shown in the results")
+    seed: int = _f(0, "seed of the split, data order, model and router initialisations")
+    corpus: str = _f("python", "offline corpus: python (stdlib source) | man | pypi (see data.corpus_documents)")
+    max_chars: int | None = _f(4_000_000, "characters of the corpus to use (a seeded sample of documents)")
+    val_fraction: float = _f(0.05, "share of documents held out for validation")
+    seq_len: int = _f(128, "tokens per sequence")
+    batch_size: int = _f(16, "sequences per optimizer step")
+    tokenizer: Any = field(default_factory=lambda: {"vocab_size": 4096},
+                           metadata={"help": "{vocab_size: N}: byte-level BPE trained on the training documents | model"})
+    model: Any = _f(None, "{hidden_size, intermediate_size, num_layers, num_heads[, num_kv_heads]} | smollm2")
+    pretrain_tokens: int | None = _f(None, "dense pretraining budget B in tokens (a from-scratch model)")
+    reference_tokens: int | None = _f(None, "smollm2: B = dense FLOPs of this many tokens (the unit of extra)")
+    lr: float = _f(2e-3, "pretraining (and moe_scratch) peak learning rate, constant after warmup")
+    warmup: int = _f(20, "pretraining (and moe_scratch) warmup steps")
+    continue_lr: float | None = _f(None, "learning rate of the continued arms (default: lr, the dense run's)")
+    continue_warmup: int = _f(5, "warmup steps of the continued arms")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    clip: float = _f(1.0, "gradient clipping")
+    dense_keeps_optimizer: bool = _f(True, "the dense continued arm starts from the pretraining's AdamW state")
+    extra: tuple = _f((0.1, 0.2, 0.4), "extra compute budgets as fractions of B")
+    arms: tuple = _f(ARMS, "which arms to run")
+    plan: dict = _f(None, "the upcycling plan (UpcyclePlan keys); default E=8, top-2, every_k:2:1, aux 0.01")
+    depth_factor: float = _f(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
+    depth_mode: str = _f("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
+    eval_batches: int = _f(12, "validation batches (of batch_size sequences) per evaluation; the same set each time")
+    threads: int | None = _f(None, "torch CPU threads (default: torch's choice); 1 is fastest for small models on "
+                                   "a shared CPU, where spinning OpenMP threads wait on each other")
+    checkpoint_every: int = _f(0, "checkpoint every N steps inside a run (0: only a finished run is kept)")
+    tiny: dict | None = _f(None, "overrides applied by --tiny (a CPU smoke test)")
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UpcycleError:
+            return UpcycleError(f"recipe {self.name!r}: {key}: {why}")
+
+        object.__setattr__(self, "extra", tuple(float(x) for x in self.extra))
+        object.__setattr__(self, "arms", tuple(self.arms))
+        if not self.extra or any(not 0 < x <= 100 for x in self.extra):
+            raise bad("extra", f"give positive fractions of B, e.g. [0.1, 0.2, 0.4]; got {list(self.extra)}")
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise bad("arms", f"unknown arm {unknown[0] if unknown else None!r}; choose from {', '.join(ARMS)}")
+        pretrained = isinstance(self.model, str)
+        if pretrained and self.model not in PRETRAINED:
+            raise bad("model", f"a pretrained model is one of {', '.join(PRETRAINED)}, got {self.model!r}")
+        if not pretrained:
+            if not isinstance(self.model, dict):
+                raise bad("model", "give the shape {hidden_size, intermediate_size, num_layers, num_heads} or smollm2")
+            missing = {"hidden_size", "intermediate_size", "num_layers", "num_heads"} - set(self.model)
+            if missing:
+                raise bad("model", f"missing {sorted(missing)}")
+            if not self.pretrain_tokens or self.pretrain_tokens < self.batch_size * self.seq_len:
+                raise bad("pretrain_tokens", "a model trained from scratch needs a pretraining budget of at least "
+                                             "one batch")
+            if isinstance(self.tokenizer, str):
+                raise bad("tokenizer", "a model from scratch gets a BPE tokenizer: {vocab_size: N}")
+        else:
+            if not self.reference_tokens:
+                raise bad("reference_tokens", "a pretrained model needs the token count that defines B")
+        if self.tokenizer != "model" and not (isinstance(self.tokenizer, dict) and set(self.tokenizer) == {"vocab_size"}):
+            raise bad("tokenizer", f"give {{vocab_size: N}} or model, got {self.tokenizer!r}")
+        if self.depth_mode not in ("stack", "interleave"):
+            raise bad("depth_mode", f"stack or interleave, got {self.depth_mode!r}")
+        for k in ("seq_len", "batch_size", "eval_batches"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise bad(k, "must be a positive integer")
+
+    @property
+    def pretrained(self) -> bool:
+        return isinstance(self.model, str)
+
+    @property
+    def plan_obj(self):
+        from .plan import UpcyclePlan
+
+        return UpcyclePlan.from_dict(dict(self.plan or {}), source=f"recipe {self.name!r} plan")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["extra"], d["arms"] = list(self.extra), list(self.arms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "Recipe":
+        if not isinstance(d, dict):
+            raise UpcycleError(f"{source}: expected a mapping of recipe keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise UpcycleError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+        d = dict(d)
+        if tiny:
+            over = d.get("tiny")
+            if not over:
+                raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
+            bad = sorted(set(over) - set(names) - {"tiny"})
+            if bad:
+                raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
+            d.update(over)
+            d["name"] = f"{d.get('name', 'experiment')} (tiny)"
+        for k in ("lr", "continue_lr", "weight_decay", "clip", "val_fraction"):
+            if isinstance(d.get(k), str):
+                d[k] = float(d[k])
+        for k in ("pretrain_tokens", "reference_tokens", "max_chars"):
+            if isinstance(d.get(k), (str, float)):
+                d[k] = int(float(d[k]))
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UpcycleError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, tiny: bool = False) -> "Recipe":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UpcycleError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        return cls.from_dict(data, source=str(path), tiny=tiny)
+
+
+# ----------------------------------------------------------------------------------------- pieces
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": "cpu", "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def train_bpe(docs, vocab_size: int, out_dir: Path):
+    """A byte-level BPE tokenizer trained on `docs` (the training split), saved to out_dir; reused when there."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (out_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(out_dir)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in docs), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def dense_config(recipe: Recipe, vocab_size: int, eos: int):
+    from transformers import LlamaConfig
+
+    m = recipe.model
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
+                       num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
+                       num_key_value_heads=m.get("num_kv_heads", m["num_heads"]),
+                       max_position_embeddings=recipe.seq_len, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                       initializer_range=0.02, bos_token_id=eos, eos_token_id=eos, use_cache=False)
+
+
+def budget_steps(shares: list[float], budget_flops: float, fpt: int, tokens_per_step: int
+                 ) -> tuple[int, dict[float, int]]:
+    """(evaluation interval for the curve, {share of B: step}) for an arm: each budget's step is the one
+    whose cumulative FLOPs are closest to share x B; the curve is evaluated about every largest common
+    unit of the shares (e.g. every 10% of B for 10/20/40%)."""
+    fr = [Fraction(f).limit_denominator(1000) for f in shares]
+    den = math.lcm(*[x.denominator for x in fr])
+    unit = Fraction(math.gcd(*[x.numerator * (den // x.denominator) for x in fr]), den)
+    every = max(1, round(float(unit) * budget_flops / (fpt * tokens_per_step)))
+    return every, {f: max(1, round(f * budget_flops / (fpt * tokens_per_step))) for f in shares}
+
+
+def _split_seen(data, recipe: Recipe, pretrain_steps: int):
+    """The training sequences the dense pretraining did not read (for the continued arms)."""
+    import torch
+
+    from .data import Batches, PackedData
+
+    if not pretrain_steps:
+        return data
+    n = data.train.shape[0]
+    consumed = pretrain_steps * recipe.batch_size
+    if consumed >= n:
+        raise UpcycleError(f"the pretraining reads {consumed} sequences but the corpus has {n}: raise max_chars or "
+                           "lower pretrain_tokens, so the continued runs see new text")
+    b = Batches(data.train, recipe.batch_size, recipe.seed)
+    seen = set(b._indices(0, consumed))
+    rest = [i for i in b._perm_for(0).tolist() if i not in seen]
+    need = max(recipe.extra) * pretrain_steps * recipe.batch_size
+    if len(rest) < need:
+        print(f"note: the continued arms read {need:.0f} sequences but only {len(rest)} are unseen; they repeat "
+              "some (raise max_chars)")
+    return PackedData(data.train[torch.tensor(rest)], data.val, dict(data.info, continuation_sequences=len(rest)))
+
+
+def _cumulative_time(rows: list[dict]) -> dict[int, float]:
+    out, t = {}, 0.0
+    tps = None
+    for r in rows:
+        if r.get("tokens_per_s"):
+            # tokens per step is constant inside a run
+            tps = tps or (r["tokens"] / r["step"])
+            t += tps / r["tokens_per_s"]
+        out[int(r["step"])] = t
+    return out
+
+
+def _read_rows(path: Path) -> list[dict]:
+    from .plots import read_metrics
+
+    cols = read_metrics(path)
+    n = len(cols["step"])
+    return [{k: cols[k][i] for k in cols} for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+class Experiment:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print):
+        self.r, self.out, self.progress, self.log = recipe, Path(out_dir), progress, log
+
+    # -- setup
+    def prepare(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .data import corpus_documents, pack_documents, split_documents
+        from .default_model import default_model_dir
+
+        r = self.r
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = self.out / "recipe.json"
+        if saved.is_file() and json.loads(saved.read_text()) != r.to_dict():
+            raise UpcycleError(f"{self.out} holds an experiment with a different recipe; pass --overwrite or "
+                               "another --out")
+        saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
+        t0 = time.perf_counter()
+        docs = corpus_documents(r.corpus, r.max_chars, r.seed)
+        if r.pretrained:
+            self.model_dir = default_model_dir(log=self.log)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        else:
+            train_docs, _ = split_documents(docs, r.val_fraction, r.seed)
+            self.tokenizer = train_bpe(train_docs, r.tokenizer["vocab_size"], self.out / "tokenizer")
+        self.data = pack_documents(docs, self.tokenizer, r.seq_len, r.val_fraction, r.seed,
+                                   source=f"corpus:{r.corpus}")
+        need = r.eval_batches * r.batch_size
+        if self.data.val.shape[0] < need:
+            self.log(f"note: validation has {self.data.val.shape[0]} sequences, fewer than eval_batches x "
+                     f"batch_size = {need}; all of them are used")
+        self.log(f"data: {self.data.info['train_sequences']} train / {self.data.info['val_sequences']} val sequences "
+                 f"of {r.seq_len} tokens from {len(docs)} documents ({time.perf_counter() - t0:.0f}s)")
+        torch.manual_seed(r.seed)
+        if r.pretrained:
+            self._dense_loader = lambda: AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        else:
+            self.config = dense_config(r, len(self.tokenizer), self.tokenizer.eos_token_id)
+
+    def train_config(self, steps: int, every: int, lr: float, warmup: int):
+        from .train import TrainConfig
+
+        r = self.r
+        return TrainConfig(lr=lr, min_lr=lr, warmup=warmup, steps=steps, batch_size=r.batch_size, seq_len=r.seq_len,
+                           clip=r.clip, weight_decay=r.weight_decay, eval_every=every, eval_batches=r.eval_batches,
+                           checkpoint_every=r.checkpoint_every, keep_checkpoints=1, seed=r.seed, log_every=1)
+
+    def _run(self, name: str, model, data, config, init_optimizer_state=None, save_model=False,
+             stops: list[int] = ()) -> tuple[list, dict, dict[int, float]]:
+        """Train one run (or read it back when it finished before); returns (rows, summary, {step: val loss}).
+        The run stops at each step of `stops` (a checkpoint), is evaluated there, and goes on exactly
+        (`train`'s resume), so every budget is measured at its own step."""
+        from .train import checkpoints, train
+
+        d = self.out / name
+        f_budgets = d / "budgets.json"
+        if (d / "summary.json").is_file():
+            self.log(f"{name}: finished before, reading {d}/metrics.csv")
+            vals = {int(k): v for k, v in json.loads(f_budgets.read_text()).items()} if f_budgets.is_file() else {}
+            return _read_rows(d / "metrics.csv"), json.loads((d / "summary.json").read_text()), vals
+        vals = ({int(k): v for k, v in json.loads(f_budgets.read_text()).items()}
+                if f_budgets.is_file() and checkpoints(d) else {})
+        self.log(f"{name}: {config.steps} steps of {config.tokens_per_step()} tokens"
+                 + (" (resuming)" if checkpoints(d) else ""))
+        t0 = time.perf_counter()
+        rows: list = []
+        for stop in sorted(set(s for s in stops if s < config.steps)) + [None]:
+            if stop is not None and stop in vals:
+                continue
+            resume = bool(d.exists() and checkpoints(d))
+            rows = train(model, data, config, d, resume=resume, overwrite=not resume,
+                         init_optimizer_state=None if resume else init_optimizer_state, tokenizer=self.tokenizer,
+                         progress=self.progress, save_model=save_model, stop_at=stop)
+            if stop is not None:
+                vals[stop] = self._eval(model)
+                d.mkdir(parents=True, exist_ok=True)
+                f_budgets.write_text(json.dumps(vals) + "\n")
+        vals[config.steps] = rows[-1]["val_loss"]
+        f_budgets.write_text(json.dumps(vals) + "\n")
+        summary = json.loads((d / "summary.json").read_text())
+        summary["wall_s"] = time.perf_counter() - t0
+        (d / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return rows, summary, vals
+
+    def _eval(self, model) -> float:
+        from .train import TrainConfig, _devices, evaluate_loss
+
+        device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
+        model.to(device)
+        return float(evaluate_loss(model, self.data.val, self.r.batch_size, self.r.eval_batches, device, autocast))
+
+    def _start_loss(self, name: str, model) -> float:
+        """Validation loss of an arm's model before its first step (cached in OUT/name/start.json)."""
+        f = self.out / name / "start.json"
+        if f.is_file():
+            return json.loads(f.read_text())["val_loss"]
+        v = self._eval(model)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"val_loss": v}) + "\n")
+        return v
+
+    # -- the experiment
+    def run(self) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .baselines import depth_tile, moe_from_scratch
+        from .surgery import upcycle
+        from .train import checkpoints, flops_per_token
+
+        r = self.r
+        t_start = time.perf_counter()
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        self.prepare()
+        plan = r.plan_obj
+        fr = sorted(r.extra)
+        tps = r.tokens_per_step
+        # 1. the dense checkpoint and B
+        if r.pretrained:
+            load_dense = self._dense_loader
+            dense = load_dense()
+            fpt_dense = flops_per_token(dense, r.seq_len)
+            B = float(fpt_dense * r.reference_tokens)
+            pretrain_steps, pre_summary, dense_opt = 0, None, None
+            cont_data = self.data
+        else:
+            torch.manual_seed(r.seed)
+            dense = AutoModelForCausalLM.from_config(self.config)
+            fpt_dense = flops_per_token(dense, r.seq_len)
+            pretrain_steps = math.ceil(r.pretrain_tokens / tps)
+            B_planned = float(fpt_dense * pretrain_steps * tps)
+            every, _ = budget_steps(fr + [1.0], B_planned, fpt_dense, tps)
+            cfg = self.train_config(pretrain_steps, every, r.lr, r.warmup).replace(checkpoint_every=pretrain_steps)
+            _, pre_summary, _ = self._run("pretrain", dense, self.data, cfg, save_model=True)
+            B = float(pre_summary["flops"])
+            from .train import checkpoints
+
+            ckpt = checkpoints(self.out / "pretrain")[-1]
+            dense_opt = torch.load(ckpt / "optimizer.pt", weights_only=True) if r.dense_keeps_optimizer else None
+
+            def load_dense():
+                return AutoModelForCausalLM.from_pretrained(self.out / "pretrain" / "model", dtype=torch.float32)
+
+            cont_data = _split_seen(self.data, r, pretrain_steps)
+            del dense
+            dense = load_dense()
+        dense_val = self._start_loss("dense", dense)
+        self.log(f"dense checkpoint: validation loss {dense_val:.4f}; B = {B:.3e} FLOPs")
+
+        # 2. the arms
+        lr_c = r.continue_lr if r.continue_lr is not None else r.lr
+        results: list[dict] = []
+        curves: dict[str, list[tuple[float, float]]] = {}
+        summaries: dict[str, dict] = {}
+        for arm in r.arms:
+            scratch = arm == "moe_scratch"
+            if arm == "dense":
+                model = load_dense()
+            elif arm == "upcycled":
+                model = upcycle(load_dense(), plan, inplace=True)
+            elif arm == "depth_tiled":
+                model = depth_tile(load_dense(), factor=r.depth_factor, mode=r.depth_mode)
+            else:
+                if r.pretrained:
+                    model = moe_from_scratch(load_dense().config, plan, seed=r.seed)
+                else:
+                    model = moe_from_scratch(self.config, plan, seed=r.seed)
+            model.train()
+            fpt = flops_per_token(model, r.seq_len)
+            shares = ([1.0] + [1.0 + f for f in fr]) if scratch else fr
+            every, steps = budget_steps(shares, B, fpt, tps)
+            total = max(steps.values())
+            if scratch:
+                cfg = self.train_config(total, every, r.lr, r.warmup)
+                start = None
+            else:
+                cfg = self.train_config(total, every, lr_c, r.continue_warmup)
+                start = self._start_loss(arm, model)
+            rows, summ, vals = self._run(arm, model, self.data if scratch else cont_data, cfg,
+                                         init_optimizer_state=dense_opt if arm == "dense" else None,
+                                         stops=list(steps.values()))
+            for c in checkpoints(self.out / arm):  # a finished arm's checkpoints are not needed again
+                shutil.rmtree(c, ignore_errors=True)
+            summ["flops_per_token"] = fpt
+            summaries[arm] = summ
+            del model
+            times = _cumulative_time(rows)
+            by_step = {int(x["step"]): x for x in rows}
+            offset = B if scratch else 0.0
+            pts = [] if start is None else [(0.0, start)]
+            pts += [(by_step[k]["flops"] - offset, v) for k, v in vals.items()]
+            pts += [(x["flops"] - offset, x["val_loss"]) for x in rows
+                    if x.get("val_loss") is not None and int(x["step"]) not in vals]
+            pts = [p for p in pts if p[0] >= -0.02 * B]
+            curves[arm] = pts
+            if start is not None:
+                results.append(self._row(arm, 0.0, 0, 0, 0.0, 0.0, start, 0.0, fpt, B))
+            for share, step in steps.items():
+                x = by_step[step]
+                target = share - (1.0 if scratch else 0.0)
+                results.append(self._row(arm, target, step, x["tokens"], x["flops"], x["flops"] - offset,
+                                         vals[step], times.get(step, 0.0), fpt, B))
+        total_s = time.perf_counter() - t_start
+        info = {"recipe": r.to_dict(), "machine": machine(), "B_flops": B, "dense_flops_per_token": fpt_dense,
+                "pretrain_steps": pretrain_steps, "pretrain_tokens": pretrain_steps * tps,
+                "pretrain_summary": pre_summary, "dense_val_loss": dense_val, "wall_s": total_s,
+                "data": self.data.info, "plan": plan.to_dict(), "arms": summaries,
+                "tokenizer": "model" if r.pretrained else f"byte-level BPE, {len(self.tokenizer)} tokens"}
+        self.write(results, curves, info)
+        return {"rows": results, "curves": curves, "info": info}
+
+    @staticmethod
+    def _row(arm, target, step, tokens, flops, extra, val, wall, fpt, B) -> dict:
+        return {"arm": arm, "target_extra": round(target, 6), "step": int(step), "tokens": int(tokens),
+                "flops": float(flops), "extra_flops": float(extra), "extra_share": float(extra) / B,
+                "val_loss": float(val), "val_ppl": math.exp(float(val)), "train_time_s": round(float(wall), 2),
+                "flops_per_token": int(fpt)}
+
+    # -- outputs
+    def write(self, rows: list[dict], curves: dict, info: dict) -> None:
+        with open(self.out / "results.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        (self.out / "results.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+        (self.out / "results.md").write_text(results_markdown(rows, info))
+        plot(curves, rows, info, self.out / "loss_vs_flops.png")
+
+
+def _fmt_flops(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def results_markdown(rows: list[dict], info: dict) -> str:
+    r = info["recipe"]
+    m = info["machine"]
+    arms = list(dict.fromkeys(x["arm"] for x in rows))
+    targets = sorted({x["target_extra"] for x in rows})
+    B = info["B_flops"]
+    lines = [f"# {r['name']}: validation loss at equal extra compute", ""]
+    if r["model"] == "smollm2" or isinstance(r["model"], str):
+        lines += [f"Start: SmolLM2-135M-Instruct (dense). B (the unit of extra compute) = dense FLOPs of "
+                  f"{r['reference_tokens']:,} tokens = {_fmt_flops(B)} FLOPs; SmolLM2's own pretraining is not B."]
+    else:
+        mm = r["model"]
+        lines += [f"Dense Llama from scratch: d={mm['hidden_size']}, d_ff={mm['intermediate_size']}, "
+                  f"{mm['num_layers']} layers, {mm['num_heads']} heads, {info['tokenizer']}, tied embeddings; "
+                  f"pretrained for B = {info['pretrain_tokens']:,} tokens = {_fmt_flops(B)} FLOPs."]
+    p = info["plan"]
+    lines += [f"Corpus `{r['corpus']}` ({info['data']['train_sequences']:,} train / {info['data']['val_sequences']:,} "
+              f"val sequences of {r['seq_len']} tokens, split by document); validation loss on the same "
+              f"{min(r['eval_batches'] * r['batch_size'], info['data']['val_sequences'])} held-out sequences for "
+              "every point.",
+              f"Dense checkpoint validation loss: **{info['dense_val_loss']:.4f}**. Upcycling plan: "
+              f"E={p['num_experts']}, top-{p['top_k']}, layers {p['layers']}, aux {p['aux_loss_coef']}.",
+              f"Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}, torch {m['torch']}; whole "
+              f"experiment {info['wall_s'] / 60:.1f} min.", ""]
+    lines += ["## Validation loss by extra compute (fraction of B)", ""]
+    head = "| extra compute | " + " | ".join(LABELS[a] for a in arms) + " |"
+    lines += [head, "|" + "---|" * (len(arms) + 1)]
+    by = {(x["arm"], x["target_extra"]): x for x in rows}
+    for t in targets:
+        cells = []
+        vals = {a: by[(a, t)]["val_loss"] for a in arms if (a, t) in by}
+        best = min(vals.values()) if vals else None
+        for a in arms:
+            x = by.get((a, t))
+            if x is None:
+                cells.append("")
+                continue
+            s = f"{x['val_loss']:.4f}"
+            cells.append(f"**{s}**" if len(vals) > 1 and x["val_loss"] == best else s)
+        lines.append(f"| {t:.0%} | " + " | ".join(cells) + " |")
+    lines += ["", "MoE from scratch: its 0% point is after B FLOPs of its own training from a random init; each "
+              "later point after B + extra.", "", "## Every point", "",
+              "| arm | target extra | step | tokens | training FLOPs | extra FLOPs | extra / B | val loss | val ppl "
+              "| train time (s) | FLOPs/token |", "|" + "---|" * 11]
+    for x in rows:
+        lines.append(f"| {x['arm']} | {x['target_extra']:.0%} | {x['step']} | {x['tokens']:,} | "
+                     f"{_fmt_flops(x['flops'])} | {_fmt_flops(x['extra_flops'])} | {x['extra_share']:.1%} | "
+                     f"{x['val_loss']:.4f} | {x['val_ppl']:.2f} | {x['train_time_s']:.0f} | {x['flops_per_token']:,} |")
+    lines += ["", "FLOPs: `upcycle.train.flops_per_token` for every arm (6 x active parameters + attention, forward + "
+              "backward; experts counted top-k times, the router included). Train time: optimizer steps only, no "
+              "evaluation.", ""]
+    return "\n".join(lines)
+
+
+def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
+    from .plots import PALETTE, _plt, _save
+
+    plt = _plt()
+    B = info["B_flops"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    targets = sorted({x["target_extra"] for x in rows if x["target_extra"] > 0})
+    for t in targets:
+        ax.axvline(100 * t, color="0.75", ls=":", lw=1.0, zorder=0)
+    ax.axhline(info["dense_val_loss"], color="0.35", ls="--", lw=1.0, zorder=0)
+    ax.annotate(f"dense checkpoint {info['dense_val_loss']:.3f}", (0.01, info["dense_val_loss"]),
+                xycoords=("axes fraction", "data"), xytext=(2, 3), textcoords="offset points", fontsize=9,
+                color="0.3")
+    ys = []
+    for i, (arm, pts) in enumerate(curves.items()):
+        pts = sorted(pts)
+        if not pts:
+            continue
+        c = PALETTE[i % len(PALETTE)]
+        xs = [100 * x / B for x, _ in pts]
+        vs = [y for _, y in pts]
+        ax.plot(xs, vs, color=c, lw=1.6, alpha=0.9, label=f"{LABELS[arm]}  ({vs[-1]:.3f})")
+        bud = [x for x in rows if x["arm"] == arm]
+        ax.plot([100 * x["extra_share"] for x in bud], [x["val_loss"] for x in bud], "o", color=c, ms=6)
+        ys += vs
+    lo = min(ys + [info["dense_val_loss"]])
+    finals = [x["val_loss"] for x in rows]
+    hi = max(max(finals), info["dense_val_loss"])
+    pad = 0.15 * (hi - lo) + 1e-3
+    if max(ys) > hi + pad:
+        ax.set_ylim(lo - pad, hi + 3 * pad)
+    ax.set_xlabel(f"extra training compute, % of B = {B:.3g} FLOPs (markers: the budgets in the table)")
+    ax.set_ylabel("validation loss")
+    r = info["recipe"]
+    ax.set_title(f"{r['name']}: validation loss vs extra compute", loc="left", fontweight="bold")
+    ax.grid(True, alpha=0.3)
+    ax.legend(frameon=False, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, out_png)
+
+
+def run_experiment(recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the experiment of `recipe` in out_dir; returns {rows, curves, info}. The torch thread
+    count the recipe asks for holds during the run only."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return Experiment(recipe, out_dir, progress, log).run()
+    finally:
+        torch.set_num_threads(threads)
