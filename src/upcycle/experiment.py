@@ -82,6 +82,8 @@ class Recipe:
     depth_factor: float = _f(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
     depth_mode: str = _f("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
     eval_batches: int = _f(12, "validation batches (of batch_size sequences) per evaluation; the same set each time")
+    eval_spread: bool = _f(False, "evaluate on evenly spaced validation sequences (not the first ones), so a small "
+                                  "evaluation set covers every held-out document")
     threads: int | None = _f(None, "torch CPU threads (default: torch's choice); 1 is fastest for small models on "
                                    "a shared CPU, where spinning OpenMP threads wait on each other")
     checkpoint_every: int = _f(0, "checkpoint every N steps inside a run (0: only a finished run is kept)")
@@ -202,6 +204,10 @@ def machine() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "device": "cpu", "threads": torch.get_num_threads()}
+    try:
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        pass
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
     try:
@@ -331,6 +337,11 @@ class Experiment:
         self.data = pack_documents(docs, self.tokenizer, r.seq_len, r.val_fraction, r.seed,
                                    source=f"corpus:{r.corpus}")
         need = r.eval_batches * r.batch_size
+        if r.eval_spread and self.data.val.shape[0] > need:
+            import torch as _t
+
+            idx = _t.linspace(0, self.data.val.shape[0] - 1, need).round().long()
+            self.data.val = self.data.val[idx]
         if self.data.val.shape[0] < need:
             self.log(f"note: validation has {self.data.val.shape[0]} sequences, fewer than eval_batches x "
                      f"batch_size = {need}; all of them are used")
@@ -507,7 +518,9 @@ class Experiment:
                 results.append(self._row(arm, target, step, x["tokens"], x["flops"], x["flops"] - offset,
                                          vals[step], times.get(step, 0.0), fpt, B))
         total_s = time.perf_counter() - t_start
+        runs = {"pretrain": pre_summary, **summaries} if pre_summary else dict(summaries)
         info = {"recipe": r.to_dict(), "machine": machine(), "B_flops": B, "dense_flops_per_token": fpt_dense,
+                "runs_wall_s": sum(x.get("wall_s", 0.0) for x in runs.values() if x),
                 "pretrain_steps": pretrain_steps, "pretrain_tokens": pretrain_steps * tps,
                 "pretrain_summary": pre_summary, "dense_val_loss": dense_val, "wall_s": total_s,
                 "data": self.data.info, "plan": plan.to_dict(), "arms": summaries,
@@ -559,8 +572,9 @@ def results_markdown(rows: list[dict], info: dict) -> str:
               "every point.",
               f"Dense checkpoint validation loss: **{info['dense_val_loss']:.4f}**. Upcycling plan: "
               f"E={p['num_experts']}, top-{p['top_k']}, layers {p['layers']}, aux {p['aux_loss_coef']}.",
-              f"Machine: {m['cpu']}, {m['cores']} cores, device {m['device']}, torch {m['torch']}; whole "
-              f"experiment {info['wall_s'] / 60:.1f} min.", ""]
+              f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch thread(s); the machine was shared, "
+              f"load average {m.get('load_average_1min', '?')} at the end), device {m['device']}, torch {m['torch']}"
+              f"; the runs took {info['runs_wall_s'] / 60:.1f} min (training and evaluation).", ""]
     lines += ["## Validation loss by extra compute (fraction of B)", ""]
     head = "| extra compute | " + " | ".join(LABELS[a] for a in arms) + " |"
     lines += [head, "|" + "---|" * (len(arms) + 1)]
