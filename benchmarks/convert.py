@@ -114,7 +114,8 @@ def run_measured(cmd: list[str], **kw) -> tuple[float, int, str]:
         p = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
         wall = time.perf_counter() - t
         if p.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({p.returncode}):\n{p.stdout[-3000:]}")
+            raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])}... exited with {p.returncode}\n"
+                           f"{p.stdout[-3000:]}")
         text = rss_file.read().strip().splitlines()
         rss = int(text[-1]) * 1024 if text and text[-1].isdigit() else -1
     return wall, rss, p.stdout
@@ -135,13 +136,14 @@ def fsync_tree(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def dd_seconds(work: Path, nbytes: int) -> float:
-    """Seconds for `dd` to write nbytes of zeros with fsync to the work directory's disk."""
+def dd_seconds(work: Path, nbytes: int, direct: bool = False) -> float:
+    """Seconds for `dd` to write nbytes of zeros to the work directory's disk: through the page cache
+    then fsync (conv=fsync), or bypassing it (oflag=direct)."""
     target = work / "dd.bin"
     subprocess.run(["sync"], check=True)
     t = time.perf_counter()
     subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={nbytes}", "iflag=count_bytes",
-                    "conv=fsync", "status=none"], check=True)
+                    "oflag=direct" if direct else "conv=fsync", "status=none"], check=True)
     dt = time.perf_counter() - t
     target.unlink()
     return dt
@@ -208,6 +210,7 @@ def summarise(runs: list[dict]) -> dict:
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     return {"bytes": runs[0]["bytes"], "n": len(runs), "seconds": med([r["seconds"] for r in runs]),
             "fsync": med([r["fsync"] for r in runs]), "dd": med([r["dd"] for r in runs]),
+            "dd_direct": med([r["dd_direct"] for r in runs]),
             "ratio": med([(r["seconds"] + r["fsync"]) / r["dd"] for r in runs]),
             "inner_ratio": med([r["inner"] / r["dd"] for r in runs if r["inner"]]),
             "inner": med([r["inner"] for r in runs if r["inner"]]), "rss": max(r["rss"] for r in runs)}
@@ -215,14 +218,14 @@ def summarise(runs: list[dict]) -> dict:
 
 def table(rows: dict[str, list[dict]]) -> str:
     out = ["| converter | GB written | seconds (+fsync) | of which after start-up | dd same bytes, s | ratio "
-           "| ratio after start-up | peak RSS GB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| ratio after start-up | dd oflag=direct, s | peak RSS GB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in rows.items():
         r = summarise(runs)
         secs = f"{r['seconds']:.1f}" + (f" (+{r['fsync']:.1f})" if r["fsync"] else "")
         inner = f"{r['inner']:.1f}" if r["inner"] else "-"
         inner_ratio = f"{r['inner_ratio']:.2f}" if r["inner_ratio"] else "-"
         out.append(f"| {name} | {gb(r['bytes'])} | {secs} | {inner} | {r['dd']:.1f} | {r['ratio']:.2f} | "
-                   f"{inner_ratio} | {gb(r['rss'])} |")
+                   f"{inner_ratio} | {r['dd_direct']:.1f} | {gb(r['rss'])} |")
     return "\n".join(out)
 
 
@@ -273,16 +276,27 @@ def main(argv: list[str] | None = None) -> None:
                 lambda stream=stream: ours(smol, work / "out", ["--stream", stream]))
 
     rows: dict[str, list[dict]] = {name: [] for name in [*variants, *real]}
+    failures: dict[str, str] = {}
     for rep in range(args.repeat):  # round robin, so slow phases of the shared machine hit every variant
         for name, fn in {**variants, **real}.items():
             log(f"[{rep + 1}/{args.repeat}] {name}")
-            r = fn()
+            try:
+                r = fn()
+            except RuntimeError as e:  # e.g. mergekit killed for memory on a large --size-gb
+                log(f"  failed: {str(e).splitlines()[0]}")
+                failures[name] = str(e).splitlines()[0]
+                continue
             shutil.rmtree(work / "out", ignore_errors=True)
             r["dd"] = dd_seconds(work, r["bytes"])
+            r["dd_direct"] = dd_seconds(work, r["bytes"], direct=True)
             rows[name].append(r)
-            log(f"  {r['seconds']:.1f}+{r['fsync']:.1f} s, {gb(r['bytes'])} GB, dd {r['dd']:.1f} s, "
+            log(f"  {r['seconds']:.1f}+{r['fsync']:.1f} s, {gb(r['bytes'])} GB, dd {r['dd']:.1f} s "
+                f"(direct {r['dd_direct']:.1f} s), "
                 f"RSS {gb(r['rss'])} GB")
-    real_rows = {k: rows.pop(k) for k in real}
+    real_rows = {k: rows.pop(k) for k in real if rows[k]}
+    rows = {k: v for k, v in rows.items() if v}
+    fail_note = (" Failed runs (left out of the medians): " + "; ".join(f"{k}: {v}" for k, v in failures.items())
+                 + ".") if failures else ""
 
     header = (f"Synthetic Llama checkpoint: {gb(src_bytes)} GB fp32 in 1 GB shards, {layers} layers of SmolLM2-1.7B "
               f"shape (d=2048, d_ff=8192, vocab 49152, tied embeddings); 8 experts, fp32 output")
@@ -290,10 +304,13 @@ def main(argv: list[str] | None = None) -> None:
              "seconds: launch to exit of the converter process (interpreter start-up and imports included); "
              "ours fsyncs every file and directory before it exits, mergekit does not, so its output is fsynced "
              "after it exits and that time is shown as +fsync and counted in its ratio. dd: `dd if=/dev/zero "
-             "bs=16M conv=fsync` of the same byte count, right after each conversion. after start-up: the "
+             "bs=16M conv=fsync` of the same byte count, right after each conversion (the issue's reference); "
+             "dd oflag=direct: the same bytes bypassing the page cache, as our writer does (shown, not used in "
+             "the ratios). after start-up: the "
              "time `upcycle sparse` reports itself (from after its imports to the end) and its ratio to dd. "
              "Peak RSS: max resident memory of the converter process (GNU time's %M). "
-             f"mergekit-moe: {mk_note}; it writes Mixtral layout, every layer MoE, so compare it with --layers all.")
+             f"mergekit-moe: {mk_note}; it writes Mixtral layout, every layer MoE, so compare it with --layers all."
+             + fail_note)
     md = table(rows)
     real_md = table(real_rows) if real_rows else ""
     print(header)
