@@ -50,6 +50,9 @@ def test_upcycled_starts_at_the_dense_checkpoint(tiny_run):
     start = {r["arm"]: float(r["val_loss"]) for r in rows if float(r["target_extra"]) == 0}
     ref = info["dense_val_loss"]
     assert abs(start["upcycled"] - ref) <= 1e-4 * ref  # copies + renormalised top-2: the same function
+    assert start["upcycled_carry"] == start["upcycled"]
+    after = {r["arm"]: float(r["val_loss"]) for r in rows if float(r["target_extra"]) == 0.1}
+    assert after["upcycled_carry"] != after["upcycled"]  # the carried AdamW state changes the updates
     assert abs(start["dense"] - ref) <= 1e-6 * ref
     assert abs(start["depth_tiled"] - ref) > 1e-3  # stacking layers is not function preserving
     # and the dense checkpoint's loss is what its own pretraining run measured at its last step
@@ -72,7 +75,7 @@ def test_every_arm_spends_the_extra_flops_it_was_given(tiny_run):
         got = float(r["extra_flops"]) / B
         assert abs(got - t) <= 0.05 * max(t, 0.1), (r["arm"], t, got)
     fpt = {r["arm"]: int(r["flops_per_token"]) for r in rows}
-    assert fpt["dense"] < fpt["upcycled"] == fpt["moe_scratch"] < fpt["depth_tiled"]
+    assert fpt["dense"] < fpt["upcycled"] == fpt["upcycled_carry"] == fpt["moe_scratch"] < fpt["depth_tiled"]
     # moe_scratch gets the whole budget B before its 0% point
     s0 = next(r for r in rows if r["arm"] == "moe_scratch" and float(r["target_extra"]) == 0)
     assert float(s0["flops"]) == pytest.approx(B, rel=0.05)
@@ -128,6 +131,9 @@ def test_recipes_parse_and_bad_recipes_fail(tmp_path):
     assert small.plan_obj.num_experts == 8 and small.plan_obj.top_k == 2
     smol = Recipe.from_yaml(RECIPES / "smollm2.yaml")
     assert smol.pretrained and set(smol.arms) == {"dense", "upcycled"}
+    with pytest.raises(UpcycleError, match="optimizer state"):
+        Recipe.from_dict({"model": "smollm2", "reference_tokens": 100, "tokenizer": "model",
+                          "arms": ["upcycled_carry"]})
     for bad, msg in [({"modle": {}}, "unknown key 'modle'"), ({"arms": ["dense", "sparse"]}, "unknown arm 'sparse'"),
                      ({"extra": [0]}, "extra"), ({"model": "gpt5"}, "pretrained model")]:
         d = {"model": tiny.model, "pretrain_tokens": 10_000, **bad}

@@ -7,6 +7,9 @@
                   dense        the dense model trained on (its AdamW state carried over: the same run)
                   upcycled     `surgery.upcycle(dense, plan)`: E=8, top-2, every other layer, aux 0.01;
                                fresh AdamW state (the paper's language recipe)
+                  upcycled_carry  the same, starting from the dense run's AdamW state mapped onto the
+                               experts (`train.carry_over_optimizer_state`; the paper's vision recipe):
+                               separates what upcycling does from what a fresh optimizer state does
                   depth_tiled  `baselines.depth_tile(dense, factor, mode)`: 2x deeper, stacked copies
                   moe_scratch  `baselines.moe_from_scratch(config, plan)`: the upcycled shape from a
                                random init, given the whole budget B plus the extra (its x = FLOPs - B)
@@ -43,8 +46,9 @@ from typing import Any
 
 from .errors import UpcycleError
 
-ARMS = ("dense", "upcycled", "depth_tiled", "moe_scratch")
-LABELS = {"dense": "dense continued", "upcycled": "sparse upcycled", "depth_tiled": "depth tiled (dense, 2x deep)",
+ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
+LABELS = {"dense": "dense continued", "upcycled": "sparse upcycled",
+          "upcycled_carry": "sparse upcycled, dense AdamW state carried", "depth_tiled": "depth tiled (dense, 2x deep)",
           "moe_scratch": "MoE from scratch (B + extra)"}
 PRETRAINED = ("smollm2",)
 
@@ -103,6 +107,8 @@ class Recipe:
         pretrained = isinstance(self.model, str)
         if pretrained and self.model not in PRETRAINED:
             raise bad("model", f"a pretrained model is one of {', '.join(PRETRAINED)}, got {self.model!r}")
+        if pretrained and "upcycled_carry" in self.arms:
+            raise bad("arms", "upcycled_carry needs the dense run's optimizer state; a pretrained model has none")
         if not pretrained:
             if not isinstance(self.model, dict):
                 raise bad("model", "give the shape {hidden_size, intermediate_size, num_layers, num_heads} or smollm2")
@@ -322,9 +328,12 @@ class Experiment:
         r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "recipe.json"
-        if saved.is_file() and json.loads(saved.read_text()) != r.to_dict():
-            raise UpcycleError(f"{self.out} holds an experiment with a different recipe; pass --overwrite or "
-                               "another --out")
+        if saved.is_file():  # arms may be added or dropped; anything else changes every run
+            old, new = json.loads(saved.read_text()), r.to_dict()
+            diff = sorted(k for k in set(old) | set(new) if k not in ("arms", "tiny") and old.get(k) != new.get(k))
+            if diff:
+                raise UpcycleError(f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
+                                   "pass --overwrite or another --out")
         saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
         t0 = time.perf_counter()
         docs = corpus_documents(r.corpus, r.max_chars, r.seed)
@@ -406,14 +415,13 @@ class Experiment:
         return float(evaluate_loss(model, self.data.val, self.r.batch_size, self.r.eval_batches, device, autocast))
 
     def _start_loss(self, name: str, model) -> float:
-        """Validation loss of an arm's model before its first step (cached in OUT/name/start.json)."""
-        f = self.out / name / "start.json"
-        if f.is_file():
-            return json.loads(f.read_text())["val_loss"]
-        v = self._eval(model)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"val_loss": v}) + "\n")
-        return v
+        """Validation loss of an arm's model before its first step (cached in OUT/start_losses.json)."""
+        f = self.out / "start_losses.json"
+        cache = json.loads(f.read_text()) if f.is_file() else {}
+        if name not in cache:
+            cache[name] = self._eval(model)
+            f.write_text(json.dumps(cache, indent=1) + "\n")
+        return cache[name]
 
     # -- the experiment
     def run(self) -> dict:
@@ -422,7 +430,7 @@ class Experiment:
 
         from .baselines import depth_tile, moe_from_scratch
         from .surgery import upcycle
-        from .train import checkpoints, flops_per_token
+        from .train import carry_over_optimizer_state, checkpoints, flops_per_token
 
         r = self.r
         t_start = time.perf_counter()
@@ -475,6 +483,11 @@ class Experiment:
                 model = load_dense()
             elif arm == "upcycled":
                 model = upcycle(load_dense(), plan, inplace=True)
+            elif arm == "upcycled_carry":
+                model = upcycle(load_dense(), plan, inplace=True)
+                if dense_opt is None:
+                    raise UpcycleError("upcycled_carry needs dense_keeps_optimizer: true (the dense AdamW state)")
+                init_opt = carry_over_optimizer_state(dense_opt, load_dense(), model, plan)
             elif arm == "depth_tiled":
                 model = depth_tile(load_dense(), factor=r.depth_factor, mode=r.depth_mode)
             else:
@@ -493,8 +506,12 @@ class Experiment:
             else:
                 cfg = self.train_config(total, every, lr_c, r.continue_warmup)
                 start = self._start_loss(arm, model)
+            if arm == "dense":
+                init_opt = dense_opt
+            elif arm != "upcycled_carry":
+                init_opt = None
             rows, summ, vals = self._run(arm, model, self.data if scratch else cont_data, cfg,
-                                         init_optimizer_state=dense_opt if arm == "dense" else None,
+                                         init_optimizer_state=init_opt,
                                          stops=list(steps.values()))
             for c in checkpoints(self.out / arm):  # a finished arm's checkpoints are not needed again
                 shutil.rmtree(c, ignore_errors=True)
