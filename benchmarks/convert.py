@@ -213,19 +213,22 @@ def summarise(runs: list[dict]) -> dict:
             "dd_direct": med([r["dd_direct"] for r in runs]),
             "ratio": med([(r["seconds"] + r["fsync"]) / r["dd"] for r in runs]),
             "inner_ratio": med([r["inner"] / r["dd"] for r in runs if r["inner"]]),
+            "inner_direct": med([r["inner"] / r["dd_direct"] for r in runs if r["inner"]]),
             "inner": med([r["inner"] for r in runs if r["inner"]]), "rss": max(r["rss"] for r in runs)}
 
 
 def table(rows: dict[str, list[dict]]) -> str:
     out = ["| converter | GB written | seconds (+fsync) | of which after start-up | dd same bytes, s | ratio "
-           "| ratio after start-up | dd oflag=direct, s | peak RSS GB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| ratio after start-up | dd oflag=direct, s | after start-up / dd direct | peak RSS GB |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in rows.items():
         r = summarise(runs)
         secs = f"{r['seconds']:.1f}" + (f" (+{r['fsync']:.1f})" if r["fsync"] else "")
         inner = f"{r['inner']:.1f}" if r["inner"] else "-"
         inner_ratio = f"{r['inner_ratio']:.2f}" if r["inner_ratio"] else "-"
+        inner_direct = f"{r['inner_direct']:.2f}" if r["inner_direct"] else "-"
         out.append(f"| {name} | {gb(r['bytes'])} | {secs} | {inner} | {r['dd']:.1f} | {r['ratio']:.2f} | "
-                   f"{inner_ratio} | {r['dd_direct']:.1f} | {gb(r['rss'])} |")
+                   f"{inner_ratio} | {r['dd_direct']:.1f} | {inner_direct} | {gb(r['rss'])} |")
     return "\n".join(out)
 
 
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=2.0, help="synthetic checkpoint size in GB (default 2; try 8)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/upcycle-bench"), help="work directory (reused)")
+    p.add_argument("--layers-all", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run our converter with --layers all (like mergekit; default on)")
     p.add_argument("--mergekit", action=argparse.BooleanOptionalAction, default=True,
                    help="also run mergekit-moe 0.1.5 (default on; it holds the whole output in RAM)")
     p.add_argument("--mergekit-venv", type=Path, help="venv for mergekit (default WORKDIR/mergekit-venv)")
@@ -245,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    need = args.size_gb * 1e9 * (1 + 5.3 + 1.2)  # source + the largest output + dd's file, with headroom
+    # source + the largest output (experts add 7 x the MLPs' 75% of the layers, on every or every other layer);
+    # dd's file comes after the output is removed
+    out_gb = args.size_gb + 7 * 0.75 * max(args.size_gb - 0.4, 0) * (1.0 if args.layers_all or args.mergekit else 0.5)
+    need = (args.size_gb + out_gb + 1) * 1e9
     free = shutil.disk_usage(work).free
     if free < need:
         sys.exit(f"convert.py: {work} has {free / 1e9:.0f} GB free; --size-gb {args.size_gb:g} needs ~{need / 1e9:.0f}")
@@ -256,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = {
         "upcycle sparse (default plan: every other layer)": lambda: ours(source, work / "out", []),
-        "upcycle sparse --layers all": lambda: ours(source, work / "out", ["--layers", "all"]),
     }
+    if args.layers_all:
+        variants["upcycle sparse --layers all"] = lambda: ours(source, work / "out", ["--layers", "all"])
     mk_note = "not run (--no-mergekit)"
     if args.mergekit:
         exe = mergekit_venv(args.mergekit_venv or work / "mergekit-venv")
@@ -336,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(args.out)
+        raw = {"command": cmd.strip(), "machine": machine(work), "runs": {**rows, **real_rows}, "failures": failures}
+        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
 
 
 if __name__ == "__main__":
