@@ -350,9 +350,10 @@ tok = AutoTokenizer.from_pretrained(sys.argv[1])
 data = pack_documents(corpus(), tok, SEQ, val_fraction=0.1, seed=0)
 out = {{}}
 for mode in ("ddp", "fsdp"):
-    h = train(upcycle(tiny_model(), PLAN), data, cfg(batch_size=2, grad_accum=1, eval_every=2, parallel=mode),
-              os.path.join(sys.argv[2], mode), progress=False)
-    out[mode] = h
+    c = cfg(batch_size=2, grad_accum=1, eval_every=2, parallel=mode)
+    d = os.path.join(sys.argv[2], mode)
+    train(upcycle(tiny_model(), PLAN), data, c, d, progress=False, stop_at=3)  # interrupted at step 3 ...
+    out[mode] = train(upcycle(tiny_model(), PLAN), data, c, d, progress=False, resume=True)  # ... and resumed
 if int(os.environ["RANK"]) == 0:
     json.dump(out, open(os.path.join(sys.argv[2], "histories.json"), "w"))
 """
@@ -360,8 +361,9 @@ if int(os.environ["RANK"]) == 0:
 
 def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
     """Two gloo processes with micro-batches of 2 against one process with 2 micro-batches of 2: the same
-    global batch, cut into the same micro-batches (so the same aux losses). The losses agree to fp32
-    reduction-order rounding (~1e-7 relative per step); 1e-5 leaves room for 6 steps of drift."""
+    global batch, cut into the same micro-batches (so the same aux losses). The distributed runs are
+    interrupted at step 3 and resumed. The losses agree to fp32 reduction-order rounding (~1e-7
+    relative per step; DDP is bit-equal here); 1e-5 leaves room for 6 steps of drift."""
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
     script = tmp_path / "worker.py"
@@ -420,7 +422,8 @@ def test_cli_train_resume_and_carry_over(tmp_path, tiny_dir_tok, capsys):
     code, out, err = run_cli(capsys, "train", "--model", moe_dir, "--data", text, "--out", run, "--steps", 4,
                              "--batch_size", 2, "--seq_len", SEQ, "--chunk-chars", 1000, "--stop-at", 2,
                              "--dense-optimizer-state", ckpt, "--quiet")
-    assert code == 0, err and "continue with --resume" in out
+    assert code == 0, err
+    assert "stopped at step 2; continue with --resume" in out
     code, out, err = run_cli(capsys, "train", "--model", moe_dir, "--data", text, "--out", run, "--steps", 4,
                              "--batch_size", 2, "--seq_len", SEQ, "--chunk-chars", 1000, "--resume", "--quiet")
     assert code == 0, err

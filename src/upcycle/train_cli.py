@@ -1,7 +1,8 @@
 """Continue training a dense or upcycled model on your text.
 
     upcycle train --model DIR --data PATH --out DIR [--config train.yaml] [--<field> VALUE ...]
-    upcycle train --out DIR --resume ...           continue the newest checkpoint of DIR exactly
+    upcycle train --model DIR --data PATH --out DIR --resume     continue the newest checkpoint exactly
+                                                 (training fields default to the run's own)
     torchrun --nproc_per_node N -m upcycle train ... --parallel ddp|fsdp
 
 --model is an upcycled model (from `upcycle sparse`) or a dense transformers directory (default: the
@@ -66,7 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def resolve_config(args: argparse.Namespace):
     from .train import TrainConfig
 
-    base = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    if args.config:
+        base = TrainConfig.from_yaml(args.config)
+    elif args.resume and (args.out / "train_config.yaml").is_file():
+        base = TrainConfig.from_yaml(args.out / "train_config.yaml")  # the run's own settings
+    else:
+        base = TrainConfig()
     overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
                  if hasattr(args, f"cfg_{f.name}")}
     try:
@@ -153,8 +159,11 @@ def run(args: argparse.Namespace) -> int:
                     init_optimizer_state=init_state, tokenizer=tokenizer, source_dir=model_dir,
                     progress=not args.quiet, stop_at=args.stop_at)
     import json
+    import os
 
     summary_file = out / "summary.json"
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if summary_file.is_file():
         s = json.loads(summary_file.read_text())
         share = f", {100 * s['compute_share']:.4g}% of the dense pretraining compute" if s["compute_share"] else ""
