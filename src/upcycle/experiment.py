@@ -314,8 +314,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 class Experiment:
-    def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print):
-        self.r, self.out, self.progress, self.log = recipe, Path(out_dir), progress, log
+    def __init__(self, recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print,
+                 command: str | None = None):
+        self.r, self.out, self.progress, self.log, self.command = recipe, Path(out_dir), progress, log, command
 
     # -- setup
     def prepare(self) -> None:
@@ -329,7 +330,11 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
         saved = self.out / "recipe.json"
         if saved.is_file():  # arms may be added or dropped; anything else changes every run
-            old, new = json.loads(saved.read_text()), r.to_dict()
+            new = r.to_dict()
+            defaults = {f.name: f.default for f in dataclasses.fields(Recipe)
+                        if f.default is not dataclasses.MISSING}  # keys added to Recipe since: their defaults
+            old = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} | json.loads(
+                saved.read_text())
             diff = sorted(k for k in set(old) | set(new) if k not in ("arms", "tiny") and old.get(k) != new.get(k))
             if diff:
                 raise UpcycleError(f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
@@ -475,7 +480,11 @@ class Experiment:
         # 2. the arms
         lr_c = r.continue_lr if r.continue_lr is not None else r.lr
         results: list[dict] = []
-        curves: dict[str, list[tuple[float, float]]] = {}
+        curves: dict[str, list[tuple[float, float]]] = {}  # x = extra FLOPs
+        whole: dict[str, list[tuple[float, float]]] = {}  # x = all training FLOPs, pretraining included
+        if not r.pretrained:
+            whole["pretrain"] = [(x["flops"], x["val_loss"]) for x in _read_rows(self.out / "pretrain" / "metrics.csv")
+                                 if x.get("val_loss") is not None]
         summaries: dict[str, dict] = {}
         for arm in r.arms:
             scratch = arm == "moe_scratch"
@@ -525,6 +534,7 @@ class Experiment:
             pts += [(by_step[k]["flops"] - offset, v) for k, v in vals.items()]
             pts += [(x["flops"] - offset, x["val_loss"]) for x in rows
                     if x.get("val_loss") is not None and int(x["step"]) not in vals]
+            whole[arm] = sorted((x + (offset if scratch else B), v) for x, v in pts)
             pts = [p for p in pts if p[0] >= -0.02 * B]
             curves[arm] = pts
             if start is not None:
@@ -540,7 +550,8 @@ class Experiment:
                 "runs_wall_s": sum(x.get("wall_s", 0.0) for x in runs.values() if x),
                 "pretrain_steps": pretrain_steps, "pretrain_tokens": pretrain_steps * tps,
                 "pretrain_summary": pre_summary, "dense_val_loss": dense_val, "wall_s": total_s,
-                "data": self.data.info, "plan": plan.to_dict(), "arms": summaries,
+                "data": self.data.info, "plan": plan.to_dict(), "arms": summaries, "curves": curves,
+                "whole_curves": whole, "command": self.command,
                 "tokenizer": "model" if r.pretrained else f"byte-level BPE, {len(self.tokenizer)} tokens"}
         self.write(results, curves, info)
         return {"rows": results, "curves": curves, "info": info}
@@ -591,7 +602,10 @@ def results_markdown(rows: list[dict], info: dict) -> str:
               f"E={p['num_experts']}, top-{p['top_k']}, layers {p['layers']}, aux {p['aux_loss_coef']}.",
               f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch thread(s); the machine was shared, "
               f"load average {m.get('load_average_1min', '?')} at the end), device {m['device']}, torch {m['torch']}"
-              f"; the runs took {info['runs_wall_s'] / 60:.1f} min (training and evaluation).", ""]
+              f"; the runs took {info['runs_wall_s'] / 60:.1f} min (training and evaluation)."]
+    if info.get("command"):
+        lines += [f"Command: `{info['command']}`"]
+    lines += [""]
     lines += ["## Validation loss by extra compute (fraction of B)", ""]
     head = "| extra compute | " + " | ".join(LABELS[a] for a in arms) + " |"
     lines += [head, "|" + "---|" * (len(arms) + 1)]
@@ -622,12 +636,25 @@ def results_markdown(rows: list[dict], info: dict) -> str:
     return "\n".join(lines)
 
 
+def _colour(arm: str) -> str:
+    from .plots import PALETTE
+
+    return "#333333" if arm == "pretrain" else PALETTE[ARMS.index(arm) % len(PALETTE)]
+
+
 def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
-    from .plots import PALETTE, _plt, _save
+    """Left: validation loss vs extra compute (% of B), one curve per arm, the budgets marked. Right (a
+    model pretrained here): the same runs against all their training FLOPs, the dense pretraining included,
+    so MoE-from-scratch is seen from its start."""
+    from .plots import _plt, _save
 
     plt = _plt()
     B = info["B_flops"]
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    whole = info.get("whole_curves") or {}
+    two = "pretrain" in whole
+    fig, axes = plt.subplots(1, 2 if two else 1, figsize=(15, 5.6) if two else (8.5, 5.2),
+                             gridspec_kw={"width_ratios": [1.25, 1]} if two else None)
+    ax = axes[0] if two else axes
     targets = sorted({x["target_extra"] for x in rows if x["target_extra"] > 0})
     for t in targets:
         ax.axvline(100 * t, color="0.75", ls=":", lw=1.0, zorder=0)
@@ -636,15 +663,15 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
                 xycoords=("axes fraction", "data"), xytext=(2, 3), textcoords="offset points", fontsize=9,
                 color="0.3")
     ys = []
-    for i, (arm, pts) in enumerate(curves.items()):
+    for arm, pts in curves.items():
         pts = sorted(pts)
         if not pts:
             continue
-        c = PALETTE[i % len(PALETTE)]
+        c = _colour(arm)
         xs = [100 * x / B for x, _ in pts]
         vs = [y for _, y in pts]
-        ax.plot(xs, vs, color=c, lw=1.6, alpha=0.9, label=f"{LABELS[arm]}  ({vs[-1]:.3f})")
-        bud = [x for x in rows if x["arm"] == arm]
+        bud = sorted((x for x in rows if x["arm"] == arm), key=lambda x: x["extra_share"])
+        ax.plot(xs, vs, color=c, lw=1.6, alpha=0.9, label=f"{LABELS[arm]}  ({bud[-1]['val_loss']:.3f})")
         ax.plot([100 * x["extra_share"] for x in bud], [x["val_loss"] for x in bud], "o", color=c, ms=6)
         ys += vs
     lo = min(ys + [info["dense_val_loss"]])
@@ -653,23 +680,43 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
     pad = 0.15 * (hi - lo) + 1e-3
     if max(ys) > hi + pad:
         ax.set_ylim(lo - pad, hi + 3 * pad)
-    ax.set_xlabel(f"extra training compute, % of B = {B:.3g} FLOPs (markers: the budgets in the table)")
+    ax.set_xlabel(f"extra training compute, % of B = {B:.3g} FLOPs (dots: the budgets in the table)")
     ax.set_ylabel("validation loss")
     r = info["recipe"]
     ax.set_title(f"{r['name']}: validation loss vs extra compute", loc="left", fontweight="bold")
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False, loc="upper right")
+    ax.legend(frameon=False, loc="upper right", fontsize=9)
+    if two:
+        ax2 = axes[1]
+        for arm, pts in whole.items():
+            if not pts:
+                continue
+            label = "dense pretraining (B)" if arm == "pretrain" else LABELS[arm]
+            ax2.plot([100 * x / B for x, _ in pts], [y for _, y in pts], color=_colour(arm),
+                     lw=2.2 if arm == "pretrain" else 1.5, label=label)
+        ax2.axvline(100, color="0.35", ls="--", lw=1.0)
+        ax2.annotate("end of dense pretraining", (100, 0.03), xycoords=("data", "axes fraction"), rotation=90,
+                     ha="right", va="bottom", fontsize=9, color="0.3", xytext=(-3, 0), textcoords="offset points")
+        allv = [y for pts in whole.values() for _, y in pts]
+        top = min(max(allv), hi + 1.0)
+        ax2.set_ylim(lo - pad, top)
+        ax2.set_xlabel("all training compute, % of B (pretraining included)")
+        ax2.set_ylabel("validation loss")
+        ax2.set_title("the same runs from their start", loc="left", fontweight="bold")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(frameon=False, loc="upper right", fontsize=9)
     fig.tight_layout()
     return _save(fig, out_png)
 
 
-def run_experiment(recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print) -> dict:
+def run_experiment(recipe: Recipe, out_dir: str | Path, progress: bool = True, log=print,
+                   command: str | None = None) -> dict:
     """Run (or resume) the experiment of `recipe` in out_dir; returns {rows, curves, info}. The torch thread
     count the recipe asks for holds during the run only."""
     import torch
 
     threads = torch.get_num_threads()
     try:
-        return Experiment(recipe, out_dir, progress, log).run()
+        return Experiment(recipe, out_dir, progress, log, command).run()
     finally:
         torch.set_num_threads(threads)

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    res = run_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    command = f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+    res = run_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                         command=command)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.md, results.csv, loss_vs_flops.png ({res['info']['wall_s'] / 60:.1f} min)")
     return 0
