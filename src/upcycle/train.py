@@ -229,7 +229,7 @@ def active_params(model: nn.Module, dense: bool = False) -> int:
 
 def flops_per_token(model: nn.Module, seq_len: int, dense: bool = False) -> int:
     """Training (forward + backward) FLOPs per token: 6 N_active + 12 L d_attn T (module docstring).
-    `model` may be a transformers config (plus `plan` applied by `model_on_meta`)."""
+    For a config without weights: flops_per_token(model_on_meta(config, plan), seq_len)."""
     L, d_attn = _attention_dims(model.config)
     return 6 * active_params(model, dense) + 12 * L * d_attn * seq_len
 
