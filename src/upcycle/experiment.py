@@ -63,7 +63,8 @@ class Recipe:
 
     name: str = _f("experiment", "name shown in the results")
     seed: int = _f(0, "seed of the split, data order, model and router initialisations")
-    corpus: str = _f("python", "offline corpus: python (stdlib source) | man | pypi (see data.corpus_documents)")
+    corpus: str = _f("python", "offline corpus: python (stdlib source) | man | pypi (see data.corpus_documents), "
+                               "or a path to your own text (file, folder, .jsonl)")
     max_chars: int | None = _f(4_000_000, "characters of the corpus to use (a seeded sample of documents)")
     val_fraction: float = _f(0.05, "share of documents held out for validation")
     seq_len: int = _f(128, "tokens per sequence")
@@ -323,7 +324,7 @@ class Experiment:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .data import corpus_documents, pack_documents, split_documents
+        from .data import CORPORA, corpus_documents, pack_documents, read_documents, split_documents
         from .default_model import default_model_dir
 
         r = self.r
@@ -341,7 +342,10 @@ class Experiment:
                                    "pass --overwrite or another --out")
         saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
         t0 = time.perf_counter()
-        docs = corpus_documents(r.corpus, r.max_chars, r.seed)
+        if r.corpus in CORPORA:
+            docs = corpus_documents(r.corpus, r.max_chars, r.seed)
+        else:  # your own text: a file, a folder of text files or a .jsonl file
+            docs = read_documents(r.corpus)
         if r.pretrained:
             self.model_dir = default_model_dir(log=self.log)
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -622,8 +626,10 @@ def results_markdown(rows: list[dict], info: dict) -> str:
             s = f"{x['val_loss']:.4f}"
             cells.append(f"**{s}**" if len(vals) > 1 and x["val_loss"] == best else s)
         lines.append(f"| {t:.0%} | " + " | ".join(cells) + " |")
-    lines += ["", "MoE from scratch: its 0% point is after B FLOPs of its own training from a random init; each "
-              "later point after B + extra.", "", "## Every point", "",
+    if "moe_scratch" in arms:
+        lines += ["", "MoE from scratch: its 0% point is after B FLOPs of its own training from a random init; each "
+                  "later point after B + extra."]
+    lines += ["", "## Every point", "",
               "| arm | target extra | step | tokens | training FLOPs | extra FLOPs | extra / B | val loss | val ppl "
               "| train time (s) | FLOPs/token |", "|" + "---|" * 11]
     for x in rows:
@@ -680,12 +686,15 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
     pad = 0.15 * (hi - lo) + 1e-3
     if max(ys) > hi + pad:
         ax.set_ylim(lo - pad, hi + 3 * pad)
-    ax.set_xlabel(f"extra training compute, % of B = {B:.3g} FLOPs (dots: the budgets in the table)")
-    ax.set_ylabel("validation loss")
     r = info["recipe"]
+    unit = (f"B = {B:.3g} FLOPs = the dense model on {r['reference_tokens']:,} tokens" if r.get("reference_tokens")
+            else f"B = {B:.3g} FLOPs = the dense pretraining")
+    ax.set_xlabel(f"extra training compute, % of B\n({unit}; dots: the budgets in the table)")
+    ax.set_ylabel("validation loss")
     ax.set_title(f"{r['name']}: validation loss vs extra compute", loc="left", fontweight="bold")
     ax.grid(True, alpha=0.3)
-    ax.legend(frameon=False, loc="upper right", fontsize=9)
+    ax.legend(frameon=True, framealpha=0.9, edgecolor="none", loc="upper right", fontsize=9,
+              bbox_to_anchor=(1.0, 0.93))
     if two:
         ax2 = axes[1]
         for arm, pts in whole.items():
