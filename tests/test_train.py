@@ -22,7 +22,7 @@ from upcycle.cli import main
 from upcycle.data import Document, pack_documents
 from upcycle.errors import UpcycleError
 from upcycle.moe import moe_blocks
-from upcycle.train import (EventWriter, TrainConfig, active_params, build_optimizer, carry_over_optimizer_state,
+from upcycle.train import (TrainConfig, active_params, build_optimizer, carry_over_optimizer_state,
                            flops_per_token, load_named_optimizer_state, model_on_meta, named_optimizer_state, train)
 
 PLAN = UpcyclePlan(num_experts=4, top_k=2)  # layers 1 and 3 of 4
