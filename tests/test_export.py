@@ -149,3 +149,13 @@ def test_sparse_format_writes_stock_directly_streaming_equals_in_memory(tmp_path
 def test_sparse_format_refused_before_any_work(tmp_path, tiny_dir, capsys):
     assert main(["sparse", "--model", str(tiny_dir), "--format", "mixtral", "--out", str(tmp_path / "x")]) == 2
     assert "every layer MoE" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_eval_imports_stock_directories(tmp_path, text_file, capsys):
+    from conftest import save_tiny_tokenizer
+
+    export(upcycle(tiny_model("llama"), UpcyclePlan(num_experts=4)), "qwen2_moe", tmp_path / "q")
+    save_tiny_tokenizer(tmp_path / "q")
+    assert main(["eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "200", "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "2 MoE layers x 4 experts" in out and "| 1     |" in out and "| 3     |" in out

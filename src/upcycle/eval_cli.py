@@ -3,7 +3,8 @@ every MoE layer (tokens per expert, dropped tokens, router entropy).
 
     upcycle eval DIR [--text FILE ...] [--tokens N] [--context N] [--out OUT_DIR]
 
-DIR is a native upcycled directory (it has upcycle.json) or a plain dense Hugging Face directory with
+DIR is a native upcycled directory (it has upcycle.json), a stock Mixtral / Qwen2-MoE / Qwen3-MoE / FlexOlmo
+directory (imported), or a plain dense Hugging Face directory with
 safetensors weights. The text is cut into disjoint windows of --context tokens, each scored on every token
 but its first, and routed as one sequence (the protocol of `upcycle check`). With --out, eval.json and,
 for an MoE model, expert-load.png (layers x experts heatmap) are written there.
@@ -43,12 +44,13 @@ def load_model(path: Path, dtype=None, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .export import is_stock_moe
     from .native import load, weight_files
 
     path = Path(path)
     if not path.is_dir():
         raise UpcycleError(f"model directory not found: {path}")
-    if (path / "upcycle.json").is_file():
+    if (path / "upcycle.json").is_file() or is_stock_moe(path):  # stock MoE classes are imported
         return load(path, dtype=dtype, device=device)
     if not (path / "config.json").is_file():
         raise UpcycleError(f"{path} has no config.json: not a Hugging Face model directory")
