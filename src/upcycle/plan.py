@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import yamlio
 from .errors import PlanError
 from .layers import DEFAULT_LAYERS, parse_layers
 from .routing import EC_CAPACITY_FACTOR
@@ -120,16 +119,11 @@ class UpcyclePlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "UpcyclePlan":
-        if not isinstance(d, dict):
-            raise PlanError(f"{source}: expected a mapping of plan fields, got {type(d).__name__}")
-        d = dict(d)
-        method = d.pop("method", "sparse_upcycling")
-        if method != "sparse_upcycling":
+        d = dict(d) if isinstance(d, dict) else d
+        method = d.pop("method", "sparse_upcycling") if isinstance(d, dict) else None
+        if method not in (None, "sparse_upcycling"):
             raise PlanError(f"{source}: method {method!r} is not a sparse upcycling plan")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise PlanError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+        yamlio.check_fields(cls, d, source, "plan fields", PlanError)
         try:
             return cls(**d)
         except PlanError as e:
@@ -137,20 +131,10 @@ class UpcyclePlan:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "UpcyclePlan":
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"plan file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise PlanError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(yamlio.read_mapping(path, "plan file", PlanError), source=str(path))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return yamlio.dump(self.to_dict(), path)
 
     def replace(self, **changes: Any) -> "UpcyclePlan":
         return dataclasses.replace(self, **changes)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import yamlio
 from .data import Batches, PackedData
 from .errors import UpcycleError
 from .moe import aux_losses, moe_blocks
@@ -148,12 +149,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "train config") -> "TrainConfig":
-        if not isinstance(d, dict):
-            raise UpcycleError(f"{source}: expected a mapping of training fields, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise UpcycleError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+        yamlio.check_fields(cls, d, source, "training fields")
         d = {k: (float(v) if isinstance(v, str) and k in _FLOAT_FIELDS else v) for k, v in d.items()}
         try:
             return cls(**d)
@@ -162,24 +158,10 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise UpcycleError(f"training config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(yamlio.read_mapping(path, "training config file"), source=str(path))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        import yaml
-
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        return yamlio.dump(self.to_dict(), path)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,44 @@
+"""YAML files of dataclasses (plans, training configs, recipes): keys are the field names.
+
+The checks every such file gets, with the same messages: the file exists, it is YAML, it is a mapping,
+and every key is a field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UpcycleError
+
+
+def read_mapping(path: str | Path, what: str, error: type[UpcycleError] = UpcycleError) -> dict[str, Any]:
+    """The mapping in a YAML file; `what` names the file in messages ("plan file", "recipe")."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def check_fields(cls: type, d: Any, source: str, what: str, error: type[UpcycleError] = UpcycleError) -> None:
+    """Raise unless `d` is a mapping whose keys are all fields of the dataclass `cls`."""
+    if not isinstance(d, dict):
+        raise error(f"{source}: expected a mapping of {what}, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise error(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+
+
+def dump(d: dict[str, Any], path: str | Path | None = None) -> str:
+    """YAML text of `d` in field order, also written to `path` when given."""
+    text = yaml.safe_dump(d, sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
