@@ -13,7 +13,6 @@ Both builders are pure: the input model is left untouched and the result owns it
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn as nn

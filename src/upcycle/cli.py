@@ -44,24 +44,34 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("plan fields (same names as the YAML keys; override --plan)")
-    hints = typing.get_type_hints(UpcyclePlan)
-    for f in dataclasses.fields(UpcyclePlan):
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, dest_prefix: str = "",
+                        types_: dict[str, typing.Callable] | None = None) -> None:
+    """One flag per field of the dataclass `cls`, named like its YAML key (`--num_experts` and
+    `--num-experts`), typed from its annotation (`types_` overrides), absent from the namespace unless given."""
+    g = p.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         hint = hints[f.name]
         args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        if bool in args:
+        if f.name in (types_ or {}):
+            kind = types_[f.name]
+        elif bool in args:
             kind = _bool
-        elif int in args and f.name != "layers":
+        elif int in args and float not in args:
             kind = int
         elif float in args:
             kind = float
         else:
             kind = str
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        g.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                       choices=f.metadata.get("choices"),
+        g.add_argument(*names, dest=dest_prefix + f.name, type=kind, default=argparse.SUPPRESS,
+                       metavar=f.name.upper(), choices=f.metadata.get("choices"),
                        help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(p, UpcyclePlan, "plan fields (same names as the YAML keys; override --plan)",
+                        types_={"layers": str})
 
 
 def build_parser() -> argparse.ArgumentParser:

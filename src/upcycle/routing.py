@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # The paper's expert-choice capacity factor (C = 2), used when a plan gives none.
 EC_CAPACITY_FACTOR = 2.0

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 from pathlib import Path
 
 from .errors import UpcycleError
@@ -29,19 +27,11 @@ HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FS
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from .cli import add_dataclass_flags
     from .train import TrainConfig
 
-    g = p.add_argument_group("training fields (same names as the YAML keys; override --config)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-        kind = int if int in args and float not in args else float if float in args else str
-        if f.name in ("tokens",):
-            kind = lambda s: int(float(s))  # noqa: E731 - accept 1e6
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        g.add_argument(*names, dest=f"cfg_{f.name}", type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                       choices=f.metadata.get("choices"), help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    add_dataclass_flags(p, TrainConfig, "training fields (same names as the YAML keys; override --config)",
+                        dest_prefix="cfg_", types_={"tokens": lambda s: int(float(s))})  # accept 1e6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
