@@ -142,3 +142,25 @@ def test_recipes_parse_and_bad_recipes_fail(tmp_path):
     with pytest.raises(UpcycleError, match="tiny"):
         Recipe.from_dict({"model": tiny.model, "pretrain_tokens": 10_000}, tiny=True)
     assert main(["experiment", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_an_arm_does_not_depend_on_the_arms_before_it(tiny_run, tmp_path):
+    """upcycled_carry alone (on the same pretraining) gives the numbers it gave after the dense arm had
+    trained from the same dense AdamW state in the same process."""
+    import shutil
+
+    from upcycle.experiment import run_experiment
+
+    out, rows, _, _ = tiny_run
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for d in ("pretrain", "tokenizer"):
+        shutil.copytree(out / d, alone / d)
+    recipe = Recipe.from_yaml(RECIPES / "tiny.yaml")
+    import dataclasses
+
+    res = run_experiment(dataclasses.replace(recipe, arms=("upcycled_carry",)), alone, progress=False,
+                         log=lambda m: None)
+    want = [(r["step"], float(r["val_loss"])) for r in rows if r["arm"] == "upcycled_carry"]
+    got = [(str(r["step"]), r["val_loss"]) for r in res["rows"]]
+    assert got == want

@@ -519,8 +519,8 @@ class Experiment:
             else:
                 cfg = self.train_config(total, every, lr_c, r.continue_warmup)
                 start = self._start_loss(arm, model)
-            if arm == "dense":
-                init_opt = dense_opt
+            if arm == "dense":  # a copy: torch's load_state_dict keeps the tensors, and training updates them
+                init_opt = copy.deepcopy(dense_opt)
             elif arm != "upcycled_carry":
                 init_opt = None
             rows, summ, vals = self._run(arm, model, self.data if scratch else cont_data, cfg,

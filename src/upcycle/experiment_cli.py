@@ -4,6 +4,7 @@ an MoE from scratch, at equal extra compute.
     upcycle experiment recipes/paper-small.yaml --out runs/upcycling-small      (~25 min on 2 CPU cores)
     upcycle experiment recipes/paper-small.yaml --tiny --out /tmp/smoke         (the CI smoke test size)
     upcycle experiment recipes/smollm2.yaml --out runs/smollm2-continued        (SmolLM2-135M, two arms)
+    upcycle experiment recipes/paper-gpu.yaml --out runs/upcycling-gpu          (the larger run, for a GPU)
 
 Runs the dense pretraining (budget B), then one continued run per arm to the largest extra budget,
 evaluated at every budget (see `upcycle.experiment`). Writes OUT/results.csv, OUT/results.md,
