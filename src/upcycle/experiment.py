@@ -706,10 +706,11 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
         ax2.axvline(100, color="0.35", ls="--", lw=1.0)
         ax2.annotate("end of dense pretraining", (100, 0.03), xycoords=("data", "axes fraction"), rotation=90,
                      ha="right", va="bottom", fontsize=9, color="0.3", xytext=(-3, 0), textcoords="offset points")
-        allv = [y for pts in whole.values() for _, y in pts]
-        top = min(max(allv), hi + 1.0)
-        ax2.set_ylim(lo - pad, top)
-        ax2.set_xlabel("all training compute, % of B (pretraining included)")
+        x0 = 60.0  # the last stretch of pretraining and everything after it
+        allv = [y for pts in whole.values() for x, y in pts if 100 * x / B >= x0]
+        ax2.set_xlim(x0, max(100 * x / B for pts in whole.values() for x, _ in pts) + 3)
+        ax2.set_ylim(lo - pad, max(allv) + pad)
+        ax2.set_xlabel("all training compute, % of B (pretraining included; from 60%)")
         ax2.set_ylabel("validation loss")
         ax2.set_title("the same runs from their start", loc="left", fontweight="bold")
         ax2.grid(True, alpha=0.3)
