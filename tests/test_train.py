@@ -330,8 +330,11 @@ def test_carry_over_in_train(tmp_path, data):
     dense, opt = dense_run_state(data)
     moe = upcycle(dense, PLAN)
     init = carry_over_optimizer_state(named_optimizer_state(opt), dense, moe)
+    before = {n: {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for n, s in init["state"].items()}
     h = train(moe, data, cfg(steps=2), tmp_path / "r", init_optimizer_state=init, progress=False, save_model=False)
     assert len(h) == 2 and all(math.isfinite(r["loss"]) for r in h)
+    # training must not write into the caller's state (an experiment reuses it for several arms)
+    assert all(torch.equal(v, init["state"][n][k]) for n, s in before.items() for k, v in s.items())
     with pytest.raises(UpcycleError, match="lacks"):
         carry_over_optimizer_state({"state": {"nope.weight": {}}, "param_groups": []}, dense, moe)
 

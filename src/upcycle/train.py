@@ -277,7 +277,10 @@ def load_named_optimizer_state(opt, named: dict, config: TrainConfig | None = No
     for g, cur in zip(opt._upcycle_names, current):
         merged = {k: v for k, v in opts.items() if k not in ("params", "weight_decay")}
         groups.append(dict(cur, **merged, params=[index[n] for n in g]))
-    opt.load_state_dict({"state": {index[n]: s for n, s in named["state"].items()}, "param_groups": groups})
+    # Copies: torch's load_state_dict keeps the given tensors, and steps would then change the caller's dict.
+    state = {index[n]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+             for n, s in named["state"].items()}
+    opt.load_state_dict({"state": state, "param_groups": groups})
     if config is not None:
         for g, wd in zip(opt.param_groups, (config.weight_decay, 0.0)):
             g.update(betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=wd)
