@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import json
@@ -467,8 +466,6 @@ class Experiment:
             cfg = self.train_config(pretrain_steps, every, r.lr, r.warmup).replace(checkpoint_every=pretrain_steps)
             _, pre_summary, _ = self._run("pretrain", dense, self.data, cfg, save_model=True)
             B = float(pre_summary["flops"])
-            from .train import checkpoints
-
             ckpt = checkpoints(self.out / "pretrain")[-1]
             dense_opt = torch.load(ckpt / "optimizer.pt", weights_only=True) if r.dense_keeps_optimizer else None
 
@@ -519,8 +516,8 @@ class Experiment:
             else:
                 cfg = self.train_config(total, every, lr_c, r.continue_warmup)
                 start = self._start_loss(arm, model)
-            if arm == "dense":  # a copy: torch's load_state_dict keeps the tensors, and training updates them
-                init_opt = copy.deepcopy(dense_opt)
+            if arm == "dense":  # train() copies a given state, so the later upcycled_carry arm sees it unchanged
+                init_opt = dense_opt
             elif arm != "upcycled_carry":
                 init_opt = None
             rows, summ, vals = self._run(arm, model, self.data if scratch else cont_data, cfg,
