@@ -43,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from . import yamlio
 from .errors import UpcycleError
 
 ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
@@ -152,12 +153,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "Recipe":
-        if not isinstance(d, dict):
-            raise UpcycleError(f"{source}: expected a mapping of recipe keys")
+        yamlio.check_fields(cls, d, source, "recipe keys")
         names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise UpcycleError(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
         d = dict(d)
         if tiny:
             over = d.get("tiny")
@@ -181,16 +178,7 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "Recipe":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise UpcycleError(f"recipe not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UpcycleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return cls.from_dict(data, source=str(path), tiny=tiny)
+        return cls.from_dict(yamlio.read_mapping(path, "recipe"), source=str(path), tiny=tiny)
 
 
 # ----------------------------------------------------------------------------------------- pieces
