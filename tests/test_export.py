@@ -159,3 +159,18 @@ def test_eval_imports_stock_directories(tmp_path, text_file, capsys):
     assert main(["eval", str(tmp_path / "q"), "--text", str(text_file), "--tokens", "200", "--context", "64"]) == 0
     out = capsys.readouterr().out
     assert "2 MoE layers x 4 experts" in out and "| 1     |" in out and "| 3     |" in out
+
+
+def test_train_continues_a_stock_checkpoint(tmp_path, text_file):
+    """Models users already have: a stock Qwen2-MoE directory trains as our MoE (aux losses, native output)."""
+    from conftest import save_tiny_tokenizer
+
+    export(upcycle(tiny_model("llama"), UpcyclePlan(num_experts=4)), "qwen2_moe", tmp_path / "q")
+    save_tiny_tokenizer(tmp_path / "q")
+    assert main(["train", "--model", str(tmp_path / "q"), "--data", str(text_file), "--out", str(tmp_path / "run"),
+                 "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--val-fraction", "0.2"]) == 0
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    lb = [float(r.split(",")[header.index("load_balancing")]) for r in rows[1:]]
+    assert len(lb) == 2 and all(v > 0 for v in lb)  # the imported MoE layers report their balancing loss
+    assert (tmp_path / "run" / "model" / "upcycle.json").is_file()

@@ -38,32 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
-def load_model(path: Path, dtype=None, device: str = "cpu"):
-    """A native upcycled directory through `upcycle.load`, a dense HF directory through transformers
-    (safetensors only)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .export import is_stock_moe
-    from .native import load, weight_files
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UpcycleError(f"model directory not found: {path}")
-    if (path / "upcycle.json").is_file() or is_stock_moe(path):  # stock MoE classes are imported
-        return load(path, dtype=dtype, device=device)
-    if not (path / "config.json").is_file():
-        raise UpcycleError(f"{path} has no config.json: not a Hugging Face model directory")
-    if not weight_files(path):
-        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
-                           "convert the checkpoint to safetensors first")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise UpcycleError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
-
-
 def _texts(files: list[Path] | None) -> list[tuple[str, str]]:
     from .evaluate import held_out_text
 
@@ -89,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .evaluate import ExpertLoad, markdown_table, perplexity_and_load
+    from .native import load_any
 
     t0 = time.time()
     if args.tokens < 2 or args.context < 2:
@@ -109,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
     dtype = getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=args.device)
+    model = load_any(args.model, dtype=dtype, device=args.device)
 
     results, loads = [], []
     for name, text in texts:

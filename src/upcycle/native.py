@@ -288,3 +288,27 @@ def _empty_model(auto_cls, config, dtype: torch.dtype) -> nn.Module:
     with no_init_weights():
         model = auto_cls.from_config(config, dtype=dtype)
     return model
+
+
+def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Any model directory the CLI takes: native upcycled and stock MoE (Mixtral, Qwen2/3-MoE, FlexOlmo)
+    directories through `load`, dense ones through transformers; safetensors only, fp32 by default."""
+    from transformers import AutoModelForCausalLM
+
+    from .export import is_stock_moe
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UpcycleError(f"model directory not found: {path}")
+    if (path / "upcycle.json").is_file() or is_stock_moe(path):  # stock MoE classes are imported
+        return load(path, dtype=dtype or torch.float32, device=device)
+    if not (path / "config.json").is_file():
+        raise UpcycleError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not weight_files(path):
+        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
+                           "convert the checkpoint to safetensors first")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise UpcycleError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()

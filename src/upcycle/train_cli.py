@@ -71,25 +71,6 @@ def resolve_config(args: argparse.Namespace):
         raise UpcycleError(f"--{e}") from None
 
 
-def _load_model(model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .native import load
-
-    if not model_dir.is_dir():
-        raise UpcycleError(f"model directory not found: {model_dir}")
-    if (model_dir / "upcycle.json").is_file():
-        return load(model_dir, dtype=torch.float32)
-    if not (model_dir / "config.json").is_file():
-        raise UpcycleError(f"{model_dir} has no config.json: not a model directory")
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
-    except (OSError, ValueError) as e:
-        raise UpcycleError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0]}); it needs "
-                           "safetensors weights") from None
-
-
 def _dense_state(path: Path) -> dict:
     import torch
 
@@ -104,10 +85,12 @@ def _dense_state(path: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from transformers import AutoTokenizer
 
     from .data import load_data
     from .default_model import cache_root, default_model_dir
+    from .native import load_any
     from .train import carry_over_optimizer_state, model_on_meta, train
 
     config = resolve_config(args)
@@ -135,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     data = load_data(args.data, tokenizer, config.seq_len, args.val_fraction, config.seed, args.text_field,
                      args.chunk_chars, cache_dir=cache_root() / "tokens")
-    model = _load_model(model_dir)
+    model = load_any(model_dir, dtype=torch.float32)
     init_state = None
     if dense_state is not None and not args.resume:
         if not getattr(model.config, "upcycle", None):
