@@ -65,14 +65,14 @@ class DenseSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def build_ours(d, d_ff, E, K, backend, std, seed):
+def build_ours(d, d_ff, E, K, backend, std, seed, router="topk", capacity=None):
     g = torch.Generator().manual_seed(seed)
     ex = Experts(E, d, d_ff, ACT2FN["silu"])
     ex.backend = backend
     with torch.no_grad():
         for p in (ex.gate_proj, ex.up_proj, ex.down_proj):
             p.normal_(0.0, std, generator=g)
-    block = MoEBlock(ex, RouterConfig("topk", K, True))
+    block = MoEBlock(ex, RouterConfig(router, K, True, capacity))
     with torch.no_grad():
         block.router.weight.normal_(0.0, std, generator=g)
     return block
@@ -174,21 +174,25 @@ def machine() -> str:
 
 def bench_tokens(T, args, log):
     d, d_ff, E, K = args.d, args.d_ff, args.experts, args.top_k
+    ec = args.router == "expert_choice"
+    k_act = active_experts(args)  # dense reference width: experts each token uses on average
     torch.manual_seed(args.seed)
     x0 = torch.randn(1, T, d)  # (batch, seq, d): the HF block wants 3-D input
     gy = torch.randn(1, T, d)
 
     variants = {}
-    dense = DenseSwiGLU(d, K * d_ff)
+    dense = DenseSwiGLU(d, k_act * d_ff)
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0.0, args.std)
-    variants[f"dense SwiGLU (d_ff={K * d_ff})"] = dense
-    ours = {b: build_ours(d, d_ff, E, K, b, args.std, args.seed) for b in args.backend}
+    variants[f"dense SwiGLU (d_ff={k_act * d_ff})"] = dense
+    ours = {b: build_ours(d, d_ff, E, K, b, args.std, args.seed, args.router, args.capacity)
+            for b in args.backend}
+    tag = f"EC C={args.capacity:g}, " if ec else ""
     for b, m in ours.items():
-        variants[f"upcycle MoEBlock ({b})"] = m
+        variants[f"upcycle MoEBlock ({tag}{b})"] = m
     ref = next(iter(ours.values()))
-    for impl in args.hf:
+    for impl in ([] if ec else args.hf):  # transformers has no expert-choice block
         variants[f"HF MixtralSparseMoeBlock ({impl})"] = build_hf(ref, K, impl)
 
     # Same computation check: every MoE variant must give the first one's output.
@@ -240,6 +244,15 @@ def bench_tokens(T, args, log):
     return rows, disturbed, 2 * args.reps * len(names)
 
 
+def active_experts(args) -> int:
+    """Experts a token uses on average: K for top-k, C for expert choice (each expert takes C*T/E tokens)."""
+    if args.router == "expert_choice":
+        if args.capacity != int(args.capacity):
+            raise SystemExit("--capacity must be a whole number for the dense reference width")
+        return int(args.capacity)
+    return args.top_k
+
+
 def fmt_ms(v):
     return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
@@ -273,6 +286,11 @@ def main(argv=None):
     p.add_argument("--d-ff", type=int, default=1536)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--router", choices=["topk", "expert_choice"], default="topk",
+                   help="our router (default topk); expert_choice times ours only, against a dense SwiGLU with "
+                        "C*d_ff (each token gets C experts on average)")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="expert_choice capacity factor C (default 2) / topk capacity factor (default none)")
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed fwd + fwd+bwd calls per variant (default 2)")
     p.add_argument("--min-sample-ms", type=float, default=100.0,
@@ -289,6 +307,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, help="also write the table (with machine and date) to this markdown file")
     p.add_argument("--quiet", action="store_true", help="no per-repetition progress lines")
     args = p.parse_args(argv)
+    if args.router == "expert_choice" and args.capacity is None:
+        args.capacity = 2.0
 
     torch.set_num_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -296,8 +316,10 @@ def main(argv=None):
     results = [(T, bench_tokens(T, args, log)) for T in args.tokens]
     wall = time.perf_counter() - t_start
 
-    header = (f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, top-{args.top_k}, fp32; "
-              f"ratios to a dense SwiGLU with d_ff={args.top_k * args.d_ff} (equal active FLOPs), same run; "
+    routing = (f"expert choice C={args.capacity:g}" if args.router == "expert_choice" else f"top-{args.top_k}"
+               + (f" capacity {args.capacity:g}" if args.capacity else ""))
+    header = (f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, {routing}, fp32; "
+              f"ratios to a dense SwiGLU with d_ff={active_experts(args) * args.d_ff} (equal active FLOPs), same run; "
               f"median of {args.reps} round-robin repetitions")
     md = table(results)
     note = notes(results, args)
