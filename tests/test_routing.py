@@ -125,3 +125,13 @@ def test_router_math_is_fp32():
     z = torch.randn(5, 4, dtype=torch.bfloat16)
     r = R.topk_route(z, 2)
     assert r.weight_A.dtype == torch.float32 and r.probs_TE.dtype == torch.float32
+
+
+def test_fixed_size_expert_counts_equal_bincount():
+    from upcycle.routing import _counts_sorted
+
+    g = torch.Generator().manual_seed(0)
+    for n, E in ((0, 4), (1, 4), (37, 8), (500, 64)):
+        ids = torch.randint(0, max(1, E // 2), (n,), generator=g).sort().values  # the upper experts get none
+        c = _counts_sorted(ids, E)
+        assert c.shape == (E,) and torch.equal(c, torch.bincount(ids, minlength=E))

@@ -52,17 +52,25 @@ class Routing:
         return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
 
 
+def _counts_sorted(expert_sorted: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert from expert ids in ascending order. Unlike bincount, the output size does
+    not depend on the data, so there is no device-to-host read on CUDA and it traces under compile."""
+    edges = torch.arange(num_experts + 1, device=expert_sorted.device, dtype=expert_sorted.dtype)
+    pos = torch.searchsorted(expert_sorted, edges)
+    return pos[1:] - pos[:-1]
+
+
 def _sorted_by_expert(expert_A, token_A, slot_A, weight_A, num_experts):
     order = torch.argsort(expert_A, stable=True)
     expert_A = expert_A[order]
-    counts_E = torch.bincount(expert_A, minlength=num_experts)
+    counts_E = _counts_sorted(expert_A, num_experts)
     return expert_A, token_A[order], slot_A[order], weight_A[order], counts_E
 
 
 def _rank_within_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Position of each assignment among the assignments to the same expert, in the given order."""
     order = torch.argsort(expert_A, stable=True)
-    counts = torch.bincount(expert_A, minlength=num_experts)
+    counts = _counts_sorted(expert_A[order], num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(expert_A)
     rank[order] = torch.arange(expert_A.numel(), device=expert_A.device) - starts[expert_A[order]]
