@@ -28,7 +28,6 @@ the real default model, SmolLM2-135M-Instruct, through `upcycle sparse --stream 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import platform
@@ -41,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+from _report import command, write_report  # benchmarks/ is the script's directory: on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -333,18 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     print(notes)
     print(f"\n({time.perf_counter() - t_start:.0f} s)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/convert.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = (f"# Checkpoint conversion, CPU\n\n{header}.\n\n"
-                f"- Machine: {machine(work)}\n"
-                f"- Date: {_dt.date.today().isoformat()}\n"
-                f"- Command: `{cmd.strip()}`\n\n{md}\n\n"
-                + (f"Real model, SmolLM2-135M-Instruct (fp32, 8 experts, default plan), streaming against the "
-                   f"in-memory path (`--stream false`):\n\n{real_md}\n\n" if real_md else "")
-                + f"{notes}\n")
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        cmd = command("convert.py", argv)
+        real = (f"Real model, SmolLM2-135M-Instruct (fp32, 8 experts, default plan), streaming against the "
+                f"in-memory path (`--stream false`):\n\n{real_md}\n\n" if real_md else "")
+        write_report(args.out, "Checkpoint conversion, CPU", header, machine(work), cmd, f"{md}\n\n{real}{notes}")
         raw = {"command": cmd.strip(), "machine": machine(work), "runs": {**rows, **real_rows}, "failures": failures}
         args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
 

@@ -30,7 +30,6 @@ compute the same output before timing.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import math
 import os
@@ -39,6 +38,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from _report import command, write_report  # benchmarks/ is the script's directory: on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -331,17 +332,9 @@ def main(argv=None):
     print(note)
     print(f"\n({wall:.0f} s)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = (f"# MoE layer, CPU\n\n{header}.\n\n"
-                f"- Machine: {machine()}\n"
-                f"- Date: {_dt.date.today().isoformat()}\n"
-                f"- Command: `{cmd.strip()}`\n"
-                f"- fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient "
-                f"(input and parameter gradients)\n\n{md}\n\n{note}\n")
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_report(args.out, "MoE layer, CPU", header, machine(), command("moe_layer.py", argv), f"{md}\n\n{note}",
+                     notes=("fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient "
+                            "(input and parameter gradients)",))
 
 
 if __name__ == "__main__":

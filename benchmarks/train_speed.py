@@ -21,7 +21,6 @@ exports compute the same active FLOPs. Other load on the machine is read from /p
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import resource
@@ -31,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import command, write_report  # benchmarks/ is the script's directory: on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -216,12 +217,8 @@ def main(argv=None):
     print(md)
     print(note)
     if args.out:
-        cmd = "python benchmarks/train_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        text = (f"# Whole-model training speed, CPU\n\n{head}.\n\n- Machine: {machine()}\n"
-                f"- Date: {_dt.date.today().isoformat()}\n- Command: `{cmd.strip()}`\n\n{md}\n\n{note}\n")
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_report(args.out, "Whole-model training speed, CPU", head, machine(), command("train_speed.py", argv),
+                     f"{md}\n\n{note}")
 
 
 if __name__ == "__main__":
