@@ -192,7 +192,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         check_exportable(args.format, config, plan, layers)  # before any work
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.stream:
-        _sparse_streaming(args, plan, model_dir, config, dtype, t0)
+        _sparse_streaming(args, plan, model_dir, config, layers, dtype, t0)
         return 0
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     dense_total = _num_params(dense)
@@ -210,8 +210,8 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, dtype,
-                      t0: float) -> None:
+def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int],
+                      dtype, t0: float) -> None:
     """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
     from .stream import meta_model, stream_upcycle
     from .surgery import convert_structure
@@ -219,10 +219,7 @@ def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Pa
     transform = write_config = None
     if args.format != "native":
         from .export import stock_config, stock_items
-        from .layers import select_layers
-        from .adapters import adapter_for
 
-        layers = select_layers(plan.layers, adapter_for(config).dims(config)[0])
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
         transform = lambda items: stock_items(items, args.format, cfg, layers, layout=args.layout)  # noqa: E731
         write_config = lambda c, d: stock_config(  # noqa: E731

@@ -271,7 +271,9 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
            overwrite: bool = False, progress: bool = False, source_dir: str | Path | None = None) -> Path:
     """Write an upcycled model (a native directory, read tensor by tensor, or a model in memory) as a
     stock transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
-    from .native import read_meta, unique_state_dict
+    from contextlib import nullcontext
+
+    from .native import unique_state_dict
     from .stream import SafetensorsSource
 
     if isinstance(source, nn.Module):
@@ -281,22 +283,29 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
         moe_layers = list(source.config.upcycle["moe_layers"])
         config = {k: v for k, v in source.config.to_dict().items() if k != "upcycle"}
         structure = structure_of(source)
+        reader = nullcontext()
         items = tensor_items(unique_state_dict(source)[0])
+    else:
+        source_dir = source_dir or source
+        config, plan, moe_layers, structure = read_native(source)
+        reader = s = SafetensorsSource(source)
+        items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
+    with reader:
         write_stock(items, target, out_dir, config, plan, moe_layers, structure=structure, layout=layout,
                     shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
                     progress=progress, side_files_from=source_dir)
-        return Path(out_dir)
-    src = Path(source)
-    meta = read_meta(src)
-    plan = plan_from_meta(meta["plan"])
-    config = {k: v for k, v in json.loads((src / "config.json").read_text()).items() if k != "upcycle"}
-    structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
-    with SafetensorsSource(src) as s:
-        items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
-        write_stock(items, target, out_dir, config, plan, meta["moe_layers"], structure=structure, layout=layout,
-                    shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
-                    progress=progress, side_files_from=source_dir or src)
     return Path(out_dir)
+
+
+def read_native(path: str | Path) -> tuple[dict, UpcyclePlan, list[int], dict]:
+    """(config.json without its plan entry, plan, MoE layers, shape structure) of a native directory."""
+    from .native import read_meta
+
+    path = Path(path)
+    meta = read_meta(path)
+    config = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k != "upcycle"}
+    structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
+    return config, plan_from_meta(meta["plan"]), meta["moe_layers"], structure
 
 
 def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dict, plan: UpcyclePlan,
@@ -445,7 +454,10 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
     plan = UpcyclePlan(num_experts=E, top_k=c["num_experts_per_tok"], normalize=normalize,
                        layers=tuple(layers) if len(layers) < c["num_hidden_layers"] else "all",
                        aux_loss_coef=c.get("router_aux_loss_coef", 0.01) or 0.0)
-    state, structure = native_items(_lazy_items(files), c, layers)
+    from .stream import SafetensorsSource
+
+    with SafetensorsSource(path) as src:
+        state, structure = native_items(((k, src.read_copy(k)) for k in src.tensors), c, layers)
     config = host_config(c)
     stored = next(iter(state.values())).dtype
     model = _empty_model(AutoModelForCausalLM, config, stored)
@@ -462,11 +474,3 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
         model.to(dtype)
     return model.eval()
 
-
-def _lazy_items(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                yield k, fh.get_tensor(k)

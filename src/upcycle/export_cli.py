@@ -36,22 +36,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
     from .errors import UpcycleError
-    from .export import TARGETS, export, is_stock_moe, why_not
+    from .export import TARGETS, export, is_stock_moe, read_native, why_not
     from .native import read_meta
 
     if args.explain:
         if is_stock_moe(args.model):
             raise UpcycleError(f"{args.model} is already a stock MoE checkpoint; --explain reads native models")
-        meta = read_meta(args.model)
-        from .export import plan_from_meta
-
-        config = json.loads((args.model / "config.json").read_text())
-        structure = {k: meta[k] for k in ("expert_intermediate_size", "shared_expert") if k in meta}
+        config, plan, moe_layers, structure = read_native(args.model)
         for name, t in TARGETS.items():
-            reasons = why_not(name, config, plan_from_meta(meta["plan"]), meta["moe_layers"], structure)
+            reasons = why_not(name, config, plan, moe_layers, structure)
             print(f"{name:10s} {t.architecture:22s} " + ("exact" if not reasons else "no: " + "; ".join(reasons)))
         return 0
     if args.to is None or args.out is None:
