@@ -242,6 +242,18 @@ def named_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _adamw_impl(params) -> dict:
+    """The fused AdamW kernel where it applies (plain CPU/CUDA tensors): one pass over each tensor and no
+    per-step temporaries (a dense SmolLM2 CPU step: 4.25 s fused vs 7.13 s foreach,
+    results/train_speed_cpu.md). Sharded (FSDP2 DTensor) parameters keep the per-tensor loop."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    if params and all(p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor) for p in params):
+        return {"fused": True}
+    return {"foreach": False}
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, names_model: nn.Module | None = None):
     """AdamW over `model`'s parameters; names come from `names_model` (the unwrapped model)."""
     names_model = names_model or model
@@ -249,7 +261,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, names_model: nn.Modul
     groups = named_param_groups(names_model, config.weight_decay)
     opt = torch.optim.AdamW([{"params": [params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
                              for g in groups], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                            foreach=False)
+                            **_adamw_impl(params.values()))
     opt._upcycle_names = [g["params"] for g in groups]  # parameter names per group, for name-keyed states
     return opt
 
