@@ -2,8 +2,16 @@
 
     python benchmarks/moe_layer.py                                  # T=4096, our "loop" backend, HF eager + grouped_mm
     python benchmarks/moe_layer.py --tokens 4096 512 64 --backend loop grouped --out results/moe_layer_cpu.md
+    python benchmarks/moe_layer.py --device cuda --dtype bfloat16 --backend grouped --tokens 16384 \
+        --out results/moe_layer_cuda.md                            # GPU: CUDA events, bf16
+    # the other two GPU shapes of the anchors (research/performance.md):
+    python benchmarks/moe_layer.py --device cuda --backend grouped --d 4096 --d-ff 14336 --tokens 8192
+    python benchmarks/moe_layer.py --device cuda --backend grouped --d 2048 --d-ff 1024 --experts 64 --top-k 8 \
+        --tokens 16384
 
-Shape (defaults): d=576, d_ff=1536, E=8, top-2, fp32 -- SmolLM2-135M upcycled to 8 experts. The reference is a
+Shape (defaults): d=576, d_ff=1536, E=8, top-2, fp32 on CPU -- SmolLM2-135M upcycled to 8 experts. On a GPU
+(--device cuda) times come from CUDA events around the timed calls (the device synchronised before and after),
+and the default dtype is bf16. The reference is a
 dense SwiGLU with d_ff = K * 1536 = 3072, i.e. the same multiply-adds per token as the MoE's two active experts.
 
 Variants, all fed the same input tokens:
@@ -66,7 +74,8 @@ class DenseSwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def build_ours(d, d_ff, E, K, backend, std, seed, router="topk", capacity=None):
+def build_ours(d, d_ff, E, K, backend, std, seed, router="topk", capacity=None, device="cpu", dtype=torch.float32):
+    """Weights drawn in fp32 on the CPU (the same numbers on every device), then moved and cast."""
     g = torch.Generator().manual_seed(seed)
     ex = Experts(E, d, d_ff, ACT2FN["silu"])
     ex.backend = backend
@@ -76,7 +85,7 @@ def build_ours(d, d_ff, E, K, backend, std, seed, router="topk", capacity=None):
     block = MoEBlock(ex, RouterConfig(router, K, True, capacity))
     with torch.no_grad():
         block.router.weight.normal_(0.0, std, generator=g)
-    return block
+    return block.to(device=device, dtype=dtype)
 
 
 def build_hf(ours: MoEBlock, K: int, impl: str):
@@ -94,7 +103,7 @@ def build_hf(ours: MoEBlock, K: int, impl: str):
         hf.gate.weight.copy_(ours.router.weight)
         hf.experts.gate_up_proj.copy_(torch.cat([ex.gate_proj, ex.up_proj], dim=1))
         hf.experts.down_proj.copy_(ex.down_proj)
-    return hf
+    return hf.to(device=ex.up_proj.device, dtype=ex.up_proj.dtype)
 
 
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -118,12 +127,39 @@ def _others(c0, c1, wall_s):
     return max(0.0, ((c1[0] - c0[0]) - (c1[1] - c0[1])) / wall_s)
 
 
+class Clock:
+    """Seconds of the work between start() and stop(): wall clock on the CPU; on CUDA, events recorded on the
+    stream with the device synchronised first (nothing earlier leaks in) and waited for at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        torch.cuda.synchronize()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def stop(self, t0) -> float:
+        if not self.cuda:
+            return time.perf_counter() - t0
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        e.synchronize()
+        return t0.elapsed_time(e) / 1e3
+
+
+CLOCK = Clock(torch.device("cpu"))
+
+
 def _fwd(module, x, gy, inner):
     with torch.no_grad():
-        t0 = time.perf_counter()
+        t0 = CLOCK.start()
         for _ in range(inner):
             module(x)
-        return time.perf_counter() - t0
+        return CLOCK.stop(t0)
 
 
 def _fwd_bwd(module, x, gy, inner):
@@ -131,9 +167,9 @@ def _fwd_bwd(module, x, gy, inner):
     for _ in range(inner):
         module.zero_grad(set_to_none=True)
         x.grad = None
-        t0 = time.perf_counter()
+        t0 = CLOCK.start()
         module(x).backward(gy)
-        total += time.perf_counter() - t0
+        total += CLOCK.stop(t0)
     return total
 
 
@@ -153,7 +189,11 @@ def sample(fn, module, x, gy, inner, args):
     return best
 
 
-def machine() -> str:
+def machine(device: torch.device | None = None) -> str:
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, "
+                f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}")
     cpu, extra = platform.processor() or platform.machine(), []
     try:
         info = {}
@@ -177,17 +217,18 @@ def bench_tokens(T, args, log):
     d, d_ff, E, K = args.d, args.d_ff, args.experts, args.top_k
     ec = args.router == "expert_choice"
     k_act = active_experts(args)  # dense reference width: experts each token uses on average
+    dev, dt = args.device, args.dtype
     torch.manual_seed(args.seed)
-    x0 = torch.randn(1, T, d)  # (batch, seq, d): the HF block wants 3-D input
-    gy = torch.randn(1, T, d)
+    x0 = torch.randn(1, T, d).to(dev, dt)  # (batch, seq, d): the HF block wants 3-D input
+    gy = torch.randn(1, T, d).to(dev, dt)
 
     variants = {}
     dense = DenseSwiGLU(d, k_act * d_ff)
     with torch.no_grad():
         for p in dense.parameters():
             p.normal_(0.0, args.std)
-    variants[f"dense SwiGLU (d_ff={k_act * d_ff})"] = dense
-    ours = {b: build_ours(d, d_ff, E, K, b, args.std, args.seed, args.router, args.capacity)
+    variants[f"dense SwiGLU (d_ff={k_act * d_ff})"] = dense.to(dev, dt)
+    ours = {b: build_ours(d, d_ff, E, K, b, args.std, args.seed, args.router, args.capacity, dev, dt)
             for b in args.backend}
     tag = f"EC C={args.capacity:g}, " if ec else ""
     for b, m in ours.items():
@@ -196,15 +237,16 @@ def bench_tokens(T, args, log):
     for impl in ([] if ec else args.hf):  # transformers has no expert-choice block
         variants[f"HF MixtralSparseMoeBlock ({impl})"] = build_hf(ref, K, impl)
 
-    # Same computation check: every MoE variant must give the first one's output.
+    # Same computation check: every MoE variant must give the first one's output (bf16: to bf16 rounding).
+    tol = 1e-4 if dt == torch.float32 else 3e-2
     with torch.no_grad():
-        y_ref = ref(x0)
+        y_ref = ref(x0).float()
         for name, m in variants.items():
-            if m is dense:
+            if name.startswith("dense"):
                 continue
-            err = (m(x0) - y_ref).abs().max().item()
+            err = (m(x0).float() - y_ref).abs().max().item()
             scale = y_ref.abs().max().item()
-            if err > 1e-4 * scale + 1e-6:
+            if err > tol * scale + 1e-6:
                 raise SystemExit(f"{name} disagrees with our {args.backend[0]!r} block: "
                                  f"max |diff| {err:.3g} (max |y| {scale:.3g})")
 
@@ -303,6 +345,9 @@ def main(argv=None):
                         "disturbed (default 0.25; read from /proc/stat)")
     p.add_argument("--retry-wait", type=float, default=0.5, help="seconds to wait before retaking a sample")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameter and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--std", type=float, default=0.02, help="init std of all weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the table (with machine and date) to this markdown file")
@@ -310,6 +355,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.router == "expert_choice" and args.capacity is None:
         args.capacity = 2.0
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32"))
+    global CLOCK
+    CLOCK = Clock(args.device)
 
     torch.set_num_threads(args.threads)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
@@ -319,20 +370,21 @@ def main(argv=None):
 
     routing = (f"expert choice C={args.capacity:g}" if args.router == "expert_choice" else f"top-{args.top_k}"
                + (f" capacity {args.capacity:g}" if args.capacity else ""))
-    header = (f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, {routing}, fp32; "
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[args.dtype]
+    header = (f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, {routing}, {dtype_name} on {args.device}; "
               f"ratios to a dense SwiGLU with d_ff={active_experts(args) * args.d_ff} (equal active FLOPs), same run; "
               f"median of {args.reps} round-robin repetitions")
     md = table(results)
     note = notes(results, args)
     print(header)
-    print(machine())
+    print(machine(args.device))
     print()
     print(md)
     print()
     print(note)
     print(f"\n({wall:.0f} s)")
     if args.out:
-        write_report(args.out, "MoE layer, CPU", header, machine(), command("moe_layer.py", argv), f"{md}\n\n{note}",
+        write_report(args.out, f"MoE layer, {args.device.type.upper()}", header, machine(args.device), command("moe_layer.py", argv), f"{md}\n\n{note}",
                      notes=("fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient "
                             "(input and parameter gradients)",))
 
