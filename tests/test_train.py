@@ -343,8 +343,9 @@ WORKER = r"""
 import json, os, random, sys, torch
 sys.path.insert(0, {tests!r})
 from conftest import tiny_model
-from test_train import corpus, PLAN, SEQ, cfg
+from test_train import corpus, dense_run_state, PLAN, SEQ, cfg
 from upcycle import upcycle
+from upcycle.train import carry_over_optimizer_state, named_optimizer_state
 from upcycle.data import pack_documents
 from upcycle.train import train
 from transformers import AutoTokenizer
@@ -357,6 +358,17 @@ for mode in ("ddp", "fsdp"):
     d = os.path.join(sys.argv[2], mode)
     train(upcycle(tiny_model(), PLAN), data, c, d, progress=False, stop_at=3)  # interrupted at step 3 ...
     out[mode] = train(upcycle(tiny_model(), PLAN), data, c, d, progress=False, resume=True)  # ... and resumed
+# FSDP with 2 micro-batches of 1 per rank (gradients reduce-scattered once per step)
+c = cfg(batch_size=1, grad_accum=2, eval_every=0, parallel="fsdp")
+out["fsdp_accum"] = train(upcycle(tiny_model(), PLAN), data, c, os.path.join(sys.argv[2], "accum"),
+                          progress=False, save_model=False)
+# FSDP starting from a dense run's AdamW state carried onto the experts
+dense, opt = dense_run_state(data)
+moe = upcycle(dense, PLAN)
+init = carry_over_optimizer_state(named_optimizer_state(opt), dense, moe)
+c = cfg(batch_size=2, grad_accum=1, eval_every=0, parallel="fsdp")
+out["fsdp_carry"] = train(moe, data, c, os.path.join(sys.argv[2], "carry"), progress=False, save_model=False,
+                          init_optimizer_state=init)
 if int(os.environ["RANK"]) == 0:
     json.dump(out, open(os.path.join(sys.argv[2], "histories.json"), "w"))
 """
@@ -365,7 +377,8 @@ if int(os.environ["RANK"]) == 0:
 def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
     """Two gloo processes with micro-batches of 2 against one process with 2 micro-batches of 2: the same
     global batch, cut into the same micro-batches (so the same aux losses). The distributed runs are
-    interrupted at step 3 and resumed. The losses agree to fp32 reduction-order rounding (~1e-7
+    interrupted at step 3 and resumed. FSDP also with gradient accumulation (micro-batches of 1, synced
+    once per step) and starting from a carried-over dense AdamW state, each against one process. The losses agree to fp32 reduction-order rounding (~1e-7
     relative per step; DDP is bit-equal here); 1e-5 leaves room for 6 steps of drift."""
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
@@ -385,7 +398,18 @@ def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
     single = train(moe_model(), data, cfg(batch_size=2, grad_accum=2, eval_every=2), tmp_path / "single",
                    progress=False, save_model=False)
     runs = json.loads((tmp_path / "histories.json").read_text())
-    for mode in ("ddp", "fsdp"):
+    # Same global batches as the distributed runs: 4 micro-batches of 1; carried dense AdamW state
+    accum = train(moe_model(), data, cfg(batch_size=1, grad_accum=4), tmp_path / "single_accum",
+                  progress=False, save_model=False)
+    dense, opt = dense_run_state(data)
+    moe = upcycle(dense, PLAN)
+    carry = train(moe, data, cfg(batch_size=2, grad_accum=2), tmp_path / "single_carry", progress=False,
+                  save_model=False, init_optimizer_state=carry_over_optimizer_state(named_optimizer_state(opt), dense,
+                                                                                    moe))
+    fresh = [r["loss"] for r in train(moe_model(), data, cfg(batch_size=2, grad_accum=2), tmp_path / "f",
+                                      progress=False, save_model=False)]
+    assert [r["loss"] for r in carry] != pytest.approx(fresh, rel=1e-3)  # the carried state changes the run
+    for mode, single in (("ddp", single), ("fsdp", single), ("fsdp_accum", accum), ("fsdp_carry", carry)):
         h = runs[mode]
         assert [r["step"] for r in h] == [r["step"] for r in single]
         for a, b in zip(single, h):
@@ -394,6 +418,7 @@ def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
             if a["val_loss"] is not None:
                 assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert h[-1]["tokens"] == single[-1]["tokens"] == 6 * 4 * SEQ
+    assert [r["loss"] for r in accum] != pytest.approx([r["loss"] for r in runs["fsdp"]], rel=1e-4)  # other batches
     import upcycle as U
 
     fsdp_model = U.load(tmp_path / "fsdp" / "model")  # gathered from the shards on rank 0

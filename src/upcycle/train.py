@@ -511,6 +511,24 @@ def _optimizer_state(model: nn.Module, opt, d: _Dist) -> dict:
     return named_optimizer_state(opt)
 
 
+def _load_full_state_fsdp(model: nn.Module, opt, named: dict) -> None:
+    """A name-keyed full (unsharded) AdamW state, e.g. `carry_over_optimizer_state`, into an optimizer
+    over FSDP2-sharded parameters: every rank holds the full state and keeps its own shard. The groups
+    (hyperparameters from this run's config) are the optimizer's own; parameters the state lacks start
+    fresh."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    current = get_optimizer_state_dict(model, opt, options=options)
+    known = {n for g in current["param_groups"] for n in g["params"]}
+    unknown = sorted(set(named["state"]) - known)
+    if unknown:
+        raise UpcycleError(f"optimizer state has parameters this model lacks: {unknown[:3]}")
+    state = {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for n, s in named["state"].items()}
+    set_optimizer_state_dict(model, opt, {"state": state, "param_groups": current["param_groups"]}, options=options)
+
+
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -727,8 +745,9 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
         _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
     elif init_optimizer_state is not None:
         if d.mode == "fsdp":
-            raise UpcycleError("optimizer carry-over under FSDP is not supported yet; use DDP or one process")
-        load_named_optimizer_state(opt, init_optimizer_state, config)
+            _load_full_state_fsdp(model, opt, init_optimizer_state)
+        else:
+            load_named_optimizer_state(opt, init_optimizer_state, config)
 
     batches = Batches(data.train, config.batch_size, config.seed, d.rank, d.world)
     if ckpt is not None:
@@ -756,8 +775,10 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
             sums = [0.0, 0.0, 0.0, 0.0]  # loss, lm, load balancing, z
             for m, x in enumerate(micro):
                 x = x.to(device)
-                sync = d.mode != "ddp" or m == len(micro) - 1
-                with (nullcontext() if sync else model.no_sync()):
+                sync = d.mode == "none" or m == len(micro) - 1
+                if d.mode == "fsdp":  # accumulate unsharded gradients; reduce-scatter once, on the last one
+                    model.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or d.mode != "ddp" else model.no_sync()):
                     with autocast():
                         lm = model(input_ids=x, labels=x).loss
                         aux = aux_losses(raw, alpha, beta)
