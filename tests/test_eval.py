@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_model
-from upcycle import UpcyclePlan, UpcycleError, save, upcycle
+from upcycle import UpcyclePlan, UpcycleError, upcycle
 from upcycle.cli import main
 from upcycle.evaluate import ExpertLoad, expert_load, perplexity, perplexity_and_load
 from upcycle.plots import plot_expert_load, plot_loss_vs_flops, read_metrics, metrics_curves

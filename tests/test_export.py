@@ -67,6 +67,16 @@ def test_in_memory_export_matches_directory_export(tmp_path, ids):
     moe = upcycle(tiny_model("llama"), plan).eval()
     export(moe, "mixtral", tmp_path / "stock")
     assert rel_diff(_logits(_stock(tmp_path / "stock"), ids), _logits(moe, ids)) <= TOL
+    # Both write provenance: the plan and layers, what the export was; from a directory, its source hashes too
+    save(moe, plan, tmp_path / "native", source_hashes={"model.safetensors": "ab" * 32})
+    export(tmp_path / "native", "mixtral", tmp_path / "stock2", layout="fused")
+    mem, disk = (json.loads((tmp_path / d / "upcycle.json").read_text()) for d in ("stock", "stock2"))
+    for m in (mem, disk):
+        assert UpcyclePlan.from_dict(m["plan"]) == plan and m["moe_layers"] == [0, 1, 2, 3]
+        assert m["exported"]["to"] == "mixtral" and "torch" in m["versions"]
+    assert mem["exported"]["from"] is None and disk["exported"]["layout"] == "fused"
+    assert disk["source"]["weights"] == {"model.safetensors": "ab" * 32}
+    assert rel_diff(_logits(_stock(tmp_path / "stock2"), ids), _logits(moe, ids)) <= TOL
 
 
 @pytest.mark.parametrize("model_type,kw", [

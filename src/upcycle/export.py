@@ -276,6 +276,10 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
     from .native import unique_state_dict
     from .stream import SafetensorsSource
 
+    import time
+
+    from .native import FORMAT, FORMAT_VERSION, read_meta, versions
+
     if isinstance(source, nn.Module):
         from .surgery import structure_of
 
@@ -285,15 +289,22 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
         structure = structure_of(source)
         reader = nullcontext()
         items = tensor_items(unique_state_dict(source)[0])
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_dict(), "moe_layers": moe_layers,
+                **structure, "source": {"path": str(source_dir) if source_dir else None, "weights": {}},
+                "versions": versions()}
     else:
         source_dir = source_dir or source
         config, plan, moe_layers, structure = read_native(source)
+        meta = read_meta(Path(source)) | {"versions": versions()}
         reader = s = SafetensorsSource(source)
         items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
+    # Provenance, as every output of ours has: what the weights are (plan, layers, source) and what wrote them.
+    meta["exported"] = {"to": target, "layout": layout, "from": str(source) if not isinstance(source, nn.Module)
+                        else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     with reader:
         write_stock(items, target, out_dir, config, plan, moe_layers, structure=structure, layout=layout,
                     shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
-                    progress=progress, side_files_from=source_dir)
+                    progress=progress, side_files_from=source_dir, meta=meta)
     return Path(out_dir)
 
 
@@ -311,8 +322,9 @@ def read_native(path: str | Path) -> tuple[dict, UpcyclePlan, list[int], dict]:
 def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dict, plan: UpcyclePlan,
                 moe_layers: list[int], *, structure: dict | None = None, layout: str = "legacy",
                 shared_expert_size: int = 0, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                progress: bool = False, side_files_from: str | Path | None = None) -> None:
-    """Check, map and write items (ours, lazily produced) as the stock checkpoint, tensor by tensor."""
+                progress: bool = False, side_files_from: str | Path | None = None, meta: dict | None = None) -> None:
+    """Check, map and write items (ours, lazily produced) as the stock checkpoint, tensor by tensor; `meta`,
+    when given, is written as upcycle.json (provenance)."""
     import shutil
 
     from tqdm.auto import tqdm
@@ -331,6 +343,8 @@ def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dic
         with tqdm(total=sum(it.nbytes for it in mapped), unit="B", unit_scale=True, desc=f"writing {target}",
                   disable=not progress) as bar:
             write_items(mapped, tmp, limit, bar)
+        if meta is not None:
+            (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
         if side_files_from is not None:
             for name in SIDE_FILES:
                 if (Path(side_files_from) / name).is_file():
