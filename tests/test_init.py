@@ -329,3 +329,40 @@ def test_cli_flags(tmp_path, tiny_dir, ids, capsys):
     assert main(["sparse", "--model", str(tiny_dir), "--out", str(tmp_path / "q"), "--quiet", "--format",
                  "qwen2_moe", "--shared_mlp", "gated", "--num_experts", "4"]) == 0
     assert rel_diff(_logits(_stock(tmp_path / "q"), ids), _logits(dense, ids)) <= TOL
+
+
+# ------------------------------------------------------------------------------------------ experiment
+def test_experiment_variant_arms(tmp_path):
+    """Recipe `variants`: extra upcycled arms with their own plans; function-preserving ones start at the dense
+    checkpoint, drop-upcycling does not; the results name and rank them."""
+    import csv
+
+    import yaml
+
+    from test_experiment import RECIPES
+    from upcycle.errors import UpcycleError
+    from upcycle.experiment import Recipe
+
+    d = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
+    d |= {"arms": ["upcycled", "shared", "drop"], "extra": [0.1], "pretrain_tokens": 25600,
+          "variants": {"shared": {"shared_mlp": "ungated"}, "drop": {"expert_init": "drop"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    assert main(["experiment", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    info = json.loads((tmp_path / "o" / "results.json").read_text())
+    with open(tmp_path / "o" / "results.csv") as fh:
+        start = {r["arm"]: float(r["val_loss"]) for r in csv.DictReader(fh) if float(r["target_extra"]) == 0}
+    ref = info["dense_val_loss"]
+    assert abs(start["shared"] - ref) <= 1e-4 * ref and abs(start["upcycled"] - ref) <= 1e-4 * ref
+    assert start["drop"] > ref + 1e-3
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "upcycled: drop" in md and "## Ranking at 10% extra compute" in md
+    recipe = Recipe.from_yaml(tmp_path / "r.yaml")
+    assert recipe.variant_plan("drop").expert_init == "drop" and recipe.variant_plan("drop").num_experts == 8
+    for bad, msg in (({"dense": {}}, "a variant's name"), ({"x": {"expert_init": "nope"}}, "expert_init"),
+                     ({"x": 3}, "give {arm name")):
+        with pytest.raises(UpcycleError, match=msg):
+            Recipe.from_dict(d | {"variants": bad})
+    with pytest.raises(UpcycleError, match="unknown arm 'nope'"):
+        Recipe.from_dict(d | {"arms": ["nope"]})
+    init_recipe = Recipe.from_yaml(RECIPES / "initialisers.yaml")
+    assert init_recipe.variant_plan("granular").granularity == 2

@@ -32,6 +32,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "experiment": "upcycle.experiment_cli",
     "plot": "upcycle.plot_cli",
     "train": "upcycle.train_cli",
+    "tile": "upcycle.tile_cli",
 }
 
 
