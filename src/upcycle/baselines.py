@@ -128,7 +128,8 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
     """
     from transformers import AutoModelForCausalLM
 
-    from .surgery import convert_structure, init_router
+    from .init import init_router
+    from .surgery import convert_structure
 
     seed = plan.seed if seed is None else seed
     plan = plan.replace(seed=seed)

@@ -32,6 +32,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "experiment": "upcycle.experiment_cli",
     "plot": "upcycle.plot_cli",
     "train": "upcycle.train_cli",
+    "tile": "upcycle.tile_cli",
 }
 
 
@@ -189,15 +190,25 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     if args.format != "native":
         from .export import check_exportable
 
-        check_exportable(args.format, config, plan, layers)  # before any work
+        from .stream import upcycled_structure
+
+        check_exportable(args.format, config, plan, layers, upcycled_structure(plan, config))  # before any work
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.stream and plan.router_init == "data":
+        print("note: router_init=data runs the dense model on the prompts: converting in memory", file=sys.stderr)
+        args.stream = False
     if args.stream:
         _sparse_streaming(args, plan, model_dir, config, layers, dtype, t0)
         return 0
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
-        model = upcycle(dense, plan, inplace=True, progress=bar)
+        tok = None
+        if plan.router_init == "data":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        model = upcycle(dense, plan, inplace=True, progress=bar, tokenizer=tok)
     if args.format != "native":
         from .export import export
 
@@ -219,11 +230,15 @@ def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Pa
     transform = write_config = None
     if args.format != "native":
         from .export import stock_config, stock_items
+        from .stream import upcycled_structure
 
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
-        transform = lambda items: stock_items(items, args.format, cfg, layers, layout=args.layout)  # noqa: E731
+        st = upcycled_structure(plan, config)
+        transform = lambda items: stock_items(items, args.format, cfg, layers, layout=args.layout,  # noqa: E731
+                                              structure=st)
         write_config = lambda c, d: stock_config(  # noqa: E731
-            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers).save_pretrained(d)
+            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers,
+            structure=st).save_pretrained(d)
     stream_upcycle(model_dir, plan, args.out, dtype=None if dtype == "auto" else dtype,
                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
                    transform=transform, write_config=write_config)

@@ -84,6 +84,8 @@ class Recipe:
     extra: tuple = _f((0.1, 0.2, 0.4), "extra compute budgets as fractions of B")
     arms: tuple = _f(ARMS, "which arms to run")
     plan: dict = _f(None, "the upcycling plan (UpcyclePlan keys); default E=8, top-2, every_k:2:1, aux 0.01")
+    variants: dict | None = _f(None, "more upcycled arms: {arm name: plan keys overriding `plan`}, e.g. "
+                                     "{drop: {expert_init: drop}}; list their names in `arms`")
     depth_factor: float = _f(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
     depth_mode: str = _f("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
     eval_batches: int = _f(12, "validation batches (of batch_size sequences) per evaluation; the same set each time")
@@ -102,9 +104,19 @@ class Recipe:
         object.__setattr__(self, "arms", tuple(self.arms))
         if not self.extra or any(not 0 < x <= 100 for x in self.extra):
             raise bad("extra", f"give positive fractions of B, e.g. [0.1, 0.2, 0.4]; got {list(self.extra)}")
-        unknown = [a for a in self.arms if a not in ARMS]
+        variants = self.variants or {}
+        if not isinstance(variants, dict) or any(not isinstance(v, dict) for v in variants.values()):
+            raise bad("variants", "give {arm name: {plan key: value, ...}, ...}")
+        clash = [n for n in variants if n in ARMS or not str(n).replace("_", "").isalnum()]
+        if clash:
+            raise bad("variants", f"{clash[0]!r}: a variant's name is a new arm name (letters, digits, _), not one "
+                                  f"of {', '.join(ARMS)}")
+        for n in variants:
+            self.variant_plan(n)  # validates
+        unknown = [a for a in self.arms if a not in ARMS and a not in variants]
         if unknown or not self.arms:
-            raise bad("arms", f"unknown arm {unknown[0] if unknown else None!r}; choose from {', '.join(ARMS)}")
+            raise bad("arms", f"unknown arm {unknown[0] if unknown else None!r}; choose from "
+                              f"{', '.join(ARMS + tuple(variants))}")
         pretrained = isinstance(self.model, str)
         if pretrained and self.model not in PRETRAINED:
             raise bad("model", f"a pretrained model is one of {', '.join(PRETRAINED)}, got {self.model!r}")
@@ -141,6 +153,13 @@ class Recipe:
         from .plan import UpcyclePlan
 
         return UpcyclePlan.from_dict(dict(self.plan or {}), source=f"recipe {self.name!r} plan")
+
+    def variant_plan(self, arm: str):
+        """The plan of an upcycled arm: `plan`, with the variant's overrides for a variant arm."""
+        from .plan import UpcyclePlan
+
+        over = (self.variants or {}).get(arm, {})
+        return UpcyclePlan.from_dict(dict(self.plan or {}) | dict(over), source=f"recipe {self.name!r} variant {arm!r}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -479,8 +498,8 @@ class Experiment:
             scratch = arm == "moe_scratch"
             if arm == "dense":
                 model = load_dense()
-            elif arm == "upcycled":
-                model = upcycle(load_dense(), plan, inplace=True)
+            elif arm == "upcycled" or arm in (r.variants or {}):
+                model = upcycle(load_dense(), r.variant_plan(arm), inplace=True, tokenizer=self.tokenizer)
             elif arm == "upcycled_carry":
                 model = upcycle(load_dense(), plan, inplace=True)
                 if dense_opt is None:
@@ -592,11 +611,14 @@ def results_markdown(rows: list[dict], info: dict) -> str:
               f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch thread(s); the machine was shared, "
               f"load average {m.get('load_average_1min', '?')} at the end), device {m['device']}, torch {m['torch']}"
               f"; the runs took {info['runs_wall_s'] / 60:.1f} min (training and evaluation)."]
+    if r.get("variants"):
+        lines += ["Upcycled variants (plan keys over the plan above): " + "; ".join(
+            f"**{n}** `{json.dumps(v)}`" for n, v in r["variants"].items()) + "."]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`"]
     lines += [""]
     lines += ["## Validation loss by extra compute (fraction of B)", ""]
-    head = "| extra compute | " + " | ".join(LABELS[a] for a in arms) + " |"
+    head = "| extra compute | " + " | ".join(_label(a) for a in arms) + " |"
     lines += [head, "|" + "---|" * (len(arms) + 1)]
     by = {(x["arm"], x["target_extra"]): x for x in rows}
     for t in targets:
@@ -614,6 +636,17 @@ def results_markdown(rows: list[dict], info: dict) -> str:
     if "moe_scratch" in arms:
         lines += ["", "MoE from scratch: its 0% point is after B FLOPs of its own training from a random init; each "
                   "later point after B + extra."]
+    if len(arms) > 2:
+        top = targets[-1]
+        ranked = sorted((by[(a, top)] for a in arms if (a, top) in by), key=lambda x: x["val_loss"])
+        ref = by.get(("upcycled", top)) or by.get(("dense", top))
+        lines += ["", f"## Ranking at {top:.0%} extra compute (equal FLOPs)", "",
+                  f"| rank | arm | val loss | vs {ref['arm'] if ref else '-'} | FLOPs/token | steps |",
+                  "|---|---|---|---|---|---|"]
+        for k, x in enumerate(ranked, 1):
+            d = f"{x['val_loss'] - ref['val_loss']:+.4f}" if ref else ""
+            lines.append(f"| {k} | {_label(x['arm'])} | {x['val_loss']:.4f} | {d} | {x['flops_per_token']:,} | "
+                         f"{x['step']} |")
     lines += ["", "## Every point", "",
               "| arm | target extra | step | tokens | training FLOPs | extra FLOPs | extra / B | val loss | val ppl "
               "| train time (s) | FLOPs/token |", "|" + "---|" * 11]
@@ -630,7 +663,19 @@ def results_markdown(rows: list[dict], info: dict) -> str:
 def _colour(arm: str) -> str:
     from .plots import PALETTE
 
+    if arm not in ARMS and arm != "pretrain":  # a plan variant: a colour of its own, by its first use
+        import matplotlib
+
+        n = _VARIANT_COLOURS.setdefault(arm, len(_VARIANT_COLOURS))
+        return matplotlib.colors.to_hex(matplotlib.colormaps["tab20"]((2 * n + 1 + n // 10) % 20))
     return "#333333" if arm == "pretrain" else PALETTE[ARMS.index(arm) % len(PALETTE)]
+
+
+_VARIANT_COLOURS: dict[str, int] = {}
+
+
+def _label(arm: str) -> str:
+    return LABELS.get(arm, f"upcycled: {arm}")
 
 
 def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
@@ -662,7 +707,7 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
         xs = [100 * x / B for x, _ in pts]
         vs = [y for _, y in pts]
         bud = sorted((x for x in rows if x["arm"] == arm), key=lambda x: x["extra_share"])
-        ax.plot(xs, vs, color=c, lw=1.6, alpha=0.9, label=f"{LABELS[arm]}  ({bud[-1]['val_loss']:.3f})")
+        ax.plot(xs, vs, color=c, lw=1.6, alpha=0.9, label=f"{_label(arm)}  ({bud[-1]['val_loss']:.3f})")
         ax.plot([100 * x["extra_share"] for x in bud], [x["val_loss"] for x in bud], "o", color=c, ms=6)
         ys += vs
     lo = min(ys + [info["dense_val_loss"]])
@@ -685,7 +730,7 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
         for arm, pts in whole.items():
             if not pts:
                 continue
-            label = "dense pretraining (B)" if arm == "pretrain" else LABELS[arm]
+            label = "dense pretraining (B)" if arm == "pretrain" else _label(arm)
             ax2.plot([100 * x / B for x, _ in pts], [y for _, y in pts], color=_colour(arm),
                      lw=2.2 if arm == "pretrain" else 1.5, label=label)
         ax2.axvline(100, color="0.35", ls="--", lw=1.0)

@@ -19,8 +19,10 @@ from .layers import DEFAULT_LAYERS, parse_layers
 from .routing import EC_CAPACITY_FACTOR
 
 ROUTERS = ("topk", "expert_choice", "soft")
-ROUTER_INITS = ("normal", "zeros", "uniform")
-EXPERT_INITS = ("copy", "noise")
+ROUTER_INITS = ("normal", "zeros", "uniform", "data")
+EXPERT_INITS = ("copy", "noise", "drop", "partition", "granular", "qwen2")  # see init.py
+PARTITION_METHODS = ("random", "kmeans")
+SHARED_EXPERTS = ("none", "gated", "ungated")
 EC_GROUPS = ("sequence", "batch")
 
 
@@ -53,15 +55,33 @@ class UpcyclePlan:
     )
     ec_group: str = _f("sequence", "expert_choice routes within each sequence or across the whole batch",
                        choices=EC_GROUPS)
-    router_init: str = _f("normal", "router weights: normal (std router_std) | zeros | uniform (std router_std)",
+    router_init: str = _f("normal", "router weights: normal (std router_std) | zeros | uniform (std router_std) | "
+                          "data (mean hidden state entering the layer's MLP on each expert's router_prompts)",
                           choices=ROUTER_INITS)
+    router_prompts: str | None = _f(None, "router_init=data: YAML list of prompt sets, one per expert (per group of "
+                                    "granularity experts for granular), or a text file of sets separated by ---")
     router_std: float = _f(0.02, "standard deviation of the router initialisation")
     expert_init: str = _f("copy", "experts: copy of the dense MLP | noise (copy plus N(0, noise_std) per weight)",
                           choices=EXPERT_INITS)
     noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")
+    drop_ratio: float = _f(0.5, "drop / qwen2: share of each expert's intermediate neurons re-initialised from the "
+                                "dense matrix's mean and std (one index set per expert, shared by gate/up/down)")
+    partition_method: str = _f("random", "partition: how the neurons are split into experts: random | kmeans "
+                                         "(size-balanced k-means on the gate rows)", choices=PARTITION_METHODS)
+    partition_scale: float | None = _f(None, "partition: factor folded into the experts' down projections "
+                                             "(default E: each of the top_k active experts gets E/K on average)")
+    granularity: int = _f(1, "granular: G, experts of width d_ff/G in virtual groups of G sharing a router row; "
+                             "qwen2: expert width d_ff/G unless expert_width is given")
+    expert_width: int | None = _f(None, "qwen2: width of each fine-grained expert (intermediate size)")
+    shared_mlp: str = _f("none", "the dense MLP also as an always-on shared expert: none | gated (Qwen2-MoE "
+                                    "sigmoid gate, zero at init) | ungated (plain sum, DeepSeek style)",
+                            choices=SHARED_EXPERTS)
+    shared_split: float = _f(0.5, "shared_mlp: share of the dense output the routed experts carry at init "
+                                  "(their down projections are scaled by it, the shared expert carries the rest); "
+                                  "0 starts the routed branch at zero")
     aux_loss_coef: float = _f(0.01, "load-balancing loss coefficient (alpha)")
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (beta)")
-    seed: int = _f(0, "seed for the router (and noise) initialisation")
+    seed: int = _f(0, "seed for the router and expert initialisations")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> PlanError:
@@ -94,6 +114,34 @@ class UpcyclePlan:
             raise bad("router_init", f"choose one of {', '.join(ROUTER_INITS)}, got {self.router_init!r}")
         if self.expert_init not in EXPERT_INITS:
             raise bad("expert_init", f"choose one of {', '.join(EXPERT_INITS)}, got {self.expert_init!r}")
+        for name, allowed in (("partition_method", PARTITION_METHODS), ("shared_mlp", SHARED_EXPERTS)):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"choose one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("granularity",) + (("expert_width",) if self.expert_width is not None
+                                        else ()):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, f"expected a positive integer, got {v!r}")
+        for name in ("drop_ratio", "shared_split"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise bad(name, f"must be a number between 0 and 1, got {v!r}")
+        if self.partition_scale is not None:
+            v = self.partition_scale
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise bad("partition_scale", f"must be a positive number, got {v!r}")
+        if self.expert_init == "granular" and self.num_experts % self.granularity:
+            raise bad("granularity", f"num_experts={self.num_experts} must be a multiple of granularity="
+                                     f"{self.granularity} (each virtual group of G experts holds one copy of the MLP)")
+        if self.granularity != 1 and self.expert_init not in ("granular", "qwen2"):
+            raise bad("granularity", f"only expert_init granular or qwen2 uses it (expert_init is {self.expert_init!r})")
+        if self.expert_width is not None and self.expert_init != "qwen2":
+            raise bad("expert_width", "only expert_init=qwen2 takes an explicit expert width (partition "
+                                                  "and granular derive it: d_ff/E, d_ff/G)")
+        if (self.router_init == "data") != (self.router_prompts is not None):
+            raise bad("router_prompts" if self.router_init == "data" else "router_init",
+                      "router_init=data and router_prompts go together (the prompts whose hidden states become the "
+                      "router rows)")
         for name in ("router_std", "noise_std", "aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -113,6 +161,9 @@ class UpcyclePlan:
     # Serialisation: YAML keys are the field names.
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for k in LATER_FIELDS:  # written only when used: plans that do not use them serialise as before
+            if d[k] == _DEFAULTS[k]:
+                del d[k]
         if isinstance(self.layers, tuple):
             d["layers"] = list(self.layers)
         return {"method": "sparse_upcycling", **d}
@@ -138,3 +189,9 @@ class UpcyclePlan:
 
     def replace(self, **changes: Any) -> "UpcyclePlan":
         return dataclasses.replace(self, **changes)
+
+
+# Fields added with the initialisers of init.py (issue 8).
+LATER_FIELDS = ("router_prompts", "drop_ratio", "partition_method", "partition_scale", "granularity",
+                "expert_width", "shared_mlp", "shared_split")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(UpcyclePlan)}

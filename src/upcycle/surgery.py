@@ -8,7 +8,6 @@ together on a live transformers model.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Iterable
 
 import torch
@@ -17,6 +16,7 @@ from transformers.activations import ACT2FN
 
 from .adapters import MLPAdapter, adapter_for
 from .experts import Experts
+from .init import init_layer, plan_structure
 from .layers import select_layers
 from .moe import MoEBlock, RouterConfig, SharedExpert
 from .plan import UpcyclePlan
@@ -31,54 +31,36 @@ def moe_layers(plan: UpcyclePlan, config) -> list[int]:
     return select_layers(plan.layers, adapter.dims(config)[0])
 
 
-def _generator(seed: int, layer: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 16 + stream)
-
-
-def init_router(plan: UpcyclePlan, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Router weight (E, D): normal(0, std) by default (flaxformer / the paper), zeros, or a centred
-    uniform with the same std."""
-    E, std = plan.num_experts, plan.router_std
-    if plan.router_init == "zeros":
-        w = torch.zeros(E, hidden_size)
-    elif plan.router_init == "normal":
-        w = torch.randn(E, hidden_size, generator=_generator(plan.seed, layer, 0)) * std
-    else:  # uniform with standard deviation std
-        a = std * math.sqrt(3.0)
-        w = (torch.rand(E, hidden_size, generator=_generator(plan.seed, layer, 0)) * 2 - 1) * a
-    return w.to(dtype)
-
-
-def init_experts(plan: UpcyclePlan, layer: int, dense: torch.Tensor, which: int) -> torch.Tensor:
-    """(E, ...) expert tensor from one dense tensor: copies, or copies plus independent noise."""
-    out = dense.unsqueeze(0).expand(plan.num_experts, *dense.shape).clone()
-    if plan.expert_init == "noise" and plan.noise_std > 0:
-        g = _generator(plan.seed, layer, 1 + which)
-        noise = torch.randn(out.shape, generator=g, dtype=torch.float32) * plan.noise_std
-        out = (out.float() + noise).to(dense.dtype)
+def dense_mlp_keys(adapter: MLPAdapter, i: int) -> dict[str, str]:
+    """{init.py tensor name ("gate", "up", "down", "gate_bias", ...): dense key} of layer i's MLP."""
+    out = {}
+    for _, proj_attr, kind in _EXPERT_PARAMS:
+        proj = getattr(adapter, proj_attr)
+        if proj is not None:
+            out[proj_attr + ("_bias" if kind == "bias" else "")] = adapter.dense_key(i, proj, kind)
     return out
 
 
-def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config) -> dict[str, torch.Tensor]:
-    """The MoE state dict of `plan` applied to a dense state dict. Tensors that are not touched are
-    shared with the input (no copy)."""
+def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config,
+                       data_rows: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The MoE state dict of `plan` applied to a dense state dict (`init.init_layer` per layer). Tensors
+    that are not touched are shared with the input (no copy). `data_rows`: router rows of
+    router_init=data (`init.data_router_rows`)."""
     adapter = adapter_for(config)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
+    act = getattr(config, adapter.act_key)
     out = dict(dense)
     for i in layers:
         prefix = adapter.mlp_prefix(i)
-        for n, (moe_name, proj_attr, kind) in enumerate(_EXPERT_PARAMS):
-            proj = getattr(adapter, proj_attr)
-            if proj is None:
-                continue
-            key = adapter.dense_key(i, proj, kind)
+        mlp = {}
+        for name, key in dense_mlp_keys(adapter, i).items():
             if key not in out:
-                if kind == "bias":
+                if name.endswith("_bias"):
                     continue
                 raise KeyError(f"dense state dict has no {key!r}: is this checkpoint a {adapter.family}?")
-            out[f"{prefix}.experts.{moe_name}"] = init_experts(plan, i, out.pop(key), n)
-        ref = out[f"{prefix}.experts.up_proj"]
-        out[f"{prefix}.router.weight"] = init_router(plan, i, ref.shape[-1], ref.dtype)
+            mlp[name] = out.pop(key)
+        for k, v in init_layer(plan, i, mlp, act, data_rows).items():
+            out[f"{prefix}.{k}"] = v
     return out
 
 
@@ -88,7 +70,7 @@ def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.
     dense MLP: {"expert_intermediate_size": F, "shared_expert": {"intermediate_size": S, "gated": bool}}
     (models imported from stock checkpoints)."""
     _, D, Fd = adapter.dims(config)
-    structure = structure or {}
+    structure = {**plan_structure(plan, Fd), **(structure or {})}
     act = ACT2FN[getattr(config, adapter.act_key)]
     experts = Experts(plan.num_experts, D, structure.get("expert_intermediate_size") or Fd, act,
                       gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device)
@@ -131,21 +113,33 @@ def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int]
 
 
 @torch.no_grad()
-def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress=None) -> nn.Module:
+def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress=None,
+            tokenizer=None) -> nn.Module:
     """Sparse upcycling of a transformers model: the chosen MLPs become MoE blocks whose experts are
-    initialised from the dense MLP, routers new. Everything else is untouched."""
+    initialised from the dense MLP (plan.expert_init, see init.py), routers new. Everything else is
+    untouched. router_init=data runs the dense model on plan.router_prompts first (needs `tokenizer`)."""
     if not inplace:
         model = copy.deepcopy(model)
     config = model.config
     adapter = adapter_for(config)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     blocks = adapter.layer_list(model)
+    data_rows = None
+    if plan.router_init == "data":
+        from .errors import PlanError
+        from .init import data_router_rows
+
+        if tokenizer is None:
+            raise PlanError("router_init=data runs the dense model on router_prompts: give a tokenizer")
+        was_training = model.training
+        data_rows = data_router_rows(model.eval(), tokenizer, plan, layers, adapter)
+        model.train(was_training)
     for i in layers:
         prefix = adapter.mlp_prefix(i) + "."
         mlp = getattr(blocks[i], adapter.mlp)
         dense = {prefix + k: v for k, v in mlp.state_dict().items()}
         one = plan.replace(layers=[i])
-        moe_sd = upcycle_state_dict(dense, one, config)
+        moe_sd = upcycle_state_dict(dense, one, config, data_rows)
         block = make_moe_block(config, plan, adapter, mlp.get_submodule(adapter.up).weight.dtype,
                                mlp.get_submodule(adapter.up).weight.device)
         block.load_state_dict({k[len(prefix):]: v for k, v in moe_sd.items()}, strict=True)

@@ -1,0 +1,136 @@
+"""upcycle tile: depth tiling, a deeper dense model warm-started by repeating the layers of a dense one.
+
+    upcycle tile --model DIR --factor 2 --out runs/deep              (stack: [0..L-1, 0..L-1])
+    upcycle tile --model DIR --num_layers 45 --mode interleave --out runs/deep45
+    upcycle tile --plan tile.yaml --out runs/deep                     (method: depth_tiling, same keys)
+
+Sparse Upcycling's "dense upcycling" baseline (Komatsuzaki et al., ICLR 2023): the same extra compute spent
+on a deeper dense model instead of experts. The research notes give no layer order for it; `stack` (the whole
+stack again on top, as progressive stacking / G_stack / SOLAR do) is the default and `interleave` repeats
+each layer in place (`baselines.tile_order`). Not function preserving: the deeper model needs training.
+The output is a plain Hugging Face directory of the source's own class (safetensors, `config.json` with a
+`depth_tiling` entry naming each layer's source), which `from_pretrained`, `upcycle train` and
+`upcycle sparse` read like any dense checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HELP = "depth tiling: a deeper dense model made by repeating the layers of a dense one"
+MODES = ("stack", "interleave")
+
+
+@dataclass(frozen=True)
+class DepthTilingPlan:
+    """`method: depth_tiling` in YAML; every field is also a flag of the same name."""
+
+    num_layers: int | None = field(default=None, metadata={"help": "layers of the deeper model"})
+    factor: float | None = field(default=None, metadata={"help": "or: new depth = round(factor x layers)"})
+    mode: str = field(default="stack", metadata={"help": "stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])",
+                                                 "choices": MODES})
+
+    def __post_init__(self) -> None:
+        from .errors import PlanError
+
+        if (self.num_layers is None) == (self.factor is None):
+            raise PlanError("depth tiling: give exactly one of num_layers or factor")
+        if self.num_layers is not None and (isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int)
+                                            or self.num_layers < 1):
+            raise PlanError(f"num_layers: expected a positive integer, got {self.num_layers!r}")
+        if self.factor is not None and (isinstance(self.factor, bool) or not isinstance(self.factor, (int, float))
+                                        or not math.isfinite(self.factor) or self.factor < 1):
+            raise PlanError(f"factor: expected a number of at least 1, got {self.factor!r}")
+        if self.mode not in MODES:
+            raise PlanError(f"mode: choose one of {', '.join(MODES)}, got {self.mode!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "depth_tiling", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plan") -> "DepthTilingPlan":
+        from . import yamlio
+        from .errors import PlanError
+
+        d = dict(d) if isinstance(d, dict) else d
+        method = d.pop("method", None) if isinstance(d, dict) else None
+        if method != "depth_tiling":
+            raise PlanError(f"{source}: expected `method: depth_tiling`, got {method!r}")
+        yamlio.check_fields(cls, d, source, "depth tiling fields", PlanError)
+        try:
+            return cls(**d)
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import DTYPES, add_dataclass_flags
+
+    p.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--plan", type=Path, help="YAML with method: depth_tiling and the fields below")
+    p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_dataclass_flags(p, DepthTilingPlan, "depth tiling (same names as the YAML keys; override --plan)")
+
+
+def resolve(args: argparse.Namespace) -> DepthTilingPlan:
+    from . import yamlio
+    from .errors import PlanError
+
+    base = {}
+    if args.plan is not None:
+        d = yamlio.read_mapping(args.plan, "plan file", PlanError)
+        if not isinstance(d, dict) or d.get("method") != "depth_tiling":
+            raise PlanError(f"{args.plan}: expected a mapping with `method: depth_tiling`")
+        base = {k: v for k, v in d.items() if k != "method"}
+    over = {f.name: getattr(args, f.name) for f in dataclasses.fields(DepthTilingPlan) if hasattr(args, f.name)}
+    if "num_layers" in over:
+        base.pop("factor", None)
+    if "factor" in over:
+        base.pop("num_layers", None)
+    return DepthTilingPlan.from_dict({"method": "depth_tiling", **base, **over},
+                                     str(args.plan) if args.plan else "flags")
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .baselines import depth_tile, num_params
+    from .cli import load_dense_config
+    from .default_model import default_model_dir
+    from .errors import UpcycleError
+    from .native import SIDE_FILES, atomic_dir, weight_files
+
+    t0 = time.time()
+    plan = resolve(args)
+    if args.out.exists() and not args.overwrite:
+        raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
+    model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
+    load_dense_config(model_dir)
+    if not weight_files(model_dir):
+        raise UpcycleError(f"{model_dir}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
+                           "convert the checkpoint to safetensors first")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    deep = depth_tile(dense, num_layers=plan.num_layers, factor=plan.factor, mode=plan.mode)
+    deep.config.depth_tiling["plan"] = plan.to_dict()
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        deep.save_pretrained(tmp)
+        for name in SIDE_FILES:
+            if (model_dir / name).is_file() and not (tmp / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+    L, T = len(deep.config.depth_tiling["source_of_layer"]), deep.config.depth_tiling["source_layers"]
+    print(f"tiled {model_dir.name}: {T} -> {L} layers ({plan.mode}); parameters {num_params(dense) / 1e6:.1f}M -> "
+          f"{num_params(deep) / 1e6:.1f}M; wrote {args.out} in {time.time() - t0:.1f} s")
+    return 0
