@@ -31,6 +31,16 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def with_router(model, kind: str, **kw):
+    """Give every MoE block of `model` another router (moe.RouterConfig fields): for tests of routing
+    mechanics on tiny decoders, where a plan would refuse expert choice (it breaks causality)."""
+    from upcycle.moe import RouterConfig, moe_blocks
+
+    for _, b in moe_blocks(model):
+        b.router_config = RouterConfig(kind, **kw)
+    return model
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: the relative logit difference the project reports everywhere."""
     return ((a - b).abs().max() / b.abs().max()).item()

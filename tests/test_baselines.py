@@ -71,7 +71,7 @@ def test_depth_tile_num_layers_and_errors():
 
 
 @pytest.mark.parametrize("plan", [UpcyclePlan(num_experts=4), UpcyclePlan(num_experts=4, layers="all", top_k=1),
-                                  UpcyclePlan(num_experts=2, router="expert_choice", router_init="zeros")])
+                                  UpcyclePlan(num_experts=2, router="soft", router_init="zeros")])
 def test_moe_from_scratch_has_the_upcycled_shape(plan):
     config = tiny_config("llama")
     dense = tiny_model("llama")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY, tiny_model
+from conftest import TINY, tiny_model, with_router
 from upcycle import UpcyclePlan, UpcycleError, upcycle
 from upcycle.cli import main
 from upcycle.evaluate import ExpertLoad, expert_load, perplexity, perplexity_and_load
@@ -77,11 +77,11 @@ def test_uniform_router_entropy_and_capacity_drops(tokens):
 
 def test_expert_choice_each_expert_takes_its_capacity(tokens):
     E = 4
-    load = expert_load(moe(num_experts=E, router="expert_choice"), tokens, CTX)  # C = 2
+    load = expert_load(with_router(moe(num_experts=E), "expert_choice"), tokens, CTX)  # C = 2
     caps = [min(math.ceil(2 * n / E), n) for n in (24, 24, 12)]  # 12, 12, 6
     assert load.counts.tolist() == [[sum(caps)] * E] * 2
     # zero router: every expert takes the same first tokens of each window, the rest are left behind
-    load = expert_load(moe(num_experts=E, router="expert_choice", router_init="zeros"), tokens, CTX)
+    load = expert_load(with_router(moe(num_experts=E, router_init="zeros"), "expert_choice"), tokens, CTX)
     assert load.dropped_tokens.tolist() == [T - sum(caps)] * 2
     assert load.routers == ["expert_choice C=2"] * 2
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, WORDS, save_tiny_tokenizer, tiny_model
+from conftest import TINY, WORDS, save_tiny_tokenizer, tiny_model, with_router
 
 from upcycle import UpcyclePlan, upcycle
 from upcycle.cli import main
@@ -204,7 +204,7 @@ def test_flops_by_hand():
     assert flops_per_token(moe, 256) == 6 * moe_n + attn_term
     assert flops_per_token(moe, 256, dense=True) == flops_per_token(dense, 256)
     # expert choice counts C experts per token, soft all E; from a config on the meta device
-    ec = model_on_meta(dense.config, PLAN.replace(router="expert_choice", capacity_factor=1.5))
+    ec = with_router(model_on_meta(dense.config, PLAN), "expert_choice", capacity_factor=1.5)
     assert active_params(ec) == dense_n + 2 * (E * D + 0.5 * mlp)
     soft = model_on_meta(dense.config, PLAN.replace(router="soft"))
     assert active_params(soft) == dense_n + 2 * (E * D + (E - 1) * mlp)

@@ -33,6 +33,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "plot": "upcycle.plot_cli",
     "train": "upcycle.train_cli",
     "tile": "upcycle.tile_cli",
+    "vit-experiment": "upcycle.vit_experiment_cli",
 }
 
 
@@ -166,12 +167,11 @@ def _count(model) -> tuple[int, int]:
 def cmd_sparse(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
     from .adapters import adapter_for
     from .default_model import default_model_dir
     from .layers import select_layers
-    from .native import save, sha256_files, weight_files
+    from .native import model_class, save, sha256_files, weight_files
     from .surgery import upcycle
 
     t0 = time.time()
@@ -197,10 +197,10 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     if args.stream and plan.router_init == "data":
         print("note: router_init=data runs the dense model on the prompts: converting in memory", file=sys.stderr)
         args.stream = False
-    if args.stream:
+    if args.stream and adapter.causal and not adapter.stack:  # encoders, ViT, T5: small, upcycled in memory
         _sparse_streaming(args, plan, model_dir, config, layers, dtype, t0)
         return 0
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    dense = model_class(config).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
         tok = None
@@ -272,7 +272,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
         read_meta(args.model)
-    load_dense_config(args.against)
+    from .encoders import cmd_check as encoder_check, is_causal_lm
+
+    if not is_causal_lm(load_dense_config(args.against)):  # encoders, ViT, T5: outputs, not perplexity
+        return encoder_check(args)
     if args.text is not None:
         if not args.text.is_file():
             raise UpcycleError(f"text file not found: {args.text}")

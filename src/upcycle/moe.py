@@ -54,12 +54,16 @@ class MoEBlock(nn.Module):
         self.experts = experts
         self.shared_expert = shared_expert
         self.last_routing: R.Routing | None = None
+        # Padding mask (B, N) of the current forward, set by the host model's hook (surgery.wire_padding_mask)
+        # for encoders; expert choice never picks a token whose mask is 0.
+        self.token_mask: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
 
-    def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size) -> R.Routing:
+    def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size, mask: torch.Tensor | None = None
+              ) -> R.Routing:
         rc = self.router_config
         if rc.kind == "topk":
             return R.topk_route(logits_TE, rc.top_k, rc.normalize, rc.capacity_factor)
@@ -68,7 +72,8 @@ class MoEBlock(nn.Module):
         if rc.kind == "expert_choice":
             groups = lead_shape[0] if (rc.ec_group == "sequence" and len(lead_shape) >= 2) else 1
             logits_GNE = logits_TE.view(groups, -1, logits_TE.shape[-1])
-            return R.expert_choice_route(logits_GNE, rc.ec_capacity, rc.normalize)
+            mask_GN = None if mask is None else mask.reshape(groups, -1)
+            return R.expert_choice_route(logits_GNE, rc.ec_capacity, rc.normalize, mask_GN)
         raise ValueError(f"unknown router kind {rc.kind!r}")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -76,7 +81,13 @@ class MoEBlock(nn.Module):
         x_TD = hidden.reshape(-1, D)
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # router math in fp32
-        r = self.route(logits_TE, torch.Size(lead))
+        mask = self.token_mask
+        if mask is not None and self.router_config.kind == "expert_choice":
+            if tuple(mask.shape) != tuple(lead):
+                raise ValueError(f"padding mask of shape {tuple(mask.shape)} does not match the hidden states "
+                                 f"{tuple(lead)}: pass a (batch, sequence) attention mask of 0/1")
+            mask = mask.to(device=hidden.device) != 0
+        r = self.route(logits_TE, torch.Size(lead), mask if self.router_config.kind == "expert_choice" else None)
         self.last_routing = r
         y_AD = self.experts(x_TD.index_select(0, r.token_A), r.counts_E)
         y_AD = y_AD * r.weight_A.to(y_AD.dtype).unsqueeze(1)  # weighting after the experts: router gradient
@@ -109,6 +120,9 @@ class MoEBlock(nn.Module):
             "tokens_per_expert": r.counts_E.tolist(),
             "dropped_assignments": int(r.dropped_assignments),
             "dropped_tokens": int(r.dropped_tokens),
+            # non-padding tokens no expert processed (expert choice leaves some behind when C < E)
+            "tokens_left_behind": float(r.dropped_tokens) / max(
+                int(r.real_tokens) if r.real_tokens is not None else r.num_tokens, 1),
             "entropy": float(r.entropy()),
         }
 

@@ -196,9 +196,10 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
                            f"{free / 1e9:.2f} GB free on {parent}")
     from .surgery import structure_of
 
-    layers = [i for i, _ in _moe_layer_indices(model)]
+    layers = _moe_layer_indices(model)
     structure = structure_of(model)
     with atomic_dir(out_dir, overwrite) as tmp:
+        model.config.architectures = [type(model).__name__]  # the class `load` rebuilds
         model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
         model.config.save_pretrained(tmp)
         bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="writing shards", disable=not progress)
@@ -218,13 +219,27 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
     return out_dir
 
 
-def _moe_layer_indices(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    from .adapters import adapter_for
+def _moe_layer_indices(model: nn.Module) -> list[int] | dict[str, list[int]]:
+    """MoE layer indices: a list, or {stack: list} for models with several stacks (T5)."""
+    from .adapters import stacks_for
     from .moe import MoEBlock
 
-    adapter = adapter_for(model.config)
-    return [(i, getattr(b, adapter.mlp)) for i, b in enumerate(adapter.layer_list(model))
-            if isinstance(getattr(b, adapter.mlp), MoEBlock)]
+    stacks = stacks_for(model.config, model=model)
+    found = {a.stack: [i for i, b in enumerate(a.layer_list(model)) if isinstance(a.get_mlp(b), MoEBlock)]
+             for a in stacks}
+    return found[stacks[0].stack] if len(stacks) == 1 else found
+
+
+def model_class(config):
+    """The transformers class a directory's config names (`architectures`), for encoders, ViT and T5;
+    AutoModelForCausalLM where it names none or one transformers lacks."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModelForCausalLM
 
 
 def read_meta(path: Path) -> dict:
@@ -245,7 +260,7 @@ def read_meta(path: Path) -> dict:
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild an upcycled model saved by `save`, or import a stock Mixtral / Qwen2-MoE / Qwen3-MoE
     directory (weights read through safetensors only)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .surgery import convert_structure
 
@@ -266,7 +281,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
             for k in fh.keys():
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
-    model = _empty_model(AutoModelForCausalLM, config, stored_dtype)
+    model = _empty_model(model_class(config), config, stored_dtype)
     convert_structure(model, plan, meta["moe_layers"], structure=meta)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in meta.get("tied_weights", {})]
@@ -286,15 +301,14 @@ def _empty_model(auto_cls, config, dtype: torch.dtype) -> nn.Module:
     except ImportError:  # pragma: no cover - older layout
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = auto_cls.from_config(config, dtype=dtype)
+        make = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto classes, or a model class
+        model = make(config, dtype=dtype)
     return model
 
 
 def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Any model directory the CLI takes: native upcycled and stock MoE (Mixtral, Qwen2/3-MoE, FlexOlmo)
     directories through `load`, dense ones through transformers; safetensors only, fp32 by default."""
-    from transformers import AutoModelForCausalLM
-
     from .export import is_stock_moe
 
     path = Path(path)
@@ -308,7 +322,13 @@ def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str | t
         raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
                            "convert the checkpoint to safetensors first")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
+        model = model_class(_config(path)).from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:
         raise UpcycleError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+def _config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)

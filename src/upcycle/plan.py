@@ -24,6 +24,9 @@ EXPERT_INITS = ("copy", "noise", "drop", "partition", "granular", "qwen2")  # se
 PARTITION_METHODS = ("random", "kmeans")
 SHARED_EXPERTS = ("none", "gated", "ungated")
 EC_GROUPS = ("sequence", "batch")
+EC_CAUSAL = ("Expert choice picks each expert's tokens by comparing all tokens of a group, so a token's "
+             "output would depend on later tokens: that breaks causality, and teacher-forced training would "
+             "not match one-token-at-a-time generation.")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -82,6 +85,11 @@ class UpcyclePlan:
     aux_loss_coef: float = _f(0.01, "load-balancing loss coefficient (alpha)")
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (beta)")
     seed: int = _f(0, "seed for the router and expert initialisations")
+    decoder_router: str | None = _f(
+        None, "router of an encoder-decoder model's decoder (T5): topk | soft; default: topk when router is "
+        "expert_choice (a decoder must stay causal), else the same as router", choices=ROUTERS)
+    decoder_normalize: bool | None = _f(
+        None, "renormalise the decoder's top-k weights (T5); default: off, as the paper's T5 decoder")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> PlanError:
@@ -108,6 +116,12 @@ class UpcyclePlan:
                 raise bad("capacity_factor", f"must be a positive number, got {c!r}")
             if self.router == "soft":
                 raise bad("capacity_factor", "the soft router sends every token to every expert; it has no capacity")
+        if self.decoder_router is not None and self.decoder_router not in ROUTERS:
+            raise bad("decoder_router", f"unknown router {self.decoder_router!r}; choose topk or soft")
+        if self.decoder_router == "expert_choice":
+            raise bad("decoder_router", EC_CAUSAL + " Use decoder_router: topk (the paper's T5 decoder: top-2).")
+        if self.decoder_normalize is not None and not isinstance(self.decoder_normalize, bool):
+            raise bad("decoder_normalize", f"expected true or false, got {self.decoder_normalize!r}")
         if self.ec_group not in EC_GROUPS:
             raise bad("ec_group", f"choose one of {', '.join(EC_GROUPS)}, got {self.ec_group!r}")
         if self.router_init not in ROUTER_INITS:
@@ -158,6 +172,23 @@ class UpcyclePlan:
             return EC_CAPACITY_FACTOR
         return self.capacity_factor
 
+    def for_stack(self, adapter) -> "UpcyclePlan":
+        """The plan of one stack of blocks (an `adapters.MLPAdapter`): an encoder-decoder's decoder gets
+        decoder_router / decoder_normalize (and no expert-choice capacity); expert choice in any causal
+        stack is refused."""
+        plan = self
+        if adapter.stack == "decoder":
+            router = self.decoder_router or ("topk" if self.router == "expert_choice" else self.router)
+            normalize = None if router == "soft" else bool(self.decoder_normalize)
+            capacity = self.capacity_factor if router == self.router else None
+            plan = dataclasses.replace(self, router=router, normalize=normalize, capacity_factor=capacity,
+                                       decoder_router=None, decoder_normalize=None)
+        if adapter.causal and plan.router == "expert_choice":
+            raise PlanError(f"router: expert_choice cannot route the {adapter.family} layers. {EC_CAUSAL} "
+                            "Use router: topk for decoders; expert choice is for encoders and ViT "
+                            "(BERT, ViT, the T5 encoder).")
+        return plan
+
     # Serialisation: YAML keys are the field names.
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -191,7 +222,7 @@ class UpcyclePlan:
         return dataclasses.replace(self, **changes)
 
 
-# Fields added with the initialisers of init.py (issue 8).
+# Fields added after the first release (initialisers of init.py, T5's decoder router): written only when set.
 LATER_FIELDS = ("router_prompts", "drop_ratio", "partition_method", "partition_scale", "granularity",
-                "expert_width", "shared_mlp", "shared_split")
+                "expert_width", "shared_mlp", "shared_split", "decoder_router", "decoder_normalize")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(UpcyclePlan)}

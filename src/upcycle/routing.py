@@ -14,7 +14,9 @@ Conventions
   priority), in token order. Renormalisation, when on, happens over the top-k set before dropping,
   so a dropped assignment simply contributes 0.
 - Expert choice capacity counts tokens: c = min(ceil(C * N / E), N) per expert and group.
-  With C >= E every expert takes every token.
+  With C >= E every expert takes every token. With a padding mask, N is the group's real (non-padding)
+  token count, so a short sequence in a padded batch gets the capacity its own length calls for, and
+  padding is never picked.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Routing:
     topk_idx_TK: torch.Tensor | None  # token-choice selection before dropping (load-balancing loss)
     dropped_assignments: torch.Tensor  # () int64
     dropped_tokens: torch.Tensor  # () int64: tokens no expert processed
+    real_tokens: torch.Tensor | None = None  # () int64: non-padding tokens, where a padding mask was given
 
     @property
     def num_tokens(self) -> int:
@@ -135,7 +138,8 @@ def expert_choice_route(
     Not causal: a token's experts depend on the other tokens of its group; use it in encoders.
     normalize=True divides each token's weights by their sum over the experts that picked it
     (Sparse Upcycling's 'normalise after routing'). Tokens with mask False are never picked.
-    Tokens are numbered g * N + n in the returned routing.
+    Tokens are numbered g * N + n in the returned routing. With a mask, each group's capacity counts
+    its real tokens (module doc).
     """
     logits_GNE = logits_GNE.float()
     G, N, E = logits_GNE.shape
@@ -149,6 +153,11 @@ def expert_choice_route(
     _, idx_GEN = torch.sort(score_GEN, dim=-1, descending=True, stable=True)
     tok_GEc = idx_GEN[..., :c]
     gate_GEc = torch.gather(probs_GNE.transpose(1, 2), -1, tok_GEc)
+    if mask_GN is not None:  # per-group capacity from the real tokens; padding sorts last and is cut
+        real_G = mask_GN.sum(-1)
+        cap_G = torch.ceil(capacity_factor * real_G.double() / E).clamp(max=N).long()
+        keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & \
+            torch.gather(mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc)
 
     expert_GEc = torch.arange(E, device=device).view(1, E, 1).expand(G, E, c)
     token_GEc = tok_GEc + (torch.arange(G, device=device) * N).view(G, 1, 1)
@@ -157,7 +166,7 @@ def expert_choice_route(
     token_A = token_GEc.transpose(0, 1).reshape(-1)
     weight_A = gate_GEc.transpose(0, 1).reshape(-1)
     if mask_GN is not None:
-        keep_A = mask_GN.reshape(-1)[token_A]
+        keep_A = keep_GEc.transpose(0, 1).reshape(-1)
         expert_A, token_A, weight_A = expert_A[keep_A], token_A[keep_A], weight_A[keep_A]
     T = G * N
     picked_T = torch.zeros(T, dtype=torch.bool, device=device)
@@ -171,7 +180,7 @@ def expert_choice_route(
     expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, E, logits_GNE.reshape(T, E),
                    probs_GNE.reshape(T, E), None, torch.zeros((), dtype=torch.long, device=device),
-                   dropped_tokens)
+                   dropped_tokens, None if mask_GN is None else real_T.sum())
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:

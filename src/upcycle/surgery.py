@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
-from .adapters import MLPAdapter, adapter_for
+from .adapters import MLPAdapter, adapter_for, stacks_for
 from .experts import Experts
 from .init import init_layer, plan_structure
 from .layers import select_layers
@@ -26,9 +26,29 @@ _EXPERT_PARAMS = (("gate_proj", "gate", "weight"), ("up_proj", "up", "weight"), 
                   ("gate_bias", "gate", "bias"), ("up_bias", "up", "bias"), ("down_bias", "down", "bias"))
 
 
-def moe_layers(plan: UpcyclePlan, config) -> list[int]:
-    adapter = adapter_for(config)
-    return select_layers(plan.layers, adapter.dims(config)[0])
+def moe_layers(plan: UpcyclePlan, config) -> list[int] | dict[str, list[int]]:
+    return layers_record(plan_stacks(plan, config))
+
+
+def plan_stacks(plan: UpcyclePlan, config, model: nn.Module | None = None, keys=None,
+                layers=None) -> list[tuple[MLPAdapter, UpcyclePlan, list[int]]]:
+    """(adapter, plan of that stack, MoE layer indices) for every stack of the model: one for decoders,
+    encoders and ViT, encoder then decoder for T5 (the layer selection applies to each stack). `layers`:
+    given indices instead of the plan's (a list for one stack, {stack: list} for several). Expert choice
+    in a causal stack raises PlanError (`UpcyclePlan.for_stack`)."""
+    out = []
+    for a in stacks_for(config, model=model, keys=keys):
+        given = layers.get(a.stack, []) if isinstance(layers, dict) else layers
+        picked = list(given) if given is not None else select_layers(plan.layers, getattr(config, a.layers_key))
+        out.append((a, plan.for_stack(a), picked))
+    return out
+
+
+def layers_record(stacks) -> list[int] | dict[str, list[int]]:
+    """`moe_layers` as written in config.json / upcycle.json: a list, or {stack: list} for T5."""
+    if len(stacks) == 1:
+        return list(stacks[0][2])
+    return {a.stack: list(ls) for a, _, ls in stacks}
 
 
 def dense_mlp_keys(adapter: MLPAdapter, i: int) -> dict[str, str]:
@@ -43,13 +63,17 @@ def dense_mlp_keys(adapter: MLPAdapter, i: int) -> dict[str, str]:
 
 def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config,
                        data_rows: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The MoE state dict of `plan` applied to a dense state dict (`init.init_layer` per layer). Tensors
-    that are not touched are shared with the input (no copy). `data_rows`: router rows of
-    router_init=data (`init.data_router_rows`)."""
-    adapter = adapter_for(config)
-    layers = select_layers(plan.layers, adapter.dims(config)[0])
-    act = getattr(config, adapter.act_key)
+    """The MoE state dict of `plan` applied to a dense state dict (`init.init_layer` per layer, every stack
+    of the model). Tensors that are not touched are shared with the input (no copy). `data_rows`: router
+    rows of router_init=data (`init.data_router_rows`)."""
     out = dict(dense)
+    for adapter, stack_plan, layers in plan_stacks(plan, config, keys=dense.keys()):
+        _upcycle_stack(out, adapter, stack_plan, layers, getattr(config, adapter.act_key), data_rows)
+    return out
+
+
+def _upcycle_stack(out: dict, adapter: MLPAdapter, plan: UpcyclePlan, layers: list[int], act: str,
+                   data_rows: dict[int, torch.Tensor] | None = None) -> None:
     for i in layers:
         prefix = adapter.mlp_prefix(i)
         mlp = {}
@@ -61,7 +85,6 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config
             mlp[name] = out.pop(key)
         for k, v in init_layer(plan, i, mlp, act, data_rows).items():
             out[f"{prefix}.{k}"] = v
-    return out
 
 
 def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.dtype,
@@ -100,16 +123,68 @@ def structure_of(model: nn.Module) -> dict:
 
 def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None,
                       structure: dict | None = None) -> list[int]:
-    """Replace the MLP of each chosen layer by an (uninitialised) MoE block, in place."""
+    """Replace the MLP of each chosen layer by an (uninitialised) MoE block, in place. Returns the MoE
+    layers (`layers_record`: a list, or {stack: list} for T5)."""
     config = model.config
-    adapter = adapter_for(config)
-    layers = list(layers) if layers is not None else select_layers(plan.layers, adapter.dims(config)[0])
-    blocks = adapter.layer_list(model)
-    for i in layers:
-        old = getattr(blocks[i], adapter.mlp)
-        ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
-        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device, structure))
-    return layers
+    stacks = plan_stacks(plan, config, model=model, layers=layers)
+    for adapter, stack_plan, picked in stacks:
+        blocks = adapter.layer_list(model)
+        for i in picked:
+            old = adapter.get_mlp(blocks[i])
+            ref = old.experts.up_proj if isinstance(old, MoEBlock) else adapter.dense_up(blocks[i]).weight
+            adapter.set_mlp(blocks[i], make_moe_block(config, stack_plan, adapter, ref.dtype, ref.device, structure))
+    wire_padding_mask(model, [a for a, _, _ in stacks])
+    return layers_record(stacks)
+
+
+class _PaddingMask:
+    """Forward pre-hook on the module that receives a stack's attention mask (BertModel, T5Stack): hands
+    the (batch, sequence) mask to that module's MoE blocks for the call, and a forward hook takes it back,
+    so no mask outlives its forward pass. Holds no module reference: deep copies stay independent."""
+
+    def __init__(self, arg: str):
+        self.arg = arg
+        self.index: int | None = None
+
+    def _position(self, module: nn.Module) -> int | None:
+        if self.index is None:
+            import inspect
+
+            names = list(inspect.signature(module.forward).parameters)
+            self.index = names.index(self.arg) if self.arg in names else -1
+        return self.index if self.index >= 0 else None
+
+    def __call__(self, module, args, kwargs):
+        mask = kwargs.get(self.arg)
+        pos = self._position(module)
+        if mask is None and pos is not None and pos < len(args):
+            mask = args[pos]
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 2):
+            mask = None  # only (batch, sequence) masks of 0/1 describe padding
+        _set_masks(module, mask)
+
+
+def _set_masks(module: nn.Module, mask) -> None:
+    for m in module.modules():
+        if isinstance(m, MoEBlock):
+            m.token_mask = mask
+
+
+def _clear_masks(module, args, kwargs, output):
+    _set_masks(module, None)
+
+
+def wire_padding_mask(model: nn.Module, adapters: list[MLPAdapter]) -> None:
+    """Hooks that pass each stack's padding mask to its MoE blocks (once per module)."""
+    for a in adapters:
+        if a.mask_module is None:
+            continue
+        module = model.get_submodule(a.mask_module)
+        if getattr(module, "_upcycle_padding_mask", False):
+            continue
+        module.register_forward_pre_hook(_PaddingMask(a.mask_arg), with_kwargs=True)
+        module.register_forward_hook(_clear_masks, with_kwargs=True, always_call=True)
+        module._upcycle_padding_mask = True
 
 
 @torch.no_grad()
@@ -121,9 +196,7 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
     if not inplace:
         model = copy.deepcopy(model)
     config = model.config
-    adapter = adapter_for(config)
-    layers = select_layers(plan.layers, adapter.dims(config)[0])
-    blocks = adapter.layer_list(model)
+    stacks = plan_stacks(plan, config, model=model)
     data_rows = None
     if plan.router_init == "data":
         from .errors import PlanError
@@ -131,20 +204,26 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
 
         if tokenizer is None:
             raise PlanError("router_init=data runs the dense model on router_prompts: give a tokenizer")
+        if len(stacks) != 1 or not stacks[0][0].causal:
+            raise PlanError("router_init=data: supported for decoder language models only (it runs the dense "
+                            "model on text prompts); use router_init normal for encoders, ViT and T5")
+        adapter, _, layers = stacks[0]
         was_training = model.training
         data_rows = data_router_rows(model.eval(), tokenizer, plan, layers, adapter)
         model.train(was_training)
-    for i in layers:
-        prefix = adapter.mlp_prefix(i) + "."
-        mlp = getattr(blocks[i], adapter.mlp)
-        dense = {prefix + k: v for k, v in mlp.state_dict().items()}
-        one = plan.replace(layers=[i])
-        moe_sd = upcycle_state_dict(dense, one, config, data_rows)
-        block = make_moe_block(config, plan, adapter, mlp.get_submodule(adapter.up).weight.dtype,
-                               mlp.get_submodule(adapter.up).weight.device)
-        block.load_state_dict({k[len(prefix):]: v for k, v in moe_sd.items()}, strict=True)
-        setattr(blocks[i], adapter.mlp, block)
-        if progress is not None:
-            progress.update(1)
-    model.config.upcycle = plan.to_dict() | {"moe_layers": layers}
+    for adapter, stack_plan, layers in stacks:
+        blocks = adapter.layer_list(model)
+        act = getattr(config, adapter.act_key)
+        for i in layers:
+            prefix = adapter.mlp_prefix(i) + "."
+            moe_sd = dict(adapter.dense_mlp_state(blocks[i], i))
+            _upcycle_stack(moe_sd, adapter, stack_plan, [i], act, data_rows)
+            up = adapter.dense_up(blocks[i]).weight
+            block = make_moe_block(config, stack_plan, adapter, up.dtype, up.device)
+            block.load_state_dict({k[len(prefix):]: v for k, v in moe_sd.items()}, strict=True)
+            adapter.set_mlp(blocks[i], block)
+            if progress is not None:
+                progress.update(1)
+    wire_padding_mask(model, [a for a, _, _ in stacks])
+    model.config.upcycle = plan.to_dict() | {"moe_layers": layers_record(stacks)}
     return model

@@ -188,7 +188,7 @@ def active_params(model: nn.Module, dense: bool = False) -> int:
     (a lookup), plus the output projection when it is tied to it; an MoE block's experts count
     experts_per_token / E of their size, plus the router. dense=True: what the dense source model had
     (one expert per MoE block, no router)."""
-    emb = model.get_input_embeddings().weight
+    emb = getattr(model.get_input_embeddings(), "weight", None)  # ViT's patch embedding is a matmul: counted
     out = model.get_output_embeddings()
     expert_scale: dict[int, float] = {}
     routers: set[int] = set()
@@ -479,10 +479,11 @@ def _wrap(model: nn.Module, d: _Dist, device: torch.device) -> nn.Module:
     if d.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from .adapters import adapter_for
+        from .adapters import stacks_for
 
-        for block in adapter_for(model.config).layer_list(model):
-            fully_shard(block)
+        for stack in stacks_for(model.config, model=model):  # T5: encoder and decoder blocks
+            for block in stack.layer_list(model):
+                fully_shard(block)
         fully_shard(model)
     return model
 

