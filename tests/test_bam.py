@@ -233,3 +233,62 @@ def test_sparse_upcycling_works_on_cohere(ids):
     moe = upcycle(m, UpcyclePlan(num_experts=4, top_k=2, layers="all"))
     assert all(isinstance(layer.mlp, MoEBlock) for layer in moe.model.layers)
     assert rel_diff(moe(ids).logits, m(ids).logits) < 1e-5
+
+
+def _domain_file(path, words, seed):
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
+    return path
+
+
+def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
+    import json
+
+    from conftest import WORDS
+
+    from upcycle.cli import main
+
+    a = _domain_file(tmp_path / "a.txt", WORDS[:40], 0)
+    b = _domain_file(tmp_path / "b.txt", WORDS[60:127], 1)
+    small = ["--batch_size", "2", "--seq_len", "16", "--eval_batches", "2", "--warmup", "1", "--lr", "0.01",
+             "--val-fraction", "0.2", "--chunk-chars", "300", "--quiet"]
+    assert main(["branch", "--seed", str(tiny_dir_tok), "--domains", f"a={a}", f"b={b}", "--out",
+                 str(tmp_path / "br"), "--steps", "3", "--general-share", "0.25", *small]) == 0
+    runs = json.loads((tmp_path / "br" / "branches.json").read_text())["branches"]
+    assert sorted(runs) == ["a", "b"]
+    sa = json.loads((tmp_path / "br" / "a" / "summary.json").read_text())
+    assert sa["steps"] == 3 and sa["data"]["general_share"] == 0.25 and sa["data"]["general_sequences"] > 0
+    experts = [str(tmp_path / "br" / "a"), str(tmp_path / "br" / "b")]
+    assert main(["bam", "--seed", str(tiny_dir_tok), "--experts", *experts, "--out", str(tmp_path / "bam")]) == 0
+    assert main(["bam", "--seed", str(tiny_dir_tok), "--experts", *experts, "--kv", "shared",
+                 "--out", str(tmp_path / "bams")]) == 0
+    assert main(["btx", "--seed", str(tiny_dir_tok), "--experts", *experts, "--out", str(tmp_path / "btx")]) == 0
+    out = capsys.readouterr().out
+    assert "BAM of 3 models, attention experts (kv experts), FFN top-1 not renormalised" in out
+    assert "BTX of 3 models, averaged attention, FFN top-2 renormalised" in out
+    m = native.load(tmp_path / "bams")
+    assert len(moa_modules(m)) == 4 and moa_modules(m)[0][1].kv == "shared"
+    assert len(moa_modules(native.load(tmp_path / "btx"))) == 0
+    # The mixed model trains (FFN aux losses included) and is saved back in the native format.
+    assert main(["train", "--model", str(tmp_path / "bam"), "--data", str(a), "--out", str(tmp_path / "t"),
+                 "--steps", "10", *small]) == 0
+    rows = list(__import__("csv").DictReader(open(tmp_path / "t" / "metrics.csv")))
+    assert float(rows[0]["load_balancing"]) > 0 and float(rows[0]["z_loss"]) > 0
+    back = native.load(tmp_path / "t" / "model")
+    assert back.config.upcycle["method"] == "bam" and len(moa_modules(back)) == 4
+    ppl = []
+    for name in ("bam", "t/model"):
+        assert main(["eval", str(tmp_path / name), "--text", str(a), "--context", "16", "--tokens", "256",
+                     "--out", str(tmp_path / "ev" / name)]) == 0
+        ppl.append(json.loads((tmp_path / "ev" / name / "eval.json").read_text())["texts"][0]["perplexity"])
+    assert ppl[1] < 0.9 * ppl[0]  # training on a lowered the mixed model's perplexity on a
+    # Bad input: a model of another shape, with the file named.
+    capsys.readouterr()
+    other = tmp_path / "other"
+    tiny_model("llama", intermediate_size=128).save_pretrained(other)
+    assert main(["bam", "--seed", str(tiny_dir_tok), "--experts", str(other), "--out", str(tmp_path / "x")]) == 2
+    assert f"{other}/config.json: intermediate_size is 128" in capsys.readouterr().err
+    assert main(["branch", "--seed", str(tiny_dir_tok), "--domains", "nodata", "--out", str(tmp_path / "y")]) == 2
+    assert "expected NAME=DATA" in capsys.readouterr().err
