@@ -292,3 +292,37 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
     assert f"{other}/config.json: intermediate_size is 128" in capsys.readouterr().err
     assert main(["branch", "--seed", str(tiny_dir_tok), "--domains", "nodata", "--out", str(tmp_path / "y")]) == 2
     assert "expected NAME=DATA" in capsys.readouterr().err
+
+
+def test_bam_experiment_tiny(tmp_path):
+    """The recipe's smoke size end to end: seed, three corpus specialists, BTX / BAM / BAM shared at
+    matched data and compute; then run again on the same OUT: every run is reused, same table."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from upcycle.bam_experiment import BamExperiment, BamRecipe
+
+    recipe = BamRecipe.from_yaml(Path(__file__).parents[1] / "recipes" / "bam-small.yaml", tiny=True)
+    res = BamExperiment(recipe, tmp_path / "x", progress=False, log=lambda m: None).run()
+    rows = {r["model"]: r for r in res["rows"]}
+    assert list(rows) == ["seed", "python expert", "man expert", "pypi expert", "BTX", "BAM, KV experts (DM)",
+                          "BAM, KV experts (CM)", "BAM, KV shared (DM)", "BAM, KV shared (CM)"]
+    btx, bam_dm, bam_cm = rows["BTX"], rows["BAM, KV experts (DM)"], rows["BAM, KV experts (CM)"]
+    assert btx["steps"] == bam_dm["steps"] == 8 and bam_dm["tokens"] == btx["tokens"]
+    assert bam_cm["steps"] < 8 and abs(bam_cm["train_flops"] - btx["train_flops"]) <= bam_dm["flops_per_token"] * 128 / 2
+    assert bam_dm["flops_per_token"] > rows["BAM, KV shared (DM)"]["flops_per_token"] > btx["flops_per_token"]
+    assert rows["seed"]["steps"] == 30 and rows["python expert"]["steps"] == 6
+    for r in rows.values():
+        assert all(1 < r[f"ppl_{d}"] < 384 for d in ("python", "man", "pypi"))
+        assert r["ms_per_token_generate"] > 0 and r["ms_per_forward"] > 0
+    # Training the mixtures lowered their perplexity below the seed's (8 steps on the equal mix).
+    assert btx["ppl_avg"] < rows["seed"]["ppl_avg"] and bam_dm["ppl_avg"] < rows["seed"]["ppl_avg"]
+    out = tmp_path / "x"
+    assert (out / "bam.png").stat().st_size > 20_000
+    assert "| BAM, KV shared (CM) |" in (out / "results.md").read_text()
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 9
+    again = BamExperiment(recipe, out, progress=False, log=lambda m: None).run()
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("ms_")} for r in rs]  # noqa: E731
+    assert strip(again["rows"]) == strip(res["rows"])
+    assert json.loads((out / "runs" / "bam" / "summary.json").read_text())["steps"] == 8
