@@ -224,8 +224,10 @@ def test_bad_inputs():
         MoAttention(a.model.layers[0].self_attn, 2, kv="nope")
 
 
-def test_sparse_upcycling_works_on_cohere(ids):
-    """The llama-like adapter covers Cohere (parallel block): copy experts + top-2 renormalised is the model."""
+def test_sparse_upcycling_works_on_cohere(ids, tmp_path):
+    """The llama-like adapter covers Cohere (parallel block): copy experts + top-2 renormalised is the model,
+    in memory and through `upcycle sparse` (the streaming converter)."""
+    from upcycle.cli import main
     from upcycle.plan import UpcyclePlan
     from upcycle.surgery import upcycle
 
@@ -233,6 +235,10 @@ def test_sparse_upcycling_works_on_cohere(ids):
     moe = upcycle(m, UpcyclePlan(num_experts=4, top_k=2, layers="all"))
     assert all(isinstance(layer.mlp, MoEBlock) for layer in moe.model.layers)
     assert rel_diff(moe(ids).logits, m(ids).logits) < 1e-5
+    m.save_pretrained(tmp_path / "c")
+    assert main(["sparse", "--model", str(tmp_path / "c"), "--out", str(tmp_path / "s"), "--num_experts", "4",
+                 "--layers", "all", "--quiet"]) == 0
+    assert rel_diff(native.load(tmp_path / "s")(ids).logits, m(ids).logits) < 1e-5
 
 
 def _domain_file(path, words, seed):
@@ -326,3 +332,23 @@ def test_bam_experiment_tiny(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("ms_")} for r in rs]  # noqa: E731
     assert strip(again["rows"]) == strip(res["rows"])
     assert json.loads((out / "runs" / "bam" / "summary.json").read_text())["steps"] == 8
+
+
+def test_btx_exports_to_mixtral_bam_is_refused(tmp_path, ids, capsys):
+    """BTX of Llama models is a Mixtral exactly (averaged attention, top-2 renormalised FFN experts);
+    BAM's attention experts have no stock class and export says so."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.cli import main
+
+    models = _models("llama", 3)
+    for method in ("btx", "bam"):
+        plan = BamPlan.for_method(method, 3)
+        native.save(mix(models, plan), plan, tmp_path / method)
+    assert main(["export", str(tmp_path / "btx"), "--to", "mixtral", "--out", str(tmp_path / "mx"), "--quiet"]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mx", dtype=torch.float32).eval()
+    assert type(stock).__name__ == "MixtralForCausalLM"
+    assert rel_diff(stock(ids).logits, native.load(tmp_path / "btx")(ids).logits) < 1e-5
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "bam"), "--to", "qwen2_moe", "--out", str(tmp_path / "q")]) == 2
+    assert "BAM's attention experts" in capsys.readouterr().err and not (tmp_path / "q").exists()
