@@ -453,7 +453,9 @@ def results_markdown(rows: list[dict], info: dict) -> str:
             avg = f"**{avg}**"
         lines.append(f"| {x['model']} | " + " | ".join(f"{x['ppl_' + n]:.2f}" for n in names) +
                      f" | {avg} | {x['steps']} | {x['train_flops']:.3g} |")
-    lines += ["", "Seed and specialists: steps and FLOPs of their own training (the seed's pretraining for the seed).",
+    lines += ["", "Seed and specialists: steps and FLOPs of their own training (the seed's pretraining for the seed)."]
+    lines += _findings(rows)
+    lines += [
               "", "## Cost per token", "",
               "| model | total params | active params | training FLOPs / token | forward FLOPs / token | "
               "greedy generation, KV cache (ms / token) | forward of "
@@ -468,6 +470,28 @@ def results_markdown(rows: list[dict], info: dict) -> str:
               f"{r['latency_prompt']}-token prompt, {r['latency_new_tokens']} greedy tokens, median of "
               f"{r['latency_repeats']}, on a shared CPU (indicative only).", ""]
     return "\n".join(lines)
+
+
+def _findings(rows: list[dict]) -> list[str]:
+    """The paper's claims checked against this run's numbers (BAM < BTX on average perplexity; KV sharing
+    between the two), one line each."""
+    by = {x["model"]: x["ppl_avg"] for x in rows}
+    btx = by.get("BTX")
+    if btx is None:
+        return []
+    out = ["", "## The paper's finding, checked", ""]
+    for name in ("BAM, KV experts (DM)", "BAM, KV experts (CM)", "BAM, KV shared (DM)", "BAM, KV shared (CM)"):
+        if name in by:
+            d = 100 * (by[name] - btx) / btx
+            out.append(f"- {name}: average perplexity {by[name]:.2f} vs BTX {btx:.2f} "
+                       f"({d:+.1f}%: BAM {'<' if by[name] < btx else '>='} BTX)")
+    for tag in ("DM", "CM"):
+        e, s = by.get(f"BAM, KV experts ({tag})"), by.get(f"BAM, KV shared ({tag})")
+        if e is not None and s is not None:
+            between = min(e, btx) <= s <= max(e, btx)
+            out.append(f"- {tag}: KV shared {s:.2f} is {'between' if between else 'not between'} KV experts {e:.2f} "
+                       f"and BTX {btx:.2f}")
+    return out
 
 
 def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
