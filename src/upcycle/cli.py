@@ -27,6 +27,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Commands that live in their own modules: each has HELP, add_arguments(parser) and run(args) -> int,
 # and imports anything heavy inside run().
 EXTRA_COMMANDS: dict[str, str] = {
+    "bam": "upcycle.bam_cli", "bam-experiment": "upcycle.bam_experiment", "branch": "upcycle.branch_cli",
+    "btx": "upcycle.btx_cli",
     "export": "upcycle.export_cli",
     "eval": "upcycle.eval_cli",
     "experiment": "upcycle.experiment_cli",

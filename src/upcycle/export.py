@@ -355,6 +355,9 @@ def plan_from_meta(meta: dict) -> UpcyclePlan:
     """The plan part of a `config.upcycle` / upcycle.json entry (which also holds layers and shapes)."""
     import dataclasses
 
+    if meta.get("method") == "bam":
+        raise UpcycleError("BAM's attention experts (a soft mixture of N attentions) have no stock transformers "
+                           "class; keep the native format (upcycle.load reads it) or mix with `upcycle btx`")
     names = {f.name for f in dataclasses.fields(UpcyclePlan)}
     return UpcyclePlan.from_dict({k: v for k, v in meta.items() if k in names})
 

@@ -270,7 +270,9 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     if is_stock_moe(path):  # a stock MoE class's config (our stock exports keep upcycle.json as provenance)
         return import_stock(path, dtype).to(device)
     meta = read_meta(path)
-    plan = UpcyclePlan.from_dict(meta["plan"], source=str(path / "upcycle.json"))
+    from .bam import BamPlan, plan_from_dict
+
+    plan = plan_from_dict(meta["plan"], source=str(path / "upcycle.json"))
     config = AutoConfig.from_pretrained(path)  # never trust_remote_code
     files = weight_files(path)
     if not files:
@@ -282,7 +284,12 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
     model = _empty_model(model_class(config), config, stored_dtype)
-    convert_structure(model, plan, meta["moe_layers"], structure=meta)
+    if isinstance(plan, BamPlan):  # BAM / BTX: several dense models mixed, attention experts too (bam.py)
+        from .bam import convert_structure as bam_structure
+
+        bam_structure(model, plan, meta["moe_layers"], structure=meta)
+    else:
+        convert_structure(model, plan, meta["moe_layers"], structure=meta)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in meta.get("tied_weights", {})]
     if missing or unexpected:

@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from . import yamlio
+from .attention import moa_modules
 from .data import Batches, PackedData
 from .errors import UpcycleError
 from .moe import aux_losses, moe_blocks
@@ -199,6 +200,10 @@ def active_params(model: nn.Module, dense: bool = False) -> int:
             expert_scale[id(p)] = k / E
         for p in b.router.parameters():
             routers.add(id(p))
+    for _, a in moa_modules(model):  # BAM attention experts: a token uses all N (soft router)
+        for p in a.per_expert_parameters():  # dense: one expert's share (shared K/V count whole)
+            expert_scale[id(p)] = 1.0 / a.num_experts if dense else 1.0
+        routers.add(id(a.router.weight))
     n = 0.0
     for p in {id(p): p for p in model.parameters()}.values():
         if p is emb or (dense and id(p) in routers):
@@ -213,7 +218,8 @@ def flops_per_token(model: nn.Module, seq_len: int, dense: bool = False) -> int:
     """Training (forward + backward) FLOPs per token: 6 N_active + 12 L d_attn T (module docstring).
     For a config without weights: flops_per_token(model_on_meta(config, plan), seq_len)."""
     L, d_attn = _attention_dims(model.config)
-    return 6 * active_params(model, dense) + 12 * L * d_attn * seq_len
+    moa = [a.num_experts for _, a in moa_modules(model)] if not dense else []  # N x the score/value matmuls
+    return 6 * active_params(model, dense) + 12 * d_attn * seq_len * (L + sum(moa) - len(moa))
 
 
 def model_on_meta(config, plan=None) -> nn.Module:
@@ -849,9 +855,9 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
 
 def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source_dir) -> None:
     """Native format for upcycled models, a transformers directory for dense ones (atomic)."""
+    from .bam import plan_from_dict
     from .native import SIDE_FILES, atomic_dir
     from .native import save as native_save
-    from .plan import UpcyclePlan
 
     sd = _model_state(model, raw, d) if d.mode == "fsdp" else None
     if not d.main:
@@ -864,7 +870,7 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
     if moe_blocks(raw):
         if not info:
             raise UpcycleError("an MoE model without a plan in its config cannot be saved in the native format")
-        plan = UpcyclePlan.from_dict({k: v for k, v in info.items() if k != "moe_layers"})
+        plan = plan_from_dict(info)  # UpcyclePlan, or BamPlan for BAM / BTX
         native_save(raw, plan, target, source_dir=source_dir, overwrite=True)
         if tokenizer is not None and source_dir is None:
             tokenizer.save_pretrained(target)
@@ -882,16 +888,17 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
 def _replica(raw: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from .bam import BamPlan, plan_from_dict
+    from .bam import convert_structure as bam_structure
     from .native import _empty_model
-    from .plan import UpcyclePlan
     from .surgery import convert_structure
 
     dtype = next(iter(raw.state_dict().values())).dtype
     rep = _empty_model(AutoModelForCausalLM, raw.config, dtype)
     info = getattr(raw.config, "upcycle", None)
     if moe_blocks(raw):
-        plan = UpcyclePlan.from_dict({k: v for k, v in info.items() if k != "moe_layers"})
-        convert_structure(rep, plan, info.get("moe_layers"))
+        plan = plan_from_dict(info)  # UpcyclePlan, or BamPlan for BAM / BTX
+        (bam_structure if isinstance(plan, BamPlan) else convert_structure)(rep, plan, info.get("moe_layers"))
     return rep
 
 

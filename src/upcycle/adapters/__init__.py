@@ -111,7 +111,7 @@ class MLPAdapter:
 
 LLAMA_LIKE = MLPAdapter(
     family="llama-like decoder",
-    model_types=("llama", "mistral", "qwen2", "qwen3", "olmo2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3", "olmo2", "cohere"),
     layers="model.layers", mlp="mlp", up="up_proj", down="down_proj", gate="gate_proj",
     act_key="hidden_act", bias_key="mlp_bias",
 )
