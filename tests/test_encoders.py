@@ -217,7 +217,10 @@ def test_native_round_trip(make, tmp_path, batch):
         kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :5])
     else:
         kw = dict(input_ids=ids, attention_mask=mask)
-    assert torch.equal(moe(**kw).logits, back(**kw).logits)  # padding mask wired in the loaded model too
+    assert torch.equal(moe(**kw).logits, back(**kw).logits)
+    if "attention_mask" in kw:  # the padding mask reaches the loaded model's encoder blocks too
+        enc = [b for _, b in moe_blocks(back) if b.router_config.kind == "expert_choice"]
+        assert enc and all(not {12 + j for j in range(7, 12)} & set(b.last_routing.token_A.tolist()) for b in enc)
     assert [b.router_config for _, b in moe_blocks(back)] == [b.router_config for _, b in moe_blocks(moe)]
 
 

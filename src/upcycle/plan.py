@@ -56,8 +56,9 @@ class UpcyclePlan:
         "expert (default: no dropping); expert_choice: capacity = ceil(C * tokens / num_experts) tokens per "
         "expert (default C = 2)",
     )
-    ec_group: str = _f("sequence", "expert_choice routes within each sequence or across the whole batch",
-                       choices=EC_GROUPS)
+    ec_group: str = _f("sequence", "expert_choice routes within each sequence (capacity from its real, non-"
+                       "padding tokens; a sequence's output never depends on the rest of the batch) or across the "
+                       "whole batch (one group; capacity from the batch's real tokens)", choices=EC_GROUPS)
     router_init: str = _f("normal", "router weights: normal (std router_std) | zeros | uniform (std router_std) | "
                           "data (mean hidden state entering the layer's MLP on each expert's router_prompts)",
                           choices=ROUTER_INITS)
