@@ -65,6 +65,8 @@ class BamPlan:
     router = "topk"
     capacity = None
     ec_group = "sequence"
+    expert_init = "copy"  # experts are the models' own FFNs, full width (init.plan_structure)
+    shared_mlp = "none"
 
     @property
     def normalize_weights(self) -> bool:
