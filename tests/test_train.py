@@ -283,6 +283,36 @@ def test_carry_over_round_trip(data):
     assert all(torch.equal(idx["state"][n]["exp_avg"], s[n]["exp_avg"]) for n in s)
 
 
+def test_carry_over_with_drop_upcycling_zeroes_the_redrawn_neurons(data):
+    """Drop-Upcycling: each expert keeps the dense moments on the neurons it keeps; the neurons it re-draws
+    start at zero, as new parameters do. Initialisers that slice or rescale the MLP are refused."""
+    from upcycle.init import _drop_sets
+
+    dense, opt = dense_run_state(data)
+    dense_state = named_optimizer_state(opt)
+    plan = PLAN.replace(expert_init="drop", drop_ratio=0.5)
+    moe = upcycle(dense, plan)
+    s = carry_over_optimizer_state(dense_state, dense, moe)["state"]
+    F = TINY["intermediate_size"]
+    for i in (1, 3):
+        sets = _drop_sets(plan, i, 4, F)
+        for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+            src = dense_state["state"][f"model.layers.{i}.mlp.{name}.weight"]["exp_avg_sq"]
+            got = s[f"model.layers.{i}.mlp.experts.{name}"]["exp_avg_sq"]
+            for e, S in enumerate(sets):
+                keep = torch.ones(F, dtype=torch.bool)
+                keep[S] = False
+                assert len(S) == F // 2
+                assert not got[e].index_select(dim, S).any()
+                assert torch.equal(got[e].index_select(dim, keep.nonzero()[:, 0]),
+                                   src.index_select(dim, keep.nonzero()[:, 0]))
+    for kw in (dict(expert_init="partition"), dict(expert_init="granular", granularity=2),
+               dict(shared_mlp="gated")):
+        p = PLAN.replace(**kw)
+        with pytest.raises(UpcycleError, match="fresh optimizer"):
+            carry_over_optimizer_state(dense_state, dense, upcycle(dense, p), plan=p)
+
+
 def test_carried_state_takes_the_dense_step(data):
     """What carry-over preserves: at the upcycled start (copied experts, renormalised top-k, alpha = 0)
     the MoE model computes the dense function, so every parameter outside the MoE layers gets the

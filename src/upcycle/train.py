@@ -334,6 +334,12 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
     if unknown:
         raise UpcycleError(f"the dense optimizer state has parameters the dense model lacks: {unknown[:3]}; "
                            "is it the state of this model?")
+    if plan.expert_init in ("partition", "granular", "qwen2") or plan.shared_mlp != "none":
+        what = f"expert_init={plan.expert_init}" if plan.shared_mlp == "none" else f"shared_mlp={plan.shared_mlp}"
+        raise UpcycleError(f"optimizer carry-over copies the dense MLP's AdamW moments onto every expert; {what} "
+                           "slices, rescales or splits the MLP, so those moments would not belong to the new "
+                           "parameters. Carry-over works with expert_init copy, noise and drop; otherwise start "
+                           "from a fresh optimizer (the paper's language recipe)")
     moment_plan = plan.replace(expert_init="copy", router_init="zeros")
     keys = sorted({k for s in state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
     mapped: dict[str, dict[str, torch.Tensor]] = {}
@@ -341,6 +347,8 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
         for name, t in upcycle_state_dict({n: s[k] for n, s in state.items() if k in s},
                                           moment_plan, moe_model.config).items():
             mapped.setdefault(name, {})[k] = t.clone()
+    if plan.expert_init == "drop":
+        _zero_dropped_moments(mapped, plan, moe_model.config)
     steps = {n: s["step"] for n, s in state.items() if "step" in s}
     step = next(iter(steps.values())) if steps else torch.tensor(0.0)
     moe_params = dict(moe_model.named_parameters())
@@ -354,6 +362,28 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
     groups = [dict(g, params=[n for n in g["params"]]) for g in named_param_groups(moe_model, 0.0)]
     opts = {k: v for k, v in (dense_state.get("param_groups") or [{}])[0].items() if k not in ("params",)}
     return {"state": out, "param_groups": [dict(opts, params=g["params"]) for g in groups]}
+
+
+def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, config) -> None:
+    """Drop-Upcycling re-draws a share of each expert's neurons: their moments start at zero (Adam's state
+    of a new parameter), the kept neurons keep the dense moments (research/algorithms.md F.5)."""
+    from .init import _drop_sets
+    from .surgery import plan_stacks
+
+    for adapter, stack_plan, layers in plan_stacks(plan, config):
+        for i in layers:
+            prefix = adapter.mlp_prefix(i) + ".experts."
+            for name, s in mapped.items():
+                if not name.startswith(prefix):
+                    continue
+                proj = name[len(prefix):]
+                for t in s.values():
+                    E, width = t.shape[0], t.shape[2] if proj == "down_proj" else t.shape[1]
+                    for e, S in enumerate(_drop_sets(stack_plan, i, E, width)):
+                        if proj == "down_proj":
+                            t[e][:, S] = 0
+                        elif proj != "down_bias":
+                            t[e][S] = 0
 
 
 # --------------------------------------------------------------------------------------- logging
