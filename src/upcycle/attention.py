@@ -10,7 +10,7 @@ kv="shared":  Wk, Wv are shared by all experts (one set of keys and values); Wq,
 
 How it runs: the N experts' heads are stacked as extra heads of ONE attention call, so the host
 architecture's attention kernels (eager, sdpa, ...), attention mask, RoPE function and KV cache objects
-work unchanged (`past_key_values.update(k, v, layer_idx)` stores N * kv_heads heads per layer for
+work unchanged (`cache.update(k, v, layer_idx)` stores N * kv_heads heads per layer for
 kv="experts", kv_heads for kv="shared"). GQA keeps its grouping because each query head is placed
 next to the query heads that read the same key head:
 
@@ -22,7 +22,7 @@ next to the query heads that read the same key head:
 The router weights scale each expert's head outputs before one matmul with the experts' stacked
 output projections [W_o^1 ... W_o^N], which is the sum above. The module takes the place of the host's
 attention module (same call signature: hidden_states, position_embeddings, attention_mask,
-past_key_values, **kwargs; returns (output, None)), so the decoder layer needs no change, whether it is
+cache, **kwargs; returns (output, None); transformers before 5.24 named the cache `past_key_values`), so the decoder layer needs no change, whether it is
 sequential (Llama) or parallel (Cohere: y = x + Attn(LN x) + MLP(LN x), the BAM block).
 
 Parameters (names in the state dict, under the layer's attention prefix):
@@ -126,7 +126,7 @@ class MoAttention(nn.Module):
         return torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         *lead, D = hidden_states.shape
@@ -154,8 +154,9 @@ class MoAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         cos, sin = position_embeddings
         q, k = self._rope(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        cache = cache if cache is not None else past_key_values  # the keyword's name before transformers 5.24
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
         out, _ = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
