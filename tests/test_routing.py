@@ -135,3 +135,17 @@ def test_fixed_size_expert_counts_equal_bincount():
         ids = torch.randint(0, max(1, E // 2), (n,), generator=g).sort().values  # the upper experts get none
         c = _counts_sorted(ids, E)
         assert c.shape == (E,) and torch.equal(c, torch.bincount(ids, minlength=E))
+
+
+def test_capacity_is_the_exact_ceiling():
+    """ceil(C * N / E) of the real numbers, not of their float product (1.1 * 100 / 2 = 55.000000000000007)."""
+    from upcycle.routing import ceil_capacity, ec_tokens_per_expert
+
+    assert ceil_capacity(1.1, 100, 2) == 55 and ceil_capacity(1.1, 101, 2) == 56
+    assert ceil_capacity(2.0, 17, 8) == 5 and ec_tokens_per_expert(2.0, 17, 8) == 5
+    assert ec_tokens_per_expert(8.0, 6, 2) == 6  # never more than the group
+    logits = torch.randn(1, 100, 2)
+    r = R.expert_choice_route(logits, 1.1, mask_GN=None)
+    assert r.counts_E.tolist() == [55, 55]
+    r = R.expert_choice_route(logits, 1.1, mask_GN=torch.ones(1, 100, dtype=torch.bool))
+    assert r.counts_E.tolist() == [55, 55]

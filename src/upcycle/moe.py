@@ -35,13 +35,18 @@ class RouterConfig:
         """Expert-choice capacity factor, the paper's C = 2 when none was given."""
         return self.capacity_factor or R.EC_CAPACITY_FACTOR
 
-    def experts_per_token(self, num_experts: int) -> float:
-        """Experts each token uses on average: K (top-k, before any dropping), all of them (soft), or
-        min(C, E) for expert choice (each of E experts takes C*N/E of N tokens)."""
+    def experts_per_token(self, num_experts: int, group_tokens: int | None = None) -> float:
+        """Experts each token uses on average: K (top-k, before any dropping), all of them (soft), or, for
+        expert choice, E * min(ceil(C * N / E), N) / N over groups of N tokens: the rounding up makes it
+        more than C at small N (2.35 at C = 2, E = 8, N = 17). group_tokens: N, the sequence length for
+        per-sequence groups; without it (or with ec_group batch, whose N is the whole batch) min(C, E),
+        the large-N limit."""
         if self.kind == "topk":
             return self.top_k
         if self.kind == "soft":
             return num_experts
+        if group_tokens and self.ec_group == "sequence":
+            return num_experts * R.ec_tokens_per_expert(self.ec_capacity, group_tokens, num_experts) / group_tokens
         return min(self.ec_capacity, num_experts)
 
 

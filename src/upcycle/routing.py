@@ -30,6 +30,18 @@ import torch
 EC_CAPACITY_FACTOR = 2.0
 
 
+def ceil_capacity(capacity_factor: float, tokens: int, divisor: int) -> int:
+    """ceil(C * tokens / divisor) as the arithmetic means it: in floats 1.1 * 100 / 2 is 55.000000000000007,
+    whose plain ceil is 56; products within 1e-9 (relative) of an integer count as that integer."""
+    x = capacity_factor * tokens / divisor
+    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
+
+
+def ec_tokens_per_expert(capacity_factor: float, tokens: int, num_experts: int) -> int:
+    """Expert choice: tokens each expert takes from a group of `tokens`, min(ceil(C * N / E), N)."""
+    return min(ceil_capacity(capacity_factor, tokens, num_experts), tokens)
+
+
 @dataclass
 class Routing:
     expert_A: torch.Tensor  # (A,) int64, sorted ascending
@@ -107,7 +119,7 @@ def topk_route(
     dropped_assignments = torch.zeros((), dtype=torch.long, device=logits_TE.device)
     dropped_tokens = torch.zeros((), dtype=torch.long, device=logits_TE.device)
     if capacity_factor is not None:
-        cap = math.ceil(capacity_factor * T * k / E)
+        cap = ceil_capacity(capacity_factor, T * k, E)
         # K-major order: every token's first choice before any second choice.
         expert_KT = idx_TK.t().reshape(-1)
         keep_KT = _rank_within_expert(expert_KT, E) < cap
@@ -145,7 +157,7 @@ def expert_choice_route(
     G, N, E = logits_GNE.shape
     device = logits_GNE.device
     probs_GNE = torch.softmax(logits_GNE, dim=-1)
-    c = min(math.ceil(capacity_factor * N / E), N)
+    c = ec_tokens_per_expert(capacity_factor, N, E)
     score_GEN = probs_GNE.transpose(1, 2)
     if mask_GN is not None:
         score_GEN = score_GEN.masked_fill(~mask_GN[:, None, :], -1.0)  # below every probability
@@ -155,7 +167,8 @@ def expert_choice_route(
     gate_GEc = torch.gather(probs_GNE.transpose(1, 2), -1, tok_GEc)
     if mask_GN is not None:  # per-group capacity from the real tokens; padding sorts last and is cut
         real_G = mask_GN.sum(-1)
-        cap_G = torch.ceil(capacity_factor * real_G.double() / E).clamp(max=N).long()
+        x_G = capacity_factor * real_G.double() / E
+        cap_G = torch.ceil(x_G - 1e-9 * x_G.clamp(min=1.0)).clamp(max=N).long()  # as ceil_capacity
         keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & \
             torch.gather(mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc)
 

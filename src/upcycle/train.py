@@ -184,18 +184,18 @@ def _attention_dims(config) -> tuple[int, int]:
     return layers, heads * head_dim
 
 
-def active_params(model: nn.Module, dense: bool = False) -> int:
+def active_params(model: nn.Module, dense: bool = False, seq_len: int | None = None) -> int:
     """Parameters a token passes through in matmuls: every parameter once, except the input embedding
     (a lookup), plus the output projection when it is tied to it; an MoE block's experts count
-    experts_per_token / E of their size, plus the router. dense=True: what the dense source model had
-    (one expert per MoE block, no router)."""
+    experts_per_token / E of their size (expert choice: over groups of seq_len tokens when given), plus the
+    router. dense=True: what the dense source model had (one expert per MoE block, no router)."""
     emb = getattr(model.get_input_embeddings(), "weight", None)  # ViT's patch embedding is a matmul: counted
     out = model.get_output_embeddings()
     expert_scale: dict[int, float] = {}
     routers: set[int] = set()
     for _, b in moe_blocks(model):
         E = b.num_experts
-        k = 1.0 if dense else b.router_config.experts_per_token(E)
+        k = 1.0 if dense else b.router_config.experts_per_token(E, seq_len)
         for p in b.experts.parameters():
             expert_scale[id(p)] = k / E
         for p in b.router.parameters():
@@ -219,7 +219,7 @@ def flops_per_token(model: nn.Module, seq_len: int, dense: bool = False) -> int:
     For a config without weights: flops_per_token(model_on_meta(config, plan), seq_len)."""
     L, d_attn = _attention_dims(model.config)
     moa = [a.num_experts for _, a in moa_modules(model)] if not dense else []  # N x the score/value matmuls
-    return 6 * active_params(model, dense) + 12 * d_attn * seq_len * (L + sum(moa) - len(moa))
+    return 6 * active_params(model, dense, seq_len) + 12 * d_attn * seq_len * (L + sum(moa) - len(moa))
 
 
 def model_on_meta(config, plan=None) -> nn.Module:

@@ -14,7 +14,8 @@ as a share of the dense pretraining FLOPs; an arm gets as many steps as its FLOP
 
 FLOPs per example (training, forward + backward): 6 T N_body + 6 N_head + 12 L d T^2, with T tokens (the
 patches and CLS), N_body the matmul parameters a token passes through (patch projection, attention,
-MLP; MoE experts counted min(C, E) / E of their size for expert choice, as `train.active_params`, plus
+MLP; MoE experts counted E ceil(C T / E) / T / E of their size for expert choice, each image being one
+routing group: 40/17 experts per token at C = 2, E = 8, T = 17, not C = 2; as `train.active_params`; plus
 the router), N_head the classifier (once per image) and the last term attention scores and values.
 Biases, norms and position embeddings are left out.
 
@@ -163,8 +164,9 @@ def flops_per_image(model: nn.Module, dense: bool = False) -> int:
 
     scale: dict[int, float] = {}
     routers: set[int] = set()
+    T = tokens_per_image(model.config)
     for _, b in moe_blocks(model):
-        k = 1.0 if dense else b.router_config.experts_per_token(b.num_experts)
+        k = 1.0 if dense else b.router_config.experts_per_token(b.num_experts, T)  # one group per image
         for p in b.experts.parameters():  # (E, ...) weights; the (E, F) / (E, D) biases are not matmuls
             scale[id(p)] = k / b.num_experts if p.dim() >= 3 else 0.0
         routers.update(id(p) for p in b.router.parameters())
@@ -177,7 +179,6 @@ def flops_per_image(model: nn.Module, dense: bool = False) -> int:
             continue
         body += p.numel() * scale.get(id(p), 1.0)
     c = model.config
-    T = tokens_per_image(c)
     n_head = model.classifier.weight.numel()
     return int(round(6 * T * body + 6 * n_head + 12 * c.num_hidden_layers * c.hidden_size * T * T))
 
