@@ -326,3 +326,30 @@ def test_real_minilm_embeddings_are_preserved(minilm):
           f"layer {[round(v, 3) for v in left]}")
     assert cos2.mean() < cos.mean()  # C < E changes the function...
     assert cos2.min() > 0.5  # ...but not beyond recognition
+
+
+@pytest.mark.parametrize("kind", ["bert", "vit", "t5"])
+def test_cli_sparse_defaults_to_expert_choice_in_encoders(kind, tmp_path, capsys):
+    """No --router: the paper's recipe per family, expert choice C = 2 normalised in encoders and ViT (T5's
+    decoder: top-2, not renormalised); a router named by flag or plan file wins."""
+    import json
+
+    dense = {"bert": tiny_bert, "vit": tiny_vit, "t5": lambda: tiny_t5(False)}[kind]()
+    d = tmp_path / "dense"
+    dense.save_pretrained(d)
+    out = tmp_path / "moe"
+    assert main(["sparse", "--model", str(d), "--out", str(out), "--num_experts", "4", "--quiet"]) == 0
+    assert "expert-choice routing" in capsys.readouterr().err
+    plan = json.loads((out / "upcycle.json").read_text())["plan"]
+    assert plan["router"] == "expert_choice"
+    kinds = {b.router_config.kind for _, b in moe_blocks(load(out))}
+    assert kinds == ({"expert_choice", "topk"} if kind == "t5" else {"expert_choice"})
+    if kind == "t5":
+        dec = [b.router_config for n, b in moe_blocks(load(out)) if n.startswith("decoder")]
+        assert dec and all(rc.kind == "topk" and rc.top_k == 2 and not rc.normalize for rc in dec)
+    yaml_plan = tmp_path / "plan.yaml"
+    yaml_plan.write_text("router: topk\nnum_experts: 4\n")
+    for extra in (["--router", "topk", "--num_experts", "4"], ["--plan", str(yaml_plan)]):
+        o = tmp_path / ("topk" + str(len(extra)))
+        assert main(["sparse", "--model", str(d), "--out", str(o), "--quiet"] + extra) == 0
+        assert json.loads((o / "upcycle.json").read_text())["plan"]["router"] == "topk"

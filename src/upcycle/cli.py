@@ -19,7 +19,8 @@ import types
 import typing
 from pathlib import Path
 
-from .errors import UpcycleError
+from . import yamlio
+from .errors import PlanError, UpcycleError
 from .plan import UpcyclePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -135,6 +136,23 @@ def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
         raise UpcycleError(f"--{e}") from None
 
 
+def _router_given(args: argparse.Namespace) -> bool:
+    """Whether the user chose a router (flag or plan file); without one, the family's default applies."""
+    if hasattr(args, "router"):
+        return True
+    return bool(getattr(args, "plan", None)) and "router" in yamlio.read_mapping(args.plan, "plan file", PlanError)
+
+
+def family_plan(args: argparse.Namespace, plan: UpcyclePlan, adapter) -> UpcyclePlan:
+    """The paper's routing per family when the user named no router: expert choice (C = 2, normalised) in
+    encoders and ViT (for T5 the encoder; its decoder gets top-2 through plan.for_stack), top-k in decoders."""
+    if adapter.causal or _router_given(args):
+        return plan
+    print(f"note: {adapter.family}: expert-choice routing (C = {plan.replace(router='expert_choice').capacity:g}, "
+          "normalised), the paper's recipe for encoders and vision; --router topk for token choice", file=sys.stderr)
+    return plan.replace(router="expert_choice")
+
+
 def load_dense_config(model_dir: Path):
     from transformers import AutoConfig
 
@@ -183,6 +201,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
     adapter = adapter_for(config, source=str(model_dir / "config.json"))
+    plan = family_plan(args, plan, adapter)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     files = weight_files(model_dir)
     if not files:
