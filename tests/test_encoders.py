@@ -353,3 +353,15 @@ def test_cli_sparse_defaults_to_expert_choice_in_encoders(kind, tmp_path, capsys
         o = tmp_path / ("topk" + str(len(extra)))
         assert main(["sparse", "--model", str(d), "--out", str(o), "--quiet"] + extra) == 0
         assert json.loads((o / "upcycle.json").read_text())["plan"]["router"] == "topk"
+
+
+def test_eval_refuses_an_encoder_cleanly(tmp_path, capsys):
+    d = tmp_path / "dense"
+    tiny_bert().save_pretrained(d)
+    save_tiny_tokenizer(d)
+    out = tmp_path / "moe"
+    assert main(["sparse", "--model", str(d), "--out", str(out), "--num_experts", "4", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--tokenizer", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "no next-token perplexity" in err and "upcycle check" in err and "Traceback" not in err

@@ -85,6 +85,12 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
     dtype = getattr(torch, args.dtype)
     model = load_any(args.model, dtype=dtype, device=args.device)
+    from .encoders import is_causal_lm
+
+    if not is_causal_lm(model.config):
+        raise UpcycleError(f"{args.model}: a {type(model).__name__} has no next-token perplexity; upcycle eval is for "
+                           "causal language models. For encoders, ViT and T5 use `upcycle check DIR --against "
+                           "DENSE_DIR` (outputs and embeddings vs the dense model)")
 
     results, loads = [], []
     for name, text in texts:
