@@ -219,6 +219,11 @@ def test_qwen2_fine_grained_shapes_and_permutation():
     allrows = set(rows)
     for e in range(E):
         assert sum(tuple(r.tolist()) in allrows for r in g[e]) == 20
+    # width 40 does not divide 96: slices straddle two copies, yet no expert holds a neuron twice
+    out = init_layer(plan.replace(num_experts=6, granularity=1, expert_width=40), 0, d, "silu")
+    for e in range(6):
+        ids_e = [rows[tuple(r.tolist())] for r in out["experts.gate_proj"][e]]
+        assert len(set(ids_e)) == 40
     with pytest.raises(PlanError, match="only expert_init=qwen2"):
         UpcyclePlan(expert_width=40)
 
@@ -366,3 +371,14 @@ def test_experiment_variant_arms(tmp_path):
         Recipe.from_dict(d | {"arms": ["nope"]})
     init_recipe = Recipe.from_yaml(RECIPES / "initialisers.yaml")
     assert init_recipe.variant_plan("granular").granularity == 2
+
+
+def test_granular_warns_when_top_k_splits_a_virtual_group():
+    import warnings
+
+    with pytest.warns(UserWarning, match="not a multiple of granularity"):
+        UpcyclePlan(expert_init="granular", num_experts=8, granularity=4, top_k=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UpcyclePlan(expert_init="granular", num_experts=8, granularity=4, top_k=4)
+        UpcyclePlan(expert_init="granular", num_experts=8, granularity=2, top_k=4)

@@ -122,7 +122,8 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
 
     Non-MoE parameters get the model's own Hugging Face initialisation (normal(0, initializer_range) for
     linear and embedding weights, ones for norms). Experts get independent normal(0, initializer_range)
-    weights (zero biases), like the dense MLP they replace would at initialisation; routers follow the plan
+    weights (zero biases), like the dense MLP they replace would at initialisation, and so does a shared
+    expert (its sigmoid gate row zero); routers follow the plan
     (router_init, router_std). `seed` (default: plan.seed) makes the whole model reproducible; the global
     torch RNG is left as it was.
     """
@@ -153,6 +154,10 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
         block.router.weight.copy_(init_router(plan, i, block.router.weight.shape[1], block.router.weight.dtype))
+        if block.shared_expert is not None:  # like the experts; the gate row starts at zero (gate 1/2)
+            for name, p in block.shared_expert.named_parameters():
+                p.copy_(torch.zeros_like(p) if name.startswith("gate.") else
+                        torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
     model.config.upcycle = plan.to_dict() | {"moe_layers": layers, "init": "from_scratch"}
     return model.eval()
 

@@ -22,9 +22,9 @@ expert_init (E = num_experts, F = dense intermediate size, K = top_k):
   partition  LLaMA-MoE neuron partitioning: the F neurons split into E disjoint sets of F/E (random: a
              seeded permutation; kmeans: size-balanced k-means on the L2-normalised gate rows, up rows for
              ungated MLPs); expert e = (gate[S_e], up[S_e], down[:, S_e]), so the sum of all experts is the
-             dense MLP. An output factor (partition_scale, default E for renormalised/soft weights, which
-             gives each of the K active experts E/K on average, LLaMA-MoE's factor; E^2/K for unnormalised
-             top-k) is folded into the down projections: a linear map, so the block and stock exports need
+             dense MLP. An output factor (partition_scale, default E for renormalised/soft weights, E^2/K
+             for unnormalised top-k: the factor that makes K = E exact; LLaMA-MoE's own recipe multiplies
+             its top-K scores by E/K, which is partition_scale = E/K here) is folded into the down projections: a linear map, so the block and stock exports need
              no extra multiplier. With K = E, a zero router and renormalised weights (1/E each) the layer
              is the dense MLP exactly.
   granular   virtual-group upcycling (He et al. 2024, arXiv 2410.07524; Megatron --moe-upcycling-granularity
@@ -38,7 +38,8 @@ expert_init (E = num_experts, F = dense intermediate size, K = top_k):
              relu2), approximate for silu/gelu (tests pin the figure).
   qwen2      Qwen2 fine-grained upcycling (Qwen2 report 2.2.2): replicate the MLP ceil(E h / F) times, permute
              each copy's intermediate dimension (its own seeded permutation), cut E experts of width h =
-             expert_width (default F / granularity) from the concatenation, discard the rest,
+             expert_width (default F / granularity) from the concatenation (a slice straddling two copies
+             takes distinct neurons: no neuron twice in one expert), discard the rest,
              then re-initialise a share drop_ratio (default 0.5) of each expert's neurons as `drop` does.
 
 shared_mlp (none | gated | ungated): the dense MLP also becomes an always-on shared expert beside the
@@ -233,6 +234,28 @@ def expert_intermediate_size(plan, F: int) -> int:
     return F
 
 
+def _distinct_slices(idx: torch.Tensor, E: int, h: int) -> list[torch.Tensor]:
+    """Slices idx[e h:(e + 1) h] of the concatenated permutations, each made of distinct neurons: a slice that
+    straddles two copies can meet a neuron twice (when h does not divide F), and two identical neurons in
+    one expert would get identical gradients for ever; a repeat is replaced by the next neurons of idx (from
+    the slice's end on, wrapping round) that the slice lacks. Where h divides F no slice straddles, so this
+    is the plain slicing."""
+    flat = idx.tolist()
+    out = []
+    for e in range(E):
+        chosen = list(dict.fromkeys(flat[e * h:(e + 1) * h]))
+        if len(chosen) < h:
+            have = set(chosen)
+            for i in flat[(e + 1) * h:] + flat[:e * h]:
+                if i not in have:
+                    have.add(i)
+                    chosen.append(i)
+                    if len(chosen) == h:
+                        break
+        out.append(torch.tensor(chosen, dtype=idx.dtype))
+    return out
+
+
 def plan_structure(plan, F: int) -> dict:
     """The block shape the plan gives a dense MLP of width F, in `surgery.make_moe_block`'s terms."""
     out: dict = {}
@@ -386,7 +409,7 @@ def init_layer(plan, layer: int, dense: dict[str, torch.Tensor], act: str,
         copies = -(-E * h // F)
         g = _generator(plan.seed, layer, _S_QWEN2_PERM)
         idx = torch.cat([torch.randperm(F, generator=g) for _ in range(copies)])
-        experts = _gather(dense, [idx[e * h:(e + 1) * h] for e in range(E)])
+        experts = _gather(dense, _distinct_slices(idx, E, h))
         _reinit_neurons(experts, dense, _drop_sets(plan, layer, E, h), plan, layer)
     else:
         raise PlanError(f"unknown expert_init {kind!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,9 @@ class UpcyclePlan:
     router_prompts: str | None = _f(None, "router_init=data: YAML list of prompt sets, one per expert (per group of "
                                     "granularity experts for granular), or a text file of sets separated by ---")
     router_std: float = _f(0.02, "standard deviation of the router initialisation")
-    expert_init: str = _f("copy", "experts: copy of the dense MLP | noise (copy plus N(0, noise_std) per weight)",
+    expert_init: str = _f("copy", "experts: copy (of the dense MLP) | noise (copy plus N(0, noise_std) per weight) | "
+                          "drop (Drop-Upcycling) | partition (LLaMA-MoE neuron split) | granular (virtual groups) "
+                          "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.init",
                           choices=EXPERT_INITS)
     noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")
     drop_ratio: float = _f(0.5, "drop / qwen2: share of each expert's intermediate neurons re-initialised from the "
@@ -148,6 +151,11 @@ class UpcyclePlan:
         if self.expert_init == "granular" and self.num_experts % self.granularity:
             raise bad("granularity", f"num_experts={self.num_experts} must be a multiple of granularity="
                                      f"{self.granularity} (each virtual group of G experts holds one copy of the MLP)")
+        if self.expert_init == "granular" and self.router == "topk" and self.top_k % self.granularity:
+            warnings.warn(f"granular: top_k={self.top_k} is not a multiple of granularity={self.granularity}: a token "
+                          "can reach part of a virtual group, so even a group-uniform router cannot reproduce the "
+                          f"dense MLP; top_k={self.granularity * max(1, self.top_k // self.granularity)} keeps "
+                          "whole groups", stacklevel=3)
         if self.granularity != 1 and self.expert_init not in ("granular", "qwen2"):
             raise bad("granularity", f"only expert_init granular or qwen2 uses it (expert_init is {self.expert_init!r})")
         if self.expert_width is not None and self.expert_init != "qwen2":
