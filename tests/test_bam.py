@@ -206,6 +206,11 @@ def test_bad_inputs():
     sd = {k: v for k, v in a.state_dict().items() if "layers.3.mlp.up_proj" not in k}
     with pytest.raises(UpcycleError, match="code: lacks 'model.layers.3.mlp.up_proj.weight'"):
         check_compatible([a.config, a.config], [a.state_dict(), sd], ["seed", "code"])
+    with pytest.raises(UpcycleError, match="code/config.json: rms_norm_eps"):
+        mix([a, tiny_model("llama", rms_norm_eps=1e-5)], BamPlan.for_method("bam", 2), names=["seed", "code"])
+    with pytest.raises(UpcycleError, match="code/config.json: rope_parameters"):
+        mix([a, tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})],
+            BamPlan.for_method("bam", 2), names=["seed", "code"])
     with pytest.raises(UpcycleError, match="tokenizer differs"):
         check_compatible([a.config] * 2, [a.state_dict()] * 2, ["seed", "code"], ["abc", "abd"])
     with pytest.raises(UpcycleError, match="3 models but 2"):

@@ -140,7 +140,11 @@ def plan_from_dict(d: dict[str, Any], source: str = "plan"):
 
 _SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "tie_word_embeddings",
-               "attention_bias", "mlp_bias", "use_qk_norm")
+               "attention_bias", "mlp_bias", "use_qk_norm",
+               # not shapes, but the mixed model computes with one config: models that differ here would be
+               # mixed silently with the first one's positions, norms or attention window
+               "rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps", "layer_norm_eps", "sliding_window",
+               "logit_scale")
 
 
 def check_compatible(configs: Sequence[Any], states: Sequence[dict[str, torch.Tensor]], names: Sequence[str],
