@@ -1,7 +1,7 @@
 """BAM's Table 1 in miniature (Zhang et al. 2024, arXiv 2408.08274): BTX vs BAM (KV experts) vs BAM
 (KV shared), mixing a seed and three specialists, at matched data and at matched compute.
 
-    upcycle bam-experiment recipes/bam-small.yaml --out results/bam-small     (~35 min on 2 CPU cores)
+    upcycle bam-experiment recipes/bam-small.yaml --out results/bam-small     (~22 min on 2 CPU cores)
     upcycle bam-experiment recipes/bam-small.yaml --tiny --out /tmp/bam-smoke (smoke-test size, < 30 s)
 
     seed        a small parallel-attention dense model (transformers' Cohere: y = x + Attn(LN x) +

@@ -2,7 +2,7 @@
 then dense continued vs upcycled (expert choice C = 2, normalised, optimizer state carried over) vs
 without normalisation vs with a fresh optimizer, at matched extra compute.
 
-    upcycle vit-experiment recipes/vit-small.yaml --out results/vit-upcycling-small   (~25 min, 2 CPU cores)
+    upcycle vit-experiment recipes/vit-small.yaml --out results/vit-upcycling-small   (~12 min, 2 CPU cores)
     upcycle vit-experiment recipes/vit-small.yaml --tiny --out /tmp/vit-smoke          (smoke test, seconds)
 
 Writes OUT/results.md, OUT/results.csv, OUT/results.json and OUT/accuracy_vs_flops.png (atomically).
