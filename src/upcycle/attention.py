@@ -22,7 +22,8 @@ next to the query heads that read the same key head:
 The router weights scale each expert's head outputs before one matmul with the experts' stacked
 output projections [W_o^1 ... W_o^N], which is the sum above. The module takes the place of the host's
 attention module (same call signature: hidden_states, position_embeddings, attention_mask,
-cache, **kwargs; returns (output, None); transformers before 5.24 named the cache `past_key_values`), so the decoder layer needs no change, whether it is
+cache, **kwargs; returns (output, None); transformers before 5.24 named the cache `past_key_values`),
+so the decoder layer needs no change, whether it is
 sequential (Llama) or parallel (Cohere: y = x + Attn(LN x) + MLP(LN x), the BAM block).
 
 Parameters (names in the state dict, under the layer's attention prefix):

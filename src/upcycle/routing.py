@@ -30,11 +30,14 @@ import torch
 EC_CAPACITY_FACTOR = 2.0
 
 
+_CEIL_TOL = 1e-9  # relative: C * N / E within this of an integer is that integer
+
+
 def ceil_capacity(capacity_factor: float, tokens: int, divisor: int) -> int:
     """ceil(C * tokens / divisor) as the arithmetic means it: in floats 1.1 * 100 / 2 is 55.000000000000007,
-    whose plain ceil is 56; products within 1e-9 (relative) of an integer count as that integer."""
+    whose plain ceil is 56; products within _CEIL_TOL (relative) of an integer count as that integer."""
     x = capacity_factor * tokens / divisor
-    return math.ceil(x - 1e-9 * max(1.0, abs(x)))
+    return math.ceil(x - _CEIL_TOL * max(1.0, abs(x)))
 
 
 def ec_tokens_per_expert(capacity_factor: float, tokens: int, num_experts: int) -> int:
@@ -168,7 +171,7 @@ def expert_choice_route(
     if mask_GN is not None:  # per-group capacity from the real tokens; padding sorts last and is cut
         real_G = mask_GN.sum(-1)
         x_G = capacity_factor * real_G.double() / E
-        cap_G = torch.ceil(x_G - 1e-9 * x_G.clamp(min=1.0)).clamp(max=N).long()  # as ceil_capacity
+        cap_G = torch.ceil(x_G - _CEIL_TOL * x_G.clamp(min=1.0)).clamp(max=N).long()  # as ceil_capacity
         keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & \
             torch.gather(mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc)
 
