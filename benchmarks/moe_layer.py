@@ -320,7 +320,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="token counts T (default 4096)")
-    p.add_argument("--backend", nargs="+", choices=["loop", "grouped"], default=["loop"],
+    p.add_argument("--backend", nargs="+", choices=["loop", "grouped", "auto"], default=["loop"],
                    help="our Experts backends to time (default loop; the first is the correctness reference)")
     p.add_argument("--hf", nargs="*", default=["grouped_mm", "eager"],
                    help="transformers experts_implementation values to time "

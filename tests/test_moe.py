@@ -133,3 +133,25 @@ def test_experts_per_token_for_active_parameter_counts():
     assert RouterConfig("soft").experts_per_token(8) == 8
     assert RouterConfig("expert_choice").experts_per_token(8) == 2.0  # the paper's C = 2 by default
     assert RouterConfig("expert_choice", capacity_factor=16.0).experts_per_token(8) == 8  # at most every expert
+
+
+def test_auto_backend_on_cpu_takes_grouped_for_small_batches_and_loop_for_large():
+    from upcycle import experts as X
+
+    ex = make_block(backend="auto").experts
+    small = torch.empty(X.GROUPED_CPU_MAX_ROWS, D)
+    large = torch.empty(X.GROUPED_CPU_MAX_ROWS + 1, D)
+    assert ex._use_grouped(small) and not ex._use_grouped(large)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ex._use_grouped(small)  # autocast keeps the loop, whose linears it casts
+    # the same numbers either way, gradients included
+    x = torch.randn(2, 8, D)
+    outs = []
+    for backend in ("auto", "loop"):
+        block = make_block(backend=backend)
+        xi = x.clone().requires_grad_(True)
+        y = block(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, block.experts.down_proj.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

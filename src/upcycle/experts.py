@@ -11,7 +11,8 @@ Two backends compute the same thing:
   full-size zero gradient per expert (research/performance.md §3.3); autograd through `unbind(0)` avoids
   that but still stacks the gradients in an extra full-size copy per parameter.
 - "grouped": one grouped matmul per projection (torch.nn.functional.grouped_mm) with int32 offsets;
-  no host synchronisation, the GPU path (bf16). It also runs on CPU, which is how the tests check it.
+  no host synchronisation, the GPU path (bf16). On CPU "auto" takes it for small batches (at most
+  GROUPED_CPU_MAX_ROWS routed rows), where the loop's per-expert Python overhead shows.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 BACKENDS = ("auto", "loop", "grouped")
+# "auto" on CPU: grouped up to this many routed rows (token-expert assignments; T=512 at top-2), loop above.
+GROUPED_CPU_MAX_ROWS = 1024
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -53,7 +56,15 @@ class Experts(nn.Module):
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.backend != "auto":
             return self.backend == "grouped"
-        return x.is_cuda and self.up_proj.dtype == torch.bfloat16 and _grouped_mm is not None
+        if _grouped_mm is None:
+            return False
+        if x.is_cuda:
+            return self.up_proj.dtype == torch.bfloat16
+        # CPU: grouped_mm is a C++ loop of mm, free of the Python loop's per-expert overhead, which is what
+        # small batches pay for (fwd+bwd at T=64: 1.94x dense vs the loop's 2.12x; at T=4096 the loop wins,
+        # 0.92x vs 1.03x; results/moe_layer_cpu.md)
+        return (x.device.type == "cpu" and x.shape[0] <= GROUPED_CPU_MAX_ROWS
+                and not torch.is_autocast_enabled("cpu"))  # autocast casts the loop's linears
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype."""
