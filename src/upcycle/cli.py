@@ -125,9 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
-    base = UpcyclePlan.from_yaml(args.plan) if getattr(args, "plan", None) else UpcyclePlan()
+def resolve_plan(args: argparse.Namespace, given: set[str] | None = None) -> UpcyclePlan:
+    """The plan file (if any) with the flags over it; `given` collects the keys the user set in either."""
+    path = getattr(args, "plan", None)
+    data = yamlio.read_mapping(path, "plan file", PlanError) if path else {}
+    base = UpcyclePlan.from_dict(data, source=str(path)) if path else UpcyclePlan()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(UpcyclePlan) if hasattr(args, f.name)}
+    if given is not None:
+        given.update(data, overrides)
     if not overrides:
         return base
     try:
@@ -136,21 +141,15 @@ def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
         raise UpcycleError(f"--{e}") from None
 
 
-def _router_given(args: argparse.Namespace) -> bool:
-    """Whether the user chose a router (flag or plan file); without one, the family's default applies."""
-    if hasattr(args, "router"):
-        return True
-    return bool(getattr(args, "plan", None)) and "router" in yamlio.read_mapping(args.plan, "plan file", PlanError)
-
-
-def family_plan(args: argparse.Namespace, plan: UpcyclePlan, adapter) -> UpcyclePlan:
+def family_plan(plan: UpcyclePlan, adapter, router_given: bool) -> UpcyclePlan:
     """The paper's routing per family when the user named no router: expert choice (C = 2, normalised) in
     encoders and ViT (for T5 the encoder; its decoder gets top-2 through plan.for_stack), top-k in decoders."""
-    if adapter.causal or _router_given(args):
+    if adapter.causal or router_given:
         return plan
-    print(f"note: {adapter.family}: expert-choice routing (C = {plan.replace(router='expert_choice').capacity:g}, "
-          "normalised), the paper's recipe for encoders and vision; --router topk for token choice", file=sys.stderr)
-    return plan.replace(router="expert_choice")
+    ec = plan.replace(router="expert_choice")
+    print(f"note: {adapter.family}: expert-choice routing (C = {ec.capacity:g}, normalised), the paper's recipe "
+          "for encoders and vision; --router topk for token choice", file=sys.stderr)
+    return ec
 
 
 def load_dense_config(model_dir: Path):
@@ -195,13 +194,14 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     from .surgery import upcycle
 
     t0 = time.time()
-    plan = resolve_plan(args)
+    given: set[str] = set()
+    plan = resolve_plan(args, given)
     if args.out.exists() and not args.overwrite:
         raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
     adapter = adapter_for(config, source=str(model_dir / "config.json"))
-    plan = family_plan(args, plan, adapter)
+    plan = family_plan(plan, adapter, "router" in given)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     files = weight_files(model_dir)
     if not files:
