@@ -173,6 +173,25 @@ def test_expert_choice_never_picks_padding_and_padding_changes_nothing(batch):
     assert torch.equal(moe(ids, mask).last_hidden_state, out)
 
 
+@pytest.mark.parametrize("router", [dict(router="topk", capacity_factor=1.0), dict(router="soft")])
+def test_token_choice_skips_padding_and_padding_changes_nothing(router, batch):
+    """Top-k (with token dropping) and soft routers in an encoder: padding gets no expert and takes no
+    capacity, so a padded sequence computes what the same sequence computes unpadded."""
+    ids, mask = batch
+    moe = upcycle(tiny_bert(), UpcyclePlan(num_experts=4, top_k=2, **router))
+    out = moe(ids[1:], attention_mask=mask[1:]).last_hidden_state  # one sequence, 5 of 12 tokens padding
+    for _, b in moe_blocks(moe):
+        r = b.last_routing
+        assert set(r.token_A.tolist()) <= set(range(7))
+        assert int(r.real_tokens) == 7
+        if router["router"] == "topk":  # capacity ceil(1 * 7 * 2 / 4) = 4 per expert, from the real tokens
+            assert max(r.counts_E.tolist()) <= 4 and r.counts_E.sum() + r.dropped_assignments == 14
+        else:
+            assert r.counts_E.tolist() == [7] * 4
+    alone = moe(ids[1:, :7], attention_mask=mask[1:, :7]).last_hidden_state
+    assert rel_diff(out[0, :7], alone[0]) <= 1e-5
+
+
 def test_mask_hooks_survive_deepcopy_and_keep_models_apart(batch):
     import copy
 

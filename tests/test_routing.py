@@ -83,6 +83,38 @@ def test_expert_choice_never_picks_padding():
     assert int(r.dropped_tokens) == 0  # the padded token does not count as left behind
 
 
+def test_topk_padding_takes_no_assignment_and_no_capacity():
+    # 6 tokens, the first three padding, all preferring expert 0; E=3, k=1, C=1.
+    probs = [[0.8, 0.1, 0.1]] * 3 + [[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]
+    mask = torch.tensor([False, False, False, True, True, True])
+    r = R.topk_route(logits_of(probs), 1, normalize=False, capacity_factor=1.0, mask_T=mask)
+    # capacity from the 3 real tokens: ceil(1 * 3 * 1 / 3) = 1 (6 tokens would give 2), and padding that sorts
+    # first takes none of it: expert 0 keeps token 3, drops token 4
+    assert assignments(r) == {(3, 0): 0.7, (5, 2): 0.7}
+    assert int(r.dropped_assignments) == 1 and int(r.dropped_tokens) == 1 and int(r.real_tokens) == 3
+    # without capacity: every real token keeps its k experts, padding has none
+    r = R.topk_route(logits_of(probs), 2, mask_T=mask)
+    assert sorted({t for t, _ in assignments(r)}) == [3, 4, 5] and r.counts_E.sum() == 6
+    assert int(r.dropped_assignments) == 0 and int(r.dropped_tokens) == 0
+    r = R.soft_route(logits_of(probs), mask_T=mask)
+    assert sorted({t for t, _ in assignments(r)}) == [3, 4, 5] and r.counts_E.tolist() == [3, 3, 3]
+
+
+def test_padding_stays_out_of_the_aux_losses_and_entropy():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 4, generator=g)
+    mask = torch.tensor([True] * 6 + [False] * 4)
+    r = R.topk_route(z, 2, mask_T=mask)
+    alone = R.topk_route(z[:6], 2)
+    torch.testing.assert_close(R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T),
+                               R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK))
+    torch.testing.assert_close(R.z_loss(r.logits_TE, r.mask_T), R.z_loss(alone.logits_TE))
+    torch.testing.assert_close(r.entropy(), alone.entropy())
+    # and the unmasked losses do differ: the test can fail
+    assert abs(float(R.load_balancing_loss(r.probs_TE, r.topk_idx_TK))
+               - float(R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK))) > 1e-4
+
+
 def test_expert_choice_capacity_and_groups():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 10, 4, generator=g)  # 3 groups of 10 tokens

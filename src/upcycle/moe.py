@@ -70,10 +70,11 @@ class MoEBlock(nn.Module):
     def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size, mask: torch.Tensor | None = None
               ) -> R.Routing:
         rc = self.router_config
+        mask_T = None if mask is None else mask.reshape(-1)
         if rc.kind == "topk":
-            return R.topk_route(logits_TE, rc.top_k, rc.normalize, rc.capacity_factor)
+            return R.topk_route(logits_TE, rc.top_k, rc.normalize, rc.capacity_factor, mask_T)
         if rc.kind == "soft":
-            return R.soft_route(logits_TE)
+            return R.soft_route(logits_TE, mask_T)
         if rc.kind == "expert_choice":
             groups = lead_shape[0] if (rc.ec_group == "sequence" and len(lead_shape) >= 2) else 1
             logits_GNE = logits_TE.view(groups, -1, logits_TE.shape[-1])
@@ -86,13 +87,13 @@ class MoEBlock(nn.Module):
         x_TD = hidden.reshape(-1, D)
         T = x_TD.shape[0]
         logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # router math in fp32
-        mask = self.token_mask
-        if mask is not None and self.router_config.kind == "expert_choice":
+        mask = self.token_mask  # padding is routed to no expert, by every router
+        if mask is not None:
             if tuple(mask.shape) != tuple(lead):
                 raise ValueError(f"padding mask of shape {tuple(mask.shape)} does not match the hidden states "
                                  f"{tuple(lead)}: pass a (batch, sequence) attention mask of 0/1")
             mask = mask.to(device=hidden.device) != 0
-        r = self.route(logits_TE, torch.Size(lead), mask if self.router_config.kind == "expert_choice" else None)
+        r = self.route(logits_TE, torch.Size(lead), mask)
         self.last_routing = r
         y_AD = self.experts(x_TD.index_select(0, r.token_A), r.counts_E)
         y_AD = y_AD * r.weight_A.to(y_AD.dtype).unsqueeze(1)  # weighting after the experts: router gradient
@@ -110,9 +111,9 @@ class MoEBlock(nn.Module):
         if r is None:
             raise RuntimeError("aux_loss() needs a forward pass first")
         zero = r.logits_TE.new_zeros(())
-        lb = R.load_balancing_loss(r.probs_TE, r.topk_idx_TK) if (
+        lb = R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T) if (
             self.router_config.kind == "topk" and aux_loss_coef) else zero
-        z = R.z_loss(r.logits_TE) if z_loss_coef else zero
+        z = R.z_loss(r.logits_TE, r.mask_T) if z_loss_coef else zero
         return {"load_balancing": aux_loss_coef * lb, "z_loss": z_loss_coef * z}
 
     def router_stats(self) -> dict[str, object]:

@@ -12,7 +12,8 @@ Conventions
 - Top-k capacity (optional token dropping) counts assignments: cap = ceil(C * T * K / E) per expert,
   the vmoe/Megatron convention; all first choices are served before any second choice (K-major
   priority), in token order. Renormalisation, when on, happens over the top-k set before dropping,
-  so a dropped assignment simply contributes 0.
+  so a dropped assignment simply contributes 0. With a padding mask, padding tokens get no assignment,
+  take no capacity (cap counts the real tokens) and stay out of the load-balancing and z-losses.
 - Expert choice capacity counts tokens: c = min(ceil(C * N / E), N) per expert and group.
   With C >= E every expert takes every token. With a padding mask, N is the group's real (non-padding)
   token count, so a short sequence in a padded batch gets the capacity its own length calls for, and
@@ -59,15 +60,25 @@ class Routing:
     dropped_assignments: torch.Tensor  # () int64
     dropped_tokens: torch.Tensor  # () int64: tokens no expert processed
     real_tokens: torch.Tensor | None = None  # () int64: non-padding tokens, where a padding mask was given
+    mask_T: torch.Tensor | None = None  # (T,) bool, True for real tokens, where a padding mask was given
 
     @property
     def num_tokens(self) -> int:
         return self.probs_TE.shape[0]
 
     def entropy(self) -> torch.Tensor:
-        """Mean per-token entropy of the router distribution, in nats (log E = uniform)."""
+        """Mean per-token entropy of the router distribution over the real tokens, in nats (log E = uniform)."""
         p = self.probs_TE.detach()
-        return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+        h_T = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+        return _masked_mean(h_T, self.mask_T)
+
+
+def _masked_mean(x_T: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens whose mask is True (all tokens without a mask); 0 when there are none."""
+    if mask_T is None:
+        return x_T.mean()
+    m = mask_T.to(x_T.dtype)
+    return (x_T * m).sum() / m.sum().clamp_min(1)
 
 
 def _counts_sorted(expert_sorted: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -100,11 +111,14 @@ def topk_route(
     k: int,
     normalize: bool = True,
     capacity_factor: float | None = None,
+    mask_T: torch.Tensor | None = None,
 ) -> Routing:
     """Token choice: each token picks its k most probable experts.
 
     normalize=False: w_e = p_e (Switch / softmax-then-top-k); normalize=True: w_e = p_e / sum_topk p
     (Mixtral). With capacity_factor set, assignments past an expert's capacity are dropped (see module doc).
+    mask_T (bool, True = real token): padding tokens get no assignment (their output is 0) and take no capacity;
+    the capacity counts real tokens only.
     """
     logits_TE = logits_TE.float()
     T, E = logits_TE.shape
@@ -121,24 +135,41 @@ def topk_route(
     weight_A = w_TK.reshape(-1)
     dropped_assignments = torch.zeros((), dtype=torch.long, device=logits_TE.device)
     dropped_tokens = torch.zeros((), dtype=torch.long, device=logits_TE.device)
+    real_tokens = None
+    if mask_T is not None:
+        mask_T = mask_T.reshape(-1).to(device=logits_TE.device, dtype=torch.bool)
+        if mask_T.shape[0] != T:
+            raise ValueError(f"padding mask has {mask_T.shape[0]} tokens, the router logits {T}")
+        real_tokens = mask_T.sum()
+    keep_A = None if mask_T is None else mask_T.repeat_interleave(k)
     if capacity_factor is not None:
-        cap = ceil_capacity(capacity_factor, T * k, E)
-        # K-major order: every token's first choice before any second choice.
+        # K-major order: every token's first choice before any second choice; padding in a bucket of its own.
         expert_KT = idx_TK.t().reshape(-1)
-        keep_KT = _rank_within_expert(expert_KT, E) < cap
-        keep_A = keep_KT.view(k, T).t().reshape(-1)
-        dropped_assignments = (~keep_A).sum()
-        dropped_tokens = (~keep_A.view(T, k).any(dim=1)).sum()
+        if mask_T is None:
+            cap = ceil_capacity(capacity_factor, T * k, E)
+            keep_KT = _rank_within_expert(expert_KT, E) < cap
+        else:
+            x = capacity_factor * (real_tokens.double() * k) / E  # as ceil_capacity, on the device
+            cap = torch.ceil(x - _CEIL_TOL * x.clamp(min=1.0)).long()
+            expert_KT = torch.where(mask_T.repeat(k), expert_KT, E)
+            keep_KT = _rank_within_expert(expert_KT, E + 1) < cap
+        keep_cap_A = keep_KT.view(k, T).t().reshape(-1)
+        keep_A = keep_cap_A if keep_A is None else keep_A & keep_cap_A
+    if keep_A is not None:
+        real_A = torch.ones_like(keep_A) if mask_T is None else mask_T.repeat_interleave(k)
+        dropped_assignments = (real_A & ~keep_A).sum()
+        dropped_tokens = (real_A.view(T, k).any(dim=1) & ~keep_A.view(T, k).any(dim=1)).sum()
         expert_A, token_A, slot_A, weight_A = expert_A[keep_A], token_A[keep_A], slot_A[keep_A], weight_A[keep_A]
 
     expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, k, logits_TE, probs_TE, idx_TK,
-                   dropped_assignments, dropped_tokens)
+                   dropped_assignments, dropped_tokens, real_tokens, mask_T)
 
 
-def soft_route(logits_TE: torch.Tensor) -> Routing:
-    """Every token uses every expert, weighted by the softmax over experts (BTX 'soft', BAM attention)."""
-    return topk_route(logits_TE, logits_TE.shape[-1], normalize=False)
+def soft_route(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
+    """Every token uses every expert, weighted by the softmax over experts (BTX 'soft', BAM attention);
+    padding tokens (mask_T False) none."""
+    return topk_route(logits_TE, logits_TE.shape[-1], normalize=False, mask_T=mask_T)
 
 
 def expert_choice_route(
@@ -196,22 +227,29 @@ def expert_choice_route(
     expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, E, logits_GNE.reshape(T, E),
                    probs_GNE.reshape(T, E), None, torch.zeros((), dtype=torch.long, device=device),
-                   dropped_tokens, None if mask_GN is None else real_T.sum())
+                   dropped_tokens, None if mask_GN is None else real_T.sum(),
+                   None if mask_GN is None else real_T)
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6) as flaxformer computes it
     for top-k: L = E * sum_e f_e * P_e, where f_e is the fraction of tokens whose top-k set contains
     expert e (so sum_e f_e = K) and P_e the mean router probability of e. Perfect balance gives K;
-    gradients reach the router through P_e."""
+    gradients reach the router through P_e. With mask_T, both are over the real tokens only."""
     T, E = probs_TE.shape
-    f_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype)
-    f_E = f_E.index_add(0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), device=probs_TE.device,
-                                                          dtype=probs_TE.dtype)) / T
-    P_E = probs_TE.mean(dim=0)
+    ones_A = torch.ones(idx_TK.numel(), device=probs_TE.device, dtype=probs_TE.dtype)
+    if mask_T is None:
+        n, w_T = T, None
+    else:
+        w_T = mask_T.to(probs_TE.dtype)
+        n = w_T.sum().clamp_min(1)
+        ones_A = w_T.repeat_interleave(idx_TK.shape[1])
+    f_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype).index_add(0, idx_TK.reshape(-1), ones_A) / n
+    P_E = probs_TE.mean(dim=0) if w_T is None else (probs_TE * w_T[:, None]).sum(0) / n
     return E * (f_E * P_E).sum()
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(z)^2."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+def z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over (real) tokens of logsumexp(z)^2."""
+    return _masked_mean(torch.logsumexp(logits_TE.float(), dim=-1).square(), mask_T)
