@@ -347,6 +347,29 @@ def test_real_minilm_embeddings_are_preserved(minilm):
     assert cos2.min() > 0.5  # ...but not beyond recognition
 
 
+@pytest.mark.parametrize("kind", ["bert", "vit", "t5", "llama"])
+def test_python_api_takes_the_family_router_too(kind, tmp_path):
+    """upcycle(model, UpcyclePlan()) routes as `upcycle sparse` does: expert choice C = 2 normalised in
+    encoders and ViT (T5's decoder top-2, not renormalised), top-k in decoders; the saved plan names it."""
+    import json
+
+    dense = {"bert": tiny_bert, "vit": tiny_vit, "t5": lambda: tiny_t5(False),
+             "llama": lambda: tiny_model("llama")}[kind]()
+    moe = upcycle(dense, UpcyclePlan(num_experts=4))
+    rcs = {n: b.router_config for n, b in moe_blocks(moe)}
+    want = "topk" if kind == "llama" else "expert_choice"
+    for n, rc in rcs.items():
+        if kind == "t5" and n.startswith("decoder"):
+            assert (rc.kind, rc.top_k, rc.normalize) == ("topk", 2, False)
+        else:
+            assert rc.kind == want and rc.normalize and (rc.ec_capacity == 2.0 or want == "topk")
+    save(moe, UpcyclePlan(num_experts=4), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "upcycle.json").read_text())["plan"]["router"] == want
+    assert {b.router_config for _, b in moe_blocks(load(tmp_path / "m"))} == set(rcs.values())
+    named = upcycle(dense, UpcyclePlan(num_experts=4, router="topk"))
+    assert {b.router_config.kind for _, b in moe_blocks(named)} == {"topk"}
+
+
 @pytest.mark.parametrize("kind", ["bert", "vit", "t5"])
 def test_cli_sparse_defaults_to_expert_choice_in_encoders(kind, tmp_path, capsys):
     """No --router: the paper's recipe per family, expert choice C = 2 normalised in encoders and ViT (T5's

@@ -6,7 +6,11 @@ from upcycle.layers import select_layers
 
 def test_defaults_follow_the_paper():
     p = UpcyclePlan()
-    assert (p.num_experts, p.router, p.top_k, p.router_init, p.router_std) == (8, "topk", 2, "normal", 0.02)
+    assert (p.num_experts, p.router, p.top_k, p.router_init, p.router_std) == (8, None, 2, "normal", 0.02)
+    # no router named: the family's, top-k in decoders and expert choice (C = 2) in encoders and ViT
+    assert p.for_family(causal=True).router == "topk"
+    assert (p.for_family(causal=False).router, p.for_family(causal=False).capacity) == ("expert_choice", 2.0)
+    assert UpcyclePlan(router="topk").for_family(causal=False).router == "topk"  # a named router is kept
     assert select_layers(p.layers, 30) == list(range(1, 30, 2))  # every other layer, starting with the second
     assert p.normalize_weights and p.capacity is None
     assert UpcyclePlan(router="expert_choice").capacity == 2.0

@@ -19,8 +19,7 @@ import types
 import typing
 from pathlib import Path
 
-from . import yamlio
-from .errors import PlanError, UpcycleError
+from .errors import UpcycleError
 from .plan import UpcyclePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -125,14 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_plan(args: argparse.Namespace, given: set[str] | None = None) -> UpcyclePlan:
-    """The plan file (if any) with the flags over it; `given` collects the keys the user set in either."""
+def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
+    """The plan file (if any) with the flags over it."""
     path = getattr(args, "plan", None)
-    data = yamlio.read_mapping(path, "plan file", PlanError) if path else {}
-    base = UpcyclePlan.from_dict(data, source=str(path)) if path else UpcyclePlan()
+    base = UpcyclePlan.from_yaml(path) if path else UpcyclePlan()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(UpcyclePlan) if hasattr(args, f.name)}
-    if given is not None:
-        given.update(data, overrides)
     if not overrides:
         return base
     try:
@@ -141,15 +137,14 @@ def resolve_plan(args: argparse.Namespace, given: set[str] | None = None) -> Upc
         raise UpcycleError(f"--{e}") from None
 
 
-def family_plan(plan: UpcyclePlan, adapter, router_given: bool) -> UpcyclePlan:
-    """The paper's routing per family when the user named no router: expert choice (C = 2, normalised) in
-    encoders and ViT (for T5 the encoder; its decoder gets top-2 through plan.for_stack), top-k in decoders."""
-    if adapter.causal or router_given:
-        return plan
-    ec = plan.replace(router="expert_choice")
-    print(f"note: {adapter.family}: expert-choice routing (C = {ec.capacity:g}, normalised), the paper's recipe "
-          "for encoders and vision; --router topk for token choice", file=sys.stderr)
-    return ec
+def family_plan(plan: UpcyclePlan, adapter) -> UpcyclePlan:
+    """The plan with the paper's routing for this family where the user named no router (UpcyclePlan.for_family),
+    saying so on stderr for encoders and ViT, whose default (expert choice) differs from the decoders' top-k."""
+    out = plan.for_family(adapter.causal)
+    if plan.router is None and not adapter.causal:
+        print(f"note: {adapter.family}: expert-choice routing (C = {out.capacity:g}, normalised), the paper's recipe "
+              "for encoders and vision; --router topk for token choice", file=sys.stderr)
+    return out
 
 
 def load_dense_config(model_dir: Path):
@@ -194,14 +189,13 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     from .surgery import upcycle
 
     t0 = time.time()
-    given: set[str] = set()
-    plan = resolve_plan(args, given)
+    plan = resolve_plan(args)
     if args.out.exists() and not args.overwrite:
         raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
     adapter = adapter_for(config, source=str(model_dir / "config.json"))
-    plan = family_plan(plan, adapter, "router" in given)
+    plan = family_plan(plan, adapter)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     files = weight_files(model_dir)
     if not files:

@@ -102,7 +102,7 @@ def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
             src, "its attention differs")
         reasons.append(f"{t.architecture} reproduces the attention of {', '.join(t.sources)} models, not "
                        f"{src!r} ({why})")
-    if plan.router != "topk":
+    if plan.router not in (None, "topk"):  # None: a decoder's default, top-k
         reasons.append(f"router {plan.router!r}: stock decoder classes route tokens to their top-k experts "
                        "only (expert choice and soft routing have no stock class)")
     if plan.capacity_factor is not None:
@@ -283,7 +283,9 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
     if isinstance(source, nn.Module):
         from .surgery import structure_of
 
-        plan = plan or plan_from_meta(source.config.upcycle)
+        from .surgery import applied_plan
+
+        plan = applied_plan(plan or plan_from_meta(source.config.upcycle), source.config, source)
         moe_layers = list(source.config.upcycle["moe_layers"])
         config = {k: v for k, v in source.config.to_dict().items() if k != "upcycle"}
         structure = structure_of(source)
@@ -468,7 +470,7 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
         raise UpcycleError(f"{path / 'config.json'}: no MoE layers (num_experts 0 or every layer in mlp_only_layers)")
     E = _num_experts(c)
     normalize = True if c["model_type"] == "mixtral" else bool(c.get("norm_topk_prob", False))
-    plan = UpcyclePlan(num_experts=E, top_k=c["num_experts_per_tok"], normalize=normalize,
+    plan = UpcyclePlan(num_experts=E, router="topk", top_k=c["num_experts_per_tok"], normalize=normalize,
                        layers=tuple(layers) if len(layers) < c["num_hidden_layers"] else "all",
                        aux_loss_coef=c.get("router_aux_loss_coef", 0.01) or 0.0)
     from .stream import SafetensorsSource

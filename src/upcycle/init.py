@@ -267,10 +267,17 @@ def plan_structure(plan, F: int) -> dict:
     return out
 
 
+def _topk_unnormalised(plan) -> bool:
+    """Top-k weights that are not renormalised (each active expert carries p_e ~ 1/E). Surgery hands the
+    initialisers plans with the family's router resolved; a plan that names none is read as the decoder
+    default, top-k."""
+    return plan.router in (None, "topk") and not plan.normalize_weights
+
+
 def granular_scale(plan, act: str, gated: bool) -> float:
     """Per-matrix factor of virtual-group upcycling, s^(1/p) (module docstring)."""
     G, E, K = plan.granularity, plan.num_experts, plan.top_k
-    s = float(E * G / K) if (plan.router == "topk" and not plan.normalize_weights) else float(G)
+    s = float(E * G / K) if _topk_unnormalised(plan) else float(G)
     p = 1 + ACT_DEGREE.get(act, 1) + (1 if gated else 0)
     return s ** (1.0 / p)
 
@@ -279,7 +286,7 @@ def partition_scale(plan) -> float:
     if plan.partition_scale is not None:
         return float(plan.partition_scale)
     E, K = plan.num_experts, plan.top_k
-    if plan.router == "topk" and not plan.normalize_weights:
+    if _topk_unnormalised(plan):
         return E * E / K
     return float(E)
 

@@ -28,6 +28,8 @@ class RouterConfig:
 
     @classmethod
     def from_plan(cls, plan) -> "RouterConfig":
+        if plan.router is None:
+            raise ValueError("the plan names no router: resolve the family's with plan.for_stack(adapter) first")
         return cls(plan.router, plan.top_k, plan.normalize_weights, plan.capacity, plan.ec_group)
 
     @property

@@ -196,6 +196,9 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
                            f"{free / 1e9:.2f} GB free on {parent}")
     from .surgery import structure_of
 
+    from .surgery import applied_plan
+
+    plan = applied_plan(plan, model.config, model)
     layers = _moe_layer_indices(model)
     structure = structure_of(model)
     with atomic_dir(out_dir, overwrite) as tmp:

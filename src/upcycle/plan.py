@@ -43,7 +43,9 @@ class UpcyclePlan:
     layers: str | tuple[int, ...] = _f(
         DEFAULT_LAYERS, "which layers: all | every_k:K[:OFFSET] | first_n:N | last_n:N | middle_n:N | 1,3,5"
     )
-    router: str = _f("topk", "routing: topk (token choice) | expert_choice | soft", choices=ROUTERS)
+    router: str | None = _f(None, "routing: topk (token choice) | expert_choice | soft; default: the family's, as "
+                            "the paper routes: expert_choice in encoders and ViT (T5: its encoder, the decoder "
+                            "gets topk), topk in decoders", choices=ROUTERS)
     top_k: int = _f(2, "experts per token for the topk router")
     normalize: bool | None = _f(
         None,
@@ -106,9 +108,9 @@ class UpcyclePlan:
                 raise bad(name, f"expected an integer, got {v!r}")
         if self.num_experts < 1:
             raise bad("num_experts", f"must be at least 1, got {self.num_experts}")
-        if self.router not in ROUTERS:
+        if self.router is not None and self.router not in ROUTERS:
             raise bad("router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
-        if self.router == "topk" and not 1 <= self.top_k <= self.num_experts:
+        if self.router in (None, "topk") and not 1 <= self.top_k <= self.num_experts:
             raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.normalize is not None and not isinstance(self.normalize, bool):
             raise bad("normalize", f"expected true or false, got {self.normalize!r}")
@@ -151,7 +153,7 @@ class UpcyclePlan:
         if self.expert_init == "granular" and self.num_experts % self.granularity:
             raise bad("granularity", f"num_experts={self.num_experts} must be a multiple of granularity="
                                      f"{self.granularity} (each virtual group of G experts holds one copy of the MLP)")
-        if self.expert_init == "granular" and self.router == "topk" and self.top_k % self.granularity:
+        if self.expert_init == "granular" and self.router in (None, "topk") and self.top_k % self.granularity:
             warnings.warn(f"granular: top_k={self.top_k} is not a multiple of granularity={self.granularity}: a token "
                           "can reach part of a virtual group, so even a group-uniform router cannot reproduce the "
                           f"dense MLP; top_k={self.granularity * max(1, self.top_k // self.granularity)} keeps "
@@ -181,16 +183,25 @@ class UpcyclePlan:
             return EC_CAPACITY_FACTOR
         return self.capacity_factor
 
+    def for_family(self, causal: bool) -> "UpcyclePlan":
+        """The plan with the family's router where none was named: expert choice (C = 2, normalised) for a
+        model with a non-causal stack (BERT, ViT, T5, whose decoder then gets top-k through for_stack), top-k
+        for decoder language models. A named router is kept."""
+        if self.router is not None:
+            return self
+        return dataclasses.replace(self, router="topk" if causal else "expert_choice")
+
     def for_stack(self, adapter) -> "UpcyclePlan":
         """The plan of one stack of blocks (an `adapters.MLPAdapter`): an encoder-decoder's decoder gets
         decoder_router / decoder_normalize (and no expert-choice capacity); expert choice in any causal
-        stack is refused."""
-        plan = self
+        stack is refused. A plan with no router takes the stack's family default (for_family)."""
+        base = self.for_family(adapter.causal and adapter.stack != "decoder")  # T5's decoder: as its encoder
+        plan = base
         if adapter.stack == "decoder":
-            router = self.decoder_router or ("topk" if self.router == "expert_choice" else self.router)
-            normalize = None if router == "soft" else bool(self.decoder_normalize)
-            capacity = self.capacity_factor if router == self.router else None
-            plan = dataclasses.replace(self, router=router, normalize=normalize, capacity_factor=capacity,
+            router = base.decoder_router or ("topk" if base.router == "expert_choice" else base.router)
+            normalize = None if router == "soft" else bool(base.decoder_normalize)
+            capacity = base.capacity_factor if router == base.router else None
+            plan = dataclasses.replace(base, router=router, normalize=normalize, capacity_factor=capacity,
                                        decoder_router=None, decoder_normalize=None)
         if adapter.causal and plan.router == "expert_choice":
             raise PlanError(f"router: expert_choice cannot route the {adapter.family} layers. {EC_CAUSAL} "

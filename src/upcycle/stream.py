@@ -581,6 +581,9 @@ def stream_upcycle(model_dir: str | Path, plan: UpcyclePlan, out_dir: str | Path
     if out_dir.exists() and not overwrite:
         raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
     config = AutoConfig.from_pretrained(model_dir)
+    from .surgery import applied_plan
+
+    plan = applied_plan(plan, config)
     with SafetensorsSource(model_dir) as source:
         items, tied, layers = upcycle_items(source, plan, config, dtype)
         config.dtype = resolve_dtype(config, source, dtype)

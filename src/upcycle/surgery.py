@@ -26,6 +26,15 @@ _EXPERT_PARAMS = (("gate_proj", "gate", "weight"), ("up_proj", "up", "weight"), 
                   ("gate_bias", "gate", "bias"), ("up_bias", "up", "bias"), ("down_bias", "down", "bias"))
 
 
+def applied_plan(plan: UpcyclePlan, config, model: nn.Module | None = None) -> UpcyclePlan:
+    """The plan as it applies to this model: the family's router where the plan names none (expert choice
+    when any stack is an encoder or vision stack, top-k for decoder language models; UpcyclePlan.for_family).
+    Saved plans are written resolved, so upcycle.json says what ran."""
+    if plan.router is not None:
+        return plan
+    return plan.for_family(all(a.causal for a in stacks_for(config, model=model)))
+
+
 def moe_layers(plan: UpcyclePlan, config) -> list[int] | dict[str, list[int]]:
     return layers_record(plan_stacks(plan, config))
 
