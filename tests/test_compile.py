@@ -95,9 +95,10 @@ def test_cuda_compiled_grouped_matches_eager():
     y_ref, g_ref = run(block, x, gy)
     block.zero_grad(set_to_none=True)
     y, g = run(torch.compile(block, fullgraph=True), x, gy)
-    torch.testing.assert_close(y, y_ref)
+    # inductor may fuse act(gate) * up in fp32 and reorder sums, where eager rounds each op to bf16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @cuda
