@@ -60,6 +60,23 @@ def test_granular_with_top_G_renormalised_reproduces_homogeneous_mlps_exactly(id
         assert not torch.equal(w[i], w[(i - i % G + G) % 8])
 
 
+@pytest.mark.parametrize("act,G", [("relu2", 2), ("relu2", 4), ("relu", 4)])
+def test_granular_unnormalised_scale_restores_the_dense_mlp(ids, act, G):
+    """Not renormalised, each active expert carries p = 1/E (a zero router: uniform, ties to the first virtual
+    group), and the E*G/K scale gives that back: homogeneous activations reproduce the dense model exactly."""
+    plan = UpcyclePlan(layers="all", expert_init="granular", num_experts=8, granularity=G, top_k=G,
+                       normalize=False, router_init="zeros")
+    dense, moe = _upcycled(plan, act)
+    assert rel_diff(_logits(moe, ids), _logits(dense, ids)) <= TOL
+    # the same experts without the scale compute each MLP / E: the scale is what makes it exact
+    c = granular_scale(plan, act, True)  # llama's MLP is gated: act(gate) * up, then down
+    assert c == pytest.approx((8 * G / G) ** (1 / (2 + (2 if act == "relu2" else 1))))
+    for _, b in moe_blocks(moe):
+        for w in (b.experts.gate_proj, b.experts.up_proj, b.experts.down_proj):
+            w.data /= c
+    assert rel_diff(_logits(moe, ids), _logits(dense, ids)) > 0.05
+
+
 def test_granular_swiglu_is_approximate_as_the_paper_says(ids):
     """SwiGLU is not homogeneous: the s^(1/3) scale is the paper's empirical choice. Pinned figures (relative
     logit difference on the tiny model, weights N(0, 0.2)): 0.138 for E8G2T2, 0.260 for E8G4T4; without the
