@@ -256,6 +256,15 @@ def test_cli_sparse_and_check(kind, tmp_path, capsys):
     assert main(["check", str(out), "--against", str(d), "--max_rel", "1e-5"]) == 0
     text = capsys.readouterr().out
     assert "max |diff| / max |dense|" in text and ("cosine" in text)
+    if kind != "vit":  # --tokens bounds the sentences compared
+        import re
+
+        def tokens_compared(extra):
+            assert main(["check", str(out), "--against", str(d)] + extra) == 0
+            return int(re.search(r"sentences, (\d+) tokens", capsys.readouterr().out).group(1))
+
+        small, default = tokens_compared(["--tokens", "60"]), tokens_compared([])
+        assert small <= 60 < default <= 1024
     lossy = tmp_path / "lossy"
     assert main(["sparse", "--model", str(d), "--out", str(lossy), "--num_experts", "8", "--router",
                  "expert_choice", "--normalize", "false", "--quiet"]) == 0

@@ -127,10 +127,13 @@ class EncoderComparison:
 
 @torch.no_grad()
 def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, text: str | None = None,
-                    n: int = 32, max_length: int = 128, seed: int = 0) -> EncoderComparison:
+                    n: int = 32, max_length: int = 128, seed: int = 0,
+                    max_tokens: int | None = None) -> EncoderComparison:
     """Upcycled vs dense on the same inputs: BERT-style encoders on sentences of `text` (last hidden
     states on real tokens, and mean-pooled embeddings), ViT on `n` seeded random images (logits or
-    last hidden states), T5 on sentences with teacher forcing (decoder input = the sentence shifted)."""
+    last hidden states), T5 on sentences with teacher forcing (decoder input = the sentence shifted).
+    Text models take `n` sentences, or with `max_tokens` as many leading sentences as fit in that many
+    tokens (at least one)."""
     import torch.nn.functional as F
 
     moe.eval()
@@ -149,9 +152,16 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
                                  float(cos.min()), top1)
     if tokenizer is None or text is None:
         raise UpcycleError("comparing text models needs a tokenizer and text")
-    sents = sentences_of(text, n)
+    sents = sentences_of(text, n if max_tokens is None else max(1, max_tokens // 4))
     if not sents:
         raise UpcycleError("the text has no sentences of four or more words to compare on")
+    if max_tokens is not None:  # the leading sentences that fit in max_tokens real tokens
+        lengths = [len(ids) for ids in tokenizer(sents, truncation=True, max_length=max_length)["input_ids"]]
+        keep, total = 0, 0
+        while keep < len(sents) and (keep == 0 or total + lengths[keep] <= max_tokens):
+            total += lengths[keep]
+            keep += 1
+        sents = sents[:keep]
     enc = tokenizer(sents, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     mask = enc["attention_mask"].bool()
     what = f"{len(sents)} sentences, {int(mask.sum())} tokens"
@@ -202,7 +212,9 @@ def cmd_check(args) -> int:
             tok.pad_token = tok.eos_token or tok.unk_token
     moe = load(args.model, dtype=torch.float32)
     dense = load_dense(args.against)
-    r = compare_outputs(moe, dense, config, tok, text, n=32, max_length=min(args.context, 512))
+    max_length = min(args.context, 512, getattr(config, "max_position_embeddings", None) or 512)
+    r = compare_outputs(moe, dense, config, tok, text, n=32, max_length=max_length,
+                        max_tokens=None if config.model_type == "vit" else args.tokens)
     rows = [("inputs", f"{text_name}: {r.inputs}"), ("compared", r.what),
             ("max |diff| / max |dense|", f"{r.max_rel:.3e}")]
     if r.mean_cos is not None:
