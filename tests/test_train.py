@@ -507,3 +507,22 @@ def test_cli_errors_write_nothing(tmp_path, tiny_dir_tok, text_file, capsys, arg
     code, _, err = run_cli(capsys, "train", *argv, "--out", out, "--steps", 2, "--quiet")
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_router_summary_on_the_device_equals_the_host_statistics():
+    """The per-step expert-load and entropy figures, computed on the device for one read per step, are the
+    mean over layers of what router_stats() reports."""
+    from upcycle.train import _router_summary
+
+    moe = upcycle(tiny_model("llama"), UpcyclePlan(num_experts=4, layers="all", router_std=1.0))
+    assert _router_summary(moe) is None  # no forward yet
+    moe(input_ids=torch.randint(0, 64, (2, 16)))
+    ratios, ents = [], []
+    for _, b in moe_blocks(moe):
+        s = b.router_stats()
+        c = s["tokens_per_expert"]
+        ratios.append(max(c) / (sum(c) / len(c)))
+        ents.append(s["entropy"])
+    got = _router_summary(moe).tolist()
+    assert got == pytest.approx([sum(ratios) / len(ratios), sum(ents) / len(ents)], rel=1e-6)
+    assert got[0] > 1.0  # a sharp router loads the experts unevenly: the figure is not trivially 1

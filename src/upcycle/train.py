@@ -493,7 +493,9 @@ def _all_mean(values: list[float], d: _Dist) -> list[float]:
         return values
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces device tensors only: on GPUs the values travel through the current CUDA device
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return (t / d.world).tolist()
 
@@ -637,20 +639,28 @@ def _coefs(model: nn.Module, config: TrainConfig) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def _router_summary(raw: nn.Module) -> tuple[float | None, float | None]:
-    """(max / mean tokens per expert, router entropy), averaged over the MoE layers of the last call."""
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A plain tensor of a possibly distributed one (FSDP2's grad norm is a replicated DTensor)."""
+    if t is None:
+        return None
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _router_summary(raw: nn.Module) -> torch.Tensor | None:
+    """[max / mean tokens per expert, router entropy], averaged over the MoE layers of the last call, as a
+    tensor on the model's device (read with the step's other metrics, in one device-to-host copy)."""
     ratios, ents = [], []
     for _, b in moe_blocks(raw):
-        if b.last_routing is None:
+        r = b.last_routing
+        if r is None:
             continue
-        s = b.router_stats()
-        counts = s["tokens_per_expert"]
-        mean = sum(counts) / len(counts)
-        ratios.append(max(counts) / mean if mean else float("nan"))
-        ents.append(s["entropy"])
+        c = r.counts_E.double()
+        mean = c.mean()
+        ratios.append(torch.where(mean > 0, c.max() / mean.clamp_min(1e-30), torch.full_like(mean, math.nan)))
+        ents.append(r.entropy().double())
     if not ratios:
-        return None, None
-    return sum(ratios) / len(ratios), sum(ents) / len(ents)
+        return None
+    return torch.stack([torch.stack(ratios).mean(), torch.stack(ents).mean()])
 
 
 @torch.no_grad()
@@ -809,7 +819,7 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
             for g in opt.param_groups:
                 g["lr"] = lr
             micro = batches.next_step(config.grad_accum)
-            sums = [0.0, 0.0, 0.0, 0.0]  # loss, lm, load balancing, z
+            sums = None  # loss, lm, load balancing, z: summed on the device, read once per step
             for m, x in enumerate(micro):
                 x = x.to(device)
                 sync = d.mode == "none" or m == len(micro) - 1
@@ -823,19 +833,23 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
                         z = aux.get("z_loss", lm.new_zeros(()))
                         loss = lm + lb + z
                     (loss / len(micro)).backward()
-                for i, v in enumerate((loss, lm, lb, z)):
-                    sums[i] += float(v.detach()) / len(micro)
-            grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip))
-                         if config.clip > 0 else None)
+                part = torch.stack([v.detach().double() for v in (loss, lm, lb, z)]) / len(micro)
+                sums = part if sums is None else sums + part
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip) if config.clip > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
+            # One device-to-host read per step for every metric (a float() each would stall a GPU ~65 times)
+            extra = [t for t in (_router_summary(raw), _local(gn)) if t is not None]
+            vals = torch.cat([sums] + [t.reshape(-1).to(sums) for t in extra]).tolist()
+            router_vals = vals[4:6] if len(vals) >= 6 else [None, None]
+            grad_norm = vals[-1] if gn is not None else None
             step += 1
             dt = time.perf_counter() - t0
-            loss_v, lm_v, lb_v, z_v = _all_mean(sums, d)
+            loss_v, lm_v, lb_v, z_v = _all_mean(vals[:4], d)
             state["tokens"] += tokens_per_step
             state["flops"] += fpt * tokens_per_step
             state["train_time_s"] += dt
-            balance, entropy = _router_summary(raw)
+            balance, entropy = router_vals
             val = None
             if step == total_steps or (config.eval_every and step % config.eval_every == 0):
                 val = evaluate_loss(model, data.val, config.batch_size, config.eval_batches, device, autocast, d)
