@@ -416,3 +416,25 @@ def test_eval_refuses_an_encoder_cleanly(tmp_path, capsys):
     assert main(["eval", str(out), "--tokenizer", str(d)]) == 2
     err = capsys.readouterr().err
     assert "no next-token perplexity" in err and "upcycle check" in err and "Traceback" not in err
+
+
+def test_t5_experts_keep_the_dense_dropout(tmp_path, batch):
+    """T5's DenseReluDense drops hidden units between its activation and `wo`; the experts do the same in
+    training (p = config.dropout_rate, also after save/load), and evaluation is unchanged."""
+    ids, mask = batch
+    dense = tiny_t5(True)
+    assert dense.config.dropout_rate == pytest.approx(0.1)
+    moe = upcycle(dense, UpcyclePlan(num_experts=4, router="expert_choice", capacity_factor=4.0,
+                                     decoder_normalize=True))
+    assert {b.experts.dropout for _, b in moe_blocks(moe)} == {0.1}
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6])
+    assert real_rel(moe.eval()(**kw).logits[:, :6], dense.eval()(**kw).logits[:, :6],
+                    torch.ones(2, 6, dtype=torch.long)) <= 1e-5
+    moe.train()
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append(moe(**kw).logits)
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    save(moe, UpcyclePlan(num_experts=4, router="expert_choice", capacity_factor=4.0), tmp_path / "t5")
+    assert {b.experts.dropout for _, b in moe_blocks(load(tmp_path / "t5"))} == {0.1}

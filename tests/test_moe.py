@@ -155,3 +155,40 @@ def test_auto_backend_on_cpu_takes_grouped_for_small_batches_and_loop_for_large(
         outs.append((y.detach(), xi.grad, block.experts.down_proj.grad))
     for a, b in zip(*outs):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_dropout_inside_the_experts(gated):
+    """T5 keeps a dropout between the activation and the down projection: in training each backend drops the
+    hidden units with the same (rows, d_ff) mask (one draw per call), gradients included; in eval mode, or
+    with p = 0, nothing changes."""
+    x = torch.randn(2, 12, D)
+    runs = {}
+    for backend in ("loop", "grouped"):
+        block = make_block(RouterConfig("topk", 2, True), gated=gated, backend=backend)
+        block.experts.dropout = 0.5
+        y_eval = block.eval()(x)
+        block.train()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        y = block(xi)
+        y.sum().backward()
+        runs[backend] = (y.detach(), [xi.grad] + [p.grad for p in block.parameters()])
+        # the reference: the dropout-free experts with that mask applied to their hidden units by hand
+        r = block.last_routing
+        torch.manual_seed(7)
+        mask = F.dropout(torch.ones(r.token_A.numel(), FF), 0.5, True)
+        ex = block.experts
+        out = torch.zeros(24, D)
+        for a, (t, e, w) in enumerate(zip(r.token_A.tolist(), r.expert_A.tolist(), r.weight_A)):
+            xt = x.reshape(-1, D)[t]
+            u = ex.up_proj[e] @ xt
+            h = (ex.act_fn(ex.gate_proj[e] @ xt) * u if gated else ex.act_fn(u)) * mask[a]
+            out[t] += w * (ex.down_proj[e] @ h)
+        torch.testing.assert_close(y.detach(), out.view_as(x), rtol=1e-5, atol=1e-6)
+        assert (y.detach() - y_eval.detach()).abs().max() > 1e-3  # the mask did something
+        block.experts.dropout = 0.0
+        torch.testing.assert_close(block(x), y_eval)  # p = 0 in training = eval
+    torch.testing.assert_close(runs["loop"][0], runs["grouped"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs["loop"][1], runs["grouped"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

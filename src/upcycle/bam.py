@@ -265,11 +265,13 @@ def convert_structure(model: nn.Module, plan: BamPlan, layers: Sequence[int] | N
     for i in layers:
         old = getattr(blocks[i], adapter.mlp)
         ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
-        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device, structure))
+        mode = blocks[i].training  # new modules take the model's train/eval mode
+        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device,
+                                                       structure).train(mode))
         if plan.attention_experts:
             attn = getattr(blocks[i], ATTN)
             if not isinstance(attn, MoAttention):
-                setattr(blocks[i], ATTN, MoAttention(attn, plan.num_experts, plan.kv))
+                setattr(blocks[i], ATTN, MoAttention(attn, plan.num_experts, plan.kv).train(mode))
     return layers
 
 

@@ -2,7 +2,9 @@
 
     gate_proj (E, F, D)   up_proj (E, F, D)   down_proj (E, D, F)    [+ optional biases (E, F) / (E, D)]
 
-y = down(act(gate(x)) * up(x)) for gated MLPs (SwiGLU, GeGLU), y = down(act(up(x))) otherwise.
+y = down(act(gate(x)) * up(x)) for gated MLPs (SwiGLU, GeGLU), y = down(act(up(x))) otherwise. With
+`dropout` > 0 (T5 keeps a dropout between the activation and its down projection), training drops hidden units
+with one (rows, d_ff) mask per call, drawn the same way by both backends.
 
 Two backends compute the same thing:
 - "loop": split the sorted rows by expert once and run plain matmuls per expert, as one autograd node
@@ -33,11 +35,13 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  act_fn: Callable[[torch.Tensor], torch.Tensor], gated: bool = True, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         E, D, Fd = num_experts, hidden_size, intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = E, D, Fd
         self.act_fn, self.gated = act_fn, gated
+        self.dropout = float(dropout)  # on the hidden units, in training only (T5's DenseReluDense dropout)
         self.backend = "auto"
         kw = dict(dtype=dtype, device=device)
         # Uninitialised on purpose: experts are always filled from a dense MLP or a checkpoint.
@@ -51,7 +55,8 @@ class Experts(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, gated={self.gated}, "
-                f"bias={self.up_bias is not None}, backend={self.backend}")
+                f"bias={self.up_bias is not None}, backend={self.backend}"
+                + (f", dropout={self.dropout:g}" if self.dropout else ""))
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.backend != "auto":
@@ -69,20 +74,26 @@ class Experts(nn.Module):
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype."""
         x_AD = x_AD.to(self.up_proj.dtype)
+        mask_AF = None
+        if self.training and self.dropout > 0:  # inverted dropout: kept units scaled by 1 / (1 - p)
+            mask_AF = F.dropout(x_AD.new_ones(x_AD.shape[0], self.intermediate_size), self.dropout, True)
         if self._use_grouped(x_AD):
-            return self._grouped(x_AD, counts_E)
-        return self._loop(x_AD, counts_E)
+            return self._grouped(x_AD, counts_E, mask_AF)
+        return self._loop(x_AD, counts_E, mask_AF)
 
-    def _loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None
+              ) -> torch.Tensor:
         sizes = counts_E.tolist()  # the one host sync of this backend
         params = (self.gate_proj, self.up_proj, self.down_proj, self.gate_bias, self.up_bias, self.down_bias)
-        if torch.is_autocast_enabled(x_AD.device.type):  # let autocast cast every linear, as it always did
-            return _loop_autograd(x_AD, sizes, self.act_fn, *params)
+        if mask_AF is not None or torch.is_autocast_enabled(x_AD.device.type):
+            # autocast casts every linear, as it always did; dropout needs its mask in the graph
+            return _loop_autograd(x_AD, sizes, self.act_fn, *params, mask_AF=mask_AF)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_AD,) + params):
             return _ExpertLoop.apply(x_AD.contiguous(), sizes, self.act_fn, *params)
         return _loop_forward(x_AD, sizes, self.act_fn, *params)[0]
 
-    def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
         bias_row = None
         if self.up_bias is not None:
@@ -96,22 +107,28 @@ class Experts(nn.Module):
 
         h = proj(x_AD, self.up_proj, self.up_bias)
         h = self.act_fn(proj(x_AD, self.gate_proj, self.gate_bias)) * h if self.gated else self.act_fn(h)
+        if mask_AF is not None:
+            h = h * mask_AF
         return proj(h, self.down_proj, self.down_bias)
 
 
-def _loop_autograd(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b):
-    """The loop through plain autograd (weights unbound once, never indexed per expert): the autocast path."""
+def _loop_autograd(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b, mask_AF=None):
+    """The loop through plain autograd (weights unbound once, never indexed per expert): the autocast path,
+    and training with dropout (mask_AF: the (rows, d_ff) dropout mask, already scaled)."""
     E = len(sizes)
     none = [None] * E
     up_e, down_e = up.unbind(0), down.unbind(0)
     gate_e = gate.unbind(0) if gate is not None else none
     gb, ub, db = (b.unbind(0) if b is not None else none for b in (gate_b, up_b, down_b))
+    masks = mask_AF.split(sizes) if mask_AF is not None else none
     outs = []
     for e, x in enumerate(x_AD.split(sizes)):
         if x.shape[0] == 0:
             continue
         h = F.linear(x, up_e[e], ub[e])
         h = act_fn(F.linear(x, gate_e[e], gb[e])) * h if gate is not None else act_fn(h)
+        if masks[e] is not None:
+            h = h * masks[e]
         outs.append(F.linear(h, down_e[e], db[e]))
     if not outs:
         return x_AD.new_zeros(0, down.shape[1])

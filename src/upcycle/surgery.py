@@ -104,8 +104,10 @@ def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.
     _, D, Fd = adapter.dims(config)
     structure = {**plan_structure(plan, Fd), **(structure or {})}
     act = ACT2FN[getattr(config, adapter.act_key)]
+    dropout = float(getattr(config, adapter.inner_dropout_key, 0.0) or 0.0) if adapter.inner_dropout_key else 0.0
     experts = Experts(plan.num_experts, D, structure.get("expert_intermediate_size") or Fd, act,
-                      gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device)
+                      gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device,
+                      dropout=dropout)
     shared = structure.get("shared_expert")
     shared_mlp = SharedExpert(D, shared["intermediate_size"], act, shared.get("gated", True), dtype=dtype,
                               device=device) if shared else None

@@ -44,6 +44,7 @@ class MLPAdapter:
     gated_names: tuple[str, str] | None = None  # ... and then (gate, up) names replacing (gate=None, up)
     mask_module: str | None = None  # module (from the base model) whose forward gets this stack's padding
     mask_arg: str = "attention_mask"  # mask as `mask_arg`; "" for the base model itself; None: no padding
+    inner_dropout_key: str | None = None  # config field of a dropout between the activation and `down` (T5's)
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -60,8 +61,9 @@ class MLPAdapter:
         return block.get_submodule(self.mlp)
 
     def set_mlp(self, block: nn.Module, module: nn.Module) -> None:
-        """Put `module` (an MoE block) where the MLP was; a down projection outside the MLP becomes identity."""
-        _set_submodule(block, self.mlp, module)
+        """Put `module` (an MoE block) where the MLP was, in the block's train/eval mode; a down projection
+        outside the MLP becomes identity."""
+        _set_submodule(block, self.mlp, module.train(block.training))
         if self.down_in_block:
             _set_submodule(block, self.down, nn.Identity())
 
@@ -129,7 +131,8 @@ VIT = MLPAdapter(
 )
 
 _T5 = dict(model_types=("t5", "mt5"), up="wi", down="wo", gate=None, act_key="dense_act_fn", bias_key=None,
-           hidden_key="d_model", intermediate_key="d_ff", gated_key="is_gated_act", gated_names=("wi_0", "wi_1"))
+           hidden_key="d_model", intermediate_key="d_ff", gated_key="is_gated_act", gated_names=("wi_0", "wi_1"),
+           inner_dropout_key="dropout_rate")
 T5_ENCODER = MLPAdapter(family="T5 encoder", stack="encoder", causal=False, layers="encoder.block",
                         mlp="layer.1.DenseReluDense", layers_key="num_layers", mask_module="encoder", **_T5)
 T5_DECODER = MLPAdapter(family="T5 decoder", stack="decoder", causal=True, layers="decoder.block",
