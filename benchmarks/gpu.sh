@@ -3,7 +3,8 @@
 # transformers installed (no install step, no network, no model download: whole-model steps use SmolLM2-135M's
 # architecture with random weights). Run from the repository root:
 #
-#   bash benchmarks/gpu.sh [PART] [OUTDIR]      PART: all (default) | tests | layer | model; OUTDIR: results/gpu
+#   bash benchmarks/gpu.sh [PARTS] [OUTDIR]     PARTS: all (default) or a comma list of tests, layer, model;
+#                                               OUTDIR: results/gpu
 #
 #   tests  the CUDA tests CI skips (bf16 grouped path vs the fp32 reference, compiled vs eager, no host sync)
 #   layer  one MoE layer, fwd+bwd in bf16 against a dense SwiGLU of equal active FLOPs, at the three anchor shapes
@@ -13,8 +14,9 @@
 #   model  whole-model training steps: dense vs ours vs the stock Qwen2-MoE / Mixtral exports, then ours and
 #          Qwen2-MoE in one process, alternating steps                    (estimated 3 minutes)
 #
-# Writes one markdown file per benchmark and the whole log (gpu_log.txt) to OUTDIR: at most 8 files, so that a
-# device lease brings all of them back. A step that fails is logged and the others still run; the exit status
+# One device command runs at most 10 minutes: run `tests,layer` in one call and `model` in the next (the machine
+# stays warm between calls made back to back), each with OUTDIR=$OUT. Writes one markdown file per benchmark and
+# the whole log (gpu_log.txt) to OUTDIR: at most 8 files, so that a device lease brings all of them back. A step that fails is logged and the others still run; the exit status
 # is 1 if any failed. Each step is stopped after STEP_TIMEOUT seconds (default 300), so one that hangs cannot
 # use up a lease. (Written and checked on a CPU machine: the timings above are estimates until a first GPU run.)
 #
@@ -22,7 +24,9 @@
 set -uo pipefail
 part=${1:-all}
 out=${2:-results/gpu}
-case "$part" in all | tests | layer | model) ;; *) echo "unknown part '$part': all | tests | layer | model" >&2; exit 2 ;; esac
+for p in ${part//,/ }; do
+    case "$p" in all | tests | layer | model) ;; *) echo "unknown part '$p': all, or a comma list of tests, layer, model" >&2; exit 2 ;; esac
+done
 py=${PYTHON:-python3}
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -47,7 +51,7 @@ step() {
     fi
 }
 
-want() { [ "$part" = all ] || [ "$part" = "$1" ]; }
+want() { [ "$part" = all ] || [[ ",$part," == *",$1,"* ]]; }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || true; } | tee -a "$log"
 $py -c 'import torch, transformers; print("torch", torch.__version__, "cuda", torch.version.cuda,
@@ -57,14 +61,15 @@ if want tests; then
     step $py -m pytest -q -p no:cacheprovider tests/test_compile.py tests/test_moe.py
 fi
 if want layer; then
-    L="$py benchmarks/moe_layer.py --device $dev --backend grouped --compile --reps 5 --min-sample-ms 50 --quiet"
-    step $L --tokens 16384 "${small_layer[@]}" --out "$out/moe_layer_cuda_d576.md"
+    # compiled rows (inductor compiles take a while) at the two shapes where dispatch, not the matmuls, decides
+    L="$py benchmarks/moe_layer.py --device $dev --backend grouped --reps 5 --min-sample-ms 50 --quiet"
+    step $L --compile --tokens 16384 "${small_layer[@]}" --out "$out/moe_layer_cuda_d576.md"
     step $L --d 4096 --d-ff 14336 --tokens 8192 "${small_layer[@]}" --out "$out/moe_layer_cuda_d4096.md"
-    step $L --d 2048 --d-ff 1024 --experts 64 --top-k 8 --tokens 16384 "${small_layer[@]}" \
+    step $L --compile --d 2048 --d-ff 1024 --experts 64 --top-k 8 --tokens 16384 "${small_layer[@]}" \
         --out "$out/moe_layer_cuda_e64.md"
     step $L --router expert_choice --tokens 16384 "${small_layer[@]}" --out "$out/moe_layer_cuda_ec.md"
     small_moa=()
-    [ "${SMOKE:-0}" = 1 ] && small_moa=(--tokens 64 --seq 32 --reps 1 --warmup 1 --min-sample-ms 1)
+    [ "${SMOKE:-0}" = 1 ] && small_moa=(--tokens 64 --seq 32 --reps 1 --warmup 1 --min-sample-ms 1 --dtype bfloat16)
     step $py benchmarks/moa_layer.py --device $dev --tokens 16384 "${small_moa[@]}" --out "$out/moa_layer_cuda.md"
 fi
 if want model; then

@@ -36,6 +36,7 @@ if str(ROOT / "src") not in sys.path:
 import moe_layer as ML  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding  # noqa: E402
 
@@ -68,7 +69,7 @@ class Loop(nn.Module):
         self.experts, self.router, self.pos = nn.ModuleList(experts), router, pos
 
     def forward(self, x):
-        p = torch.softmax(self.router(x.float()), dim=-1).to(x.dtype)
+        p = torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1).to(x.dtype)  # fp32, as ours
         out = 0
         for j, a in enumerate(self.experts):
             out = out + a(x, position_embeddings=self.pos, attention_mask=None)[0] * p[..., j:j + 1]

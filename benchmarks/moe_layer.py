@@ -246,7 +246,9 @@ def bench_tokens(T, args, log):
     # Same computation check: every MoE variant must give the first one's output (bf16: to bf16 rounding).
     # In bf16, transformers' router runs in bf16 and ours in fp32, so tokens whose k-th and (k+1)-th router
     # scores nearly tie can pick different experts (0.2-2% of tokens at these shapes): for the HF rows, up to
-    # 5% of the tokens may differ; our own backends route identically and must agree on every token.
+    # 5% of the tokens may differ. Compiled rows may round the fp32 router softmax differently in its last
+    # bits, which can move a near-tie (a top-k pick, an expert-choice capacity boundary): up to 1%. Our eager
+    # backends route identically and must agree on every token.
     tol = 1e-4 if dt == torch.float32 else 3e-2
     with torch.no_grad():
         y_ref = ref(x0).float().reshape(T, d)
@@ -256,7 +258,8 @@ def bench_tokens(T, args, log):
                 continue
             err_T = (m(x0).float().reshape(T, d) - y_ref).abs().amax(-1)
             off = (err_T > tol * scale + 1e-6).float().mean().item()
-            allowed = 0.05 if (dt != torch.float32 and name.startswith("HF")) else 0.0
+            allowed = (0.05 if (dt != torch.float32 and name.startswith("HF"))
+                       else 0.01 if name.endswith("compiled") else 0.0)
             if off > allowed:
                 raise SystemExit(f"{name} disagrees with our {args.backend[0]!r} block on {off:.1%} of the tokens: "
                                  f"max |diff| {err_T.max().item():.3g} (max |y| {scale:.3g})")

@@ -106,9 +106,31 @@ def test_cuda_grouped_experts_do_not_synchronise():
     ex = make_block(RouterConfig(), "grouped", torch.bfloat16, "cuda").experts
     counts = torch.tensor([5, 0, 7, 4], device="cuda")
     x = torch.randn(16, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    # a real output gradient: grouped_mm's backward refuses the stride-0 one that .sum() would hand it
+    gy = torch.randn(16, D, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ex(x, counts).sum().backward()
+        ex(x, counts).backward(gy)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-weights-bf16-autocast"])
+def test_cuda_moe_block_does_not_synchronise(autocast):
+    """Router, sort, grouped experts and combine, forward and backward, with no device-to-host read: in bf16,
+    and with fp32 master weights under bf16 autocast (how `upcycle train` runs on a GPU)."""
+    block = make_block(RouterConfig("topk", 2, True), "auto", torch.float32 if autocast else torch.bfloat16, "cuda")
+    x = torch.randn(2, 32, D, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16,
+                    requires_grad=True)
+    gy = torch.randn(2, 32, D, device="cuda", dtype=x.dtype)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = block(x)
+        y.backward(gy.to(y.dtype))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(p.grad is not None for p in block.parameters())

@@ -192,3 +192,35 @@ def test_dropout_inside_the_experts(gated):
     torch.testing.assert_close(runs["loop"][0], runs["grouped"][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(runs["loop"][1], runs["grouped"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_router_stays_fp32_under_autocast():
+    """autocast would run the router's matmul in bf16 and round the logits; the block computes them in fp32."""
+    block = make_block(RouterConfig("topk", 2, True))
+    x = torch.randn(3, 10, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    logits = block.last_routing.logits_TE
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, F.linear(x.reshape(-1, D), block.router.weight), rtol=0, atol=0)
+
+
+def test_grouped_path_under_bf16_autocast_trains_fp32_weights():
+    """`upcycle train` on a GPU keeps fp32 weights under bf16 autocast: the grouped path casts them for its
+    matmuls (as autocast casts a linear), matches the fp32 block to bf16 rounding, and the fp32 weights get
+    their gradients."""
+    x = torch.randn(2, 12, D)
+    ref_block = make_block(RouterConfig("topk", 2, True), backend="grouped")
+    block = make_block(RouterConfig("topk", 2, True), backend="grouped")
+    y_ref = ref_block(x)
+    y_ref.sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = block(x)
+    assert block.experts._compute_dtype(x) == torch.float32  # outside autocast: the weights' dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside: the matmuls run in bf16
+        assert block.experts(x.reshape(-1, D)[:8], torch.tensor([2, 2, 2, 2])).dtype == torch.bfloat16
+    y.float().sum().backward()
+    torch.testing.assert_close(y.float(), y_ref, rtol=3e-2, atol=3e-2)
+    for p, q in zip(block.experts.parameters(), ref_block.experts.parameters()):
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-2)

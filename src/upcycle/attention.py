@@ -124,7 +124,9 @@ class MoAttention(nn.Module):
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., N) soft routing weights, computed in fp32."""
-        return torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1)
+        from .routing import router_logits
+
+        return torch.softmax(router_logits(x, self.router.weight), dim=-1)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):

@@ -191,7 +191,7 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache_dir: str | Pat
             h.update(d.id.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
         cache = Path(cache_dir) / f"{h.hexdigest()[:32]}.pt"
         if cache.is_file():
-            saved = torch.load(cache, weights_only=True)
+            saved = torch.load(cache, weights_only=True, map_location="cpu")
             lens = saved["lengths"].tolist()
             flat = saved["ids"].tolist()
             out, pos = [], 0

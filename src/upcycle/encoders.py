@@ -139,12 +139,18 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
     moe.eval()
     dense.eval()
     mt = config.model_type
+    dev_a, dev_b = next(moe.parameters()).device, next(dense.parameters()).device
+
+    def both(**kw):  # each model on its own device; the outputs compared on the CPU
+        out_a = moe(**{k: v.to(dev_a) for k, v in kw.items()})
+        out_b = dense(**{k: v.to(dev_b) for k, v in kw.items()})
+        return out_a, out_b
     if mt == "vit":
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, config.num_channels, config.image_size, config.image_size, generator=g)
-        a, b = moe(pixel_values=x), dense(pixel_values=x)
+        a, b = both(pixel_values=x)
         key = "logits" if hasattr(b, "logits") and b.logits is not None else "last_hidden_state"
-        ya, yb = getattr(a, key), getattr(b, key)
+        ya, yb = getattr(a, key).float().cpu(), getattr(b, key).float().cpu()
         ya, yb = ya.reshape(n, -1), yb.reshape(n, -1)
         cos = F.cosine_similarity(ya, yb, dim=-1)
         top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean()) if key == "logits" else None
@@ -170,14 +176,16 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
         dec = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], 1)
         kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec,
                   decoder_attention_mask=enc["attention_mask"])
-        ya, yb = moe(**kw).logits[mask], dense(**kw).logits[mask]
+        a, b = both(**kw)
+        ya, yb = a.logits.float().cpu()[mask], b.logits.float().cpu()[mask]
         top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean())
         cos = F.cosine_similarity(ya, yb, dim=-1)
         return EncoderComparison("logits (teacher forcing)", what, _rel(ya, yb), float(cos.mean()),
                                  float(cos.min()), top1)
     inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     base_a, base_b = getattr(moe, "base_model", moe), getattr(dense, "base_model", dense)
-    ha, hb = base_a(**inputs).last_hidden_state, base_b(**inputs).last_hidden_state
+    ha = base_a(**{k: v.to(dev_a) for k, v in inputs.items()}).last_hidden_state.float().cpu()
+    hb = base_b(**{k: v.to(dev_b) for k, v in inputs.items()}).last_hidden_state.float().cpu()
     ea = F.normalize(mean_pool(ha, enc["attention_mask"]), dim=-1)
     eb = F.normalize(mean_pool(hb, enc["attention_mask"]), dim=-1)
     cos = (ea * eb).sum(-1)

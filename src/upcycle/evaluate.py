@@ -32,14 +32,19 @@ def _windows(ids_N: torch.Tensor, context: int):
 
 
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
-    return nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum").item()
+    return nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:].to(logits.device),
+                                       reduction="sum").item()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids_N: torch.Tensor, context: int = 512) -> float:
     nll, count = 0.0, 0
     for window in _windows(ids_N, context):
-        nll += _nll(model(window).logits, window)
+        nll += _nll(model(window.to(_device(model))).logits, window)
         count += window.shape[1] - 1
     return math.exp(nll / count)
 
@@ -60,8 +65,8 @@ def compare(moe: nn.Module, dense: nn.Module, ids_N: torch.Tensor, context: int 
     max_abs, ref_max, agree, n = 0.0, 0.0, 0, 0
     nll_moe, nll_dense, scored = 0.0, 0.0, 0
     for window in _windows(ids_N, context):
-        a = moe(window).logits.float()
-        b = dense(window).logits.float()
+        a = moe(window.to(_device(moe))).logits.float()
+        b = dense(window.to(_device(dense))).logits.float().to(a.device)
         max_abs = max(max_abs, (a - b).abs().max().item())
         ref_max = max(ref_max, b.abs().max().item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()

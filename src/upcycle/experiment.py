@@ -474,7 +474,7 @@ class Experiment:
             _, pre_summary, _ = self._run("pretrain", dense, self.data, cfg, save_model=True)
             B = float(pre_summary["flops"])
             ckpt = checkpoints(self.out / "pretrain")[-1]
-            dense_opt = torch.load(ckpt / "optimizer.pt", weights_only=True) if r.dense_keeps_optimizer else None
+            dense_opt = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu") if r.dense_keeps_optimizer else None
 
             def load_dense():
                 return AutoModelForCausalLM.from_pretrained(self.out / "pretrain" / "model", dtype=torch.float32)

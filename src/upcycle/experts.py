@@ -63,13 +63,19 @@ class Experts(nn.Module):
             return self.backend == "grouped"
         if _grouped_mm is None:
             return False
-        if x.is_cuda:
-            return self.up_proj.dtype == torch.bfloat16
+        if x.is_cuda:  # bf16 weights, or fp32 master weights under bf16 autocast (`upcycle train` on a GPU)
+            return self._compute_dtype(x) == torch.bfloat16
         # CPU: grouped_mm is a C++ loop of mm, free of the Python loop's per-expert overhead, which is what
         # small batches pay for (fwd+bwd at T=64: 1.94x dense vs the loop's 2.12x; at T=4096 the loop wins,
         # 0.92x vs 1.03x; results/moe_layer_cpu.md)
         return (x.device.type == "cpu" and x.shape[0] <= GROUPED_CPU_MAX_ROWS
                 and not torch.is_autocast_enabled("cpu"))  # autocast casts the loop's linears
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The matmuls' dtype: autocast's where it is on for this device, else the weights'."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return self.up_proj.dtype
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype."""
@@ -95,6 +101,9 @@ class Experts(nn.Module):
     def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None
                  ) -> torch.Tensor:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        dt = self._compute_dtype(x_AD)  # under autocast: cast like autocast casts a linear (differentiably)
+        x_AD = x_AD.to(dt)
+        mask_AF = None if mask_AF is None else mask_AF.to(dt)
         bias_row = None
         if self.up_bias is not None:
             # Expert of each row, without a host sync (output_size is known).
@@ -102,8 +111,8 @@ class Experts(nn.Module):
                                                output_size=x_AD.shape[0])
 
         def proj(x, w_EOI, b_EO):
-            y = _grouped_mm(x, w_EOI.transpose(1, 2), offs=offs)
-            return y if b_EO is None else y + b_EO[bias_row]
+            y = _grouped_mm(x, w_EOI.to(dt).transpose(1, 2), offs=offs)
+            return y if b_EO is None else y + b_EO.to(dt)[bias_row]
 
         h = proj(x_AD, self.up_proj, self.up_bias)
         h = self.act_fn(proj(x_AD, self.gate_proj, self.gate_bias)) * h if self.gated else self.act_fn(h)

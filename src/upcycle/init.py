@@ -182,7 +182,7 @@ def data_router_rows(model, tokenizer, plan, layers: list[int], adapter) -> dict
     def hook(i):
         def f(module, args):
             x = args[0].detach().reshape(-1, D).double()
-            sums[i][current[0]] += x.sum(0)
+            sums[i][current[0]] += x.sum(0).cpu()
         return f
 
     handles = [getattr(blocks[i], adapter.mlp).register_forward_pre_hook(hook(i)) for i in layers]

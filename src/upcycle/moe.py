@@ -88,7 +88,7 @@ class MoEBlock(nn.Module):
         *lead, D = hidden.shape
         x_TD = hidden.reshape(-1, D)
         T = x_TD.shape[0]
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())  # router math in fp32
+        logits_TE = R.router_logits(x_TD, self.router.weight)  # router math in fp32, autocast or not
         mask = self.token_mask  # padding is routed to no expert, by every router
         if mask is not None:
             if tuple(mask.shape) != tuple(lead):

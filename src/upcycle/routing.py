@@ -34,6 +34,13 @@ EC_CAPACITY_FACTOR = 2.0
 _CEIL_TOL = 1e-9  # relative: C * N / E within this of an integer is that integer
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in fp32, also under autocast (which would otherwise run the matmul in bf16 and round the
+    logits, flipping near-tied top-k choices between a bf16 and an fp32 run)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), weight.float())
+
+
 def ceil_capacity(capacity_factor: float, tokens: int, divisor: int) -> int:
     """ceil(C * tokens / divisor) as the arithmetic means it: in floats 1.1 * 100 / 2 is 55.000000000000007,
     whose plain ceil is 56; products within _CEIL_TOL (relative) of an integer count as that integer."""
@@ -218,8 +225,9 @@ def expert_choice_route(
     T = G * N
     picked_T = torch.zeros(T, dtype=torch.bool, device=device)
     picked_T[token_A] = True
-    if normalize:
-        total_T = torch.zeros(T, device=device, dtype=weight_A.dtype).index_add(0, token_A, weight_A)
+    if normalize:  # each token's weights over the experts that took it; a (T, E) buffer keeps the sum
+        # deterministic (index_add would use atomics on CUDA)
+        total_T = weight_A.new_zeros(T * E).index_copy(0, token_A * E + expert_A, weight_A).view(T, E).sum(-1)
         weight_A = weight_A / total_T[token_A]
     real_T = mask_GN.reshape(-1) if mask_GN is not None else torch.ones_like(picked_T)
     dropped_tokens = (real_T & ~picked_T).sum()

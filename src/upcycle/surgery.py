@@ -227,7 +227,8 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
         act = getattr(config, adapter.act_key)
         for i in layers:
             prefix = adapter.mlp_prefix(i) + "."
-            moe_sd = dict(adapter.dense_mlp_state(blocks[i], i))
+            # initialised on the CPU, whatever the model's device: the same experts and routers everywhere
+            moe_sd = {k: v.cpu() for k, v in adapter.dense_mlp_state(blocks[i], i).items()}
             _upcycle_stack(moe_sd, adapter, stack_plan, [i], act, data_rows)
             up = adapter.dense_up(blocks[i]).weight
             block = make_moe_block(config, stack_plan, adapter, up.dtype, up.device)
@@ -236,5 +237,5 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
             if progress is not None:
                 progress.update(1)
     wire_padding_mask(model, [a for a, _, _ in stacks])
-    model.config.upcycle = plan.to_dict() | {"moe_layers": layers_record(stacks)}
+    model.config.upcycle = applied_plan(plan, config, model).to_dict() | {"moe_layers": layers_record(stacks)}
     return model

@@ -782,14 +782,14 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
     raw.train()
     opt = build_optimizer(raw, config)  # DDP shares raw's parameters; fully_shard converts raw in place
     if ckpt is not None:
-        opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         if d.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True))
         else:
             load_named_optimizer_state(opt, opt_sd)
-        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True, map_location="cpu"))
     elif init_optimizer_state is not None:
         if d.mode == "fsdp":
             _load_full_state_fsdp(model, opt, init_optimizer_state)

@@ -79,7 +79,7 @@ def _dense_state(path: Path) -> dict:
         raise UpcycleError(f"dense optimizer state not found: {f} (give a checkpoints/step-N directory of a "
                            "dense `upcycle train` run, or its optimizer.pt)")
     try:
-        return torch.load(f, weights_only=True)
+        return torch.load(f, weights_only=True, map_location="cpu")
     except Exception as e:  # pickle errors of several kinds
         raise UpcycleError(f"{f}: not a readable optimizer state ({str(e).splitlines()[0]})") from None
 
