@@ -13,7 +13,8 @@ Two backends compute the same thing:
   full-size zero gradient per expert (research/performance.md §3.3); autograd through `unbind(0)` avoids
   that but still stacks the gradients in an extra full-size copy per parameter.
 - "grouped": one grouped matmul per projection (torch.nn.functional.grouped_mm) with int32 offsets;
-  no host synchronisation, the GPU path (bf16). On CPU "auto" takes it for small batches (at most
+  no host synchronisation, the GPU path (bf16 weights, or fp32 weights under bf16 autocast, cast per call
+  as autocast casts a linear). On CPU "auto" takes it for small batches (at most
   GROUPED_CPU_MAX_ROWS routed rows), where the loop's per-expert Python overhead shows.
 """
 
@@ -78,7 +79,8 @@ class Experts(nn.Module):
         return self.up_proj.dtype
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype."""
+        """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype (the
+        grouped path under autocast: autocast's)."""
         x_AD = x_AD.to(self.up_proj.dtype)
         mask_AF = None
         if self.training and self.dropout > 0:  # inverted dropout: kept units scaled by 1 / (1 - p)
