@@ -22,7 +22,7 @@ from upcycle.moe import MoEBlock, RouterConfig
 
 E, D, FF = 4, 16, 24
 ROUTERS = [RouterConfig("topk", 2, True), RouterConfig("topk", 2, False), RouterConfig("expert_choice", 2, True, 2.0),
-           RouterConfig("soft")]
+           RouterConfig("soft"), RouterConfig("topk", 2, True, 0.5)]  # the last drops assignments: fixed shapes
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -44,7 +44,7 @@ def run(block, x, gy):
     return y.detach(), [xi.grad] + [p.grad for p in block.parameters()]
 
 
-@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r.kind}-n{r.normalize}")
+@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r.kind}-n{r.normalize}-c{r.capacity_factor}")
 def test_grouped_compiles_fullgraph_and_equals_eager(router):
     torch._dynamo.reset()
     block = make_block(router, "grouped", torch.bfloat16)
@@ -69,7 +69,7 @@ def test_loop_backend_breaks_the_graph():
 
 
 @cuda
-@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r.kind}-n{r.normalize}")
+@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r.kind}-n{r.normalize}-c{r.capacity_factor}")
 def test_cuda_bf16_grouped_matches_fp32_reference(router):
     gpu = make_block(router, "auto", torch.bfloat16, "cuda")
     assert gpu.experts._use_grouped(torch.empty(0, device="cuda"))
@@ -117,11 +117,14 @@ def test_cuda_grouped_experts_do_not_synchronise():
 
 
 @cuda
+@pytest.mark.parametrize("capacity", [None, 0.5], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16-weights", "fp32-weights-bf16-autocast"])
-def test_cuda_moe_block_does_not_synchronise(autocast):
+def test_cuda_moe_block_does_not_synchronise(autocast, capacity):
     """Router, sort, grouped experts and combine, forward and backward, with no device-to-host read: in bf16,
-    and with fp32 master weights under bf16 autocast (how `upcycle train` runs on a GPU)."""
-    block = make_block(RouterConfig("topk", 2, True), "auto", torch.float32 if autocast else torch.bfloat16, "cuda")
+    and with fp32 master weights under bf16 autocast (how `upcycle train` runs on a GPU), with and without
+    token dropping."""
+    block = make_block(RouterConfig("topk", 2, True, capacity), "auto",
+                       torch.float32 if autocast else torch.bfloat16, "cuda")
     x = torch.randn(2, 32, D, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16,
                     requires_grad=True)
     gy = torch.randn(2, 32, D, device="cuda", dtype=x.dtype)

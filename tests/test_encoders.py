@@ -182,7 +182,7 @@ def test_token_choice_skips_padding_and_padding_changes_nothing(router, batch):
     out = moe(ids[1:], attention_mask=mask[1:]).last_hidden_state  # one sequence, 5 of 12 tokens padding
     for _, b in moe_blocks(moe):
         r = b.last_routing
-        assert set(r.token_A.tolist()) <= set(range(7))
+        assert set(r.kept()[1].tolist()) <= set(range(7))
         assert int(r.real_tokens) == 7
         if router["router"] == "topk":  # capacity ceil(1 * 7 * 2 / 4) = 4 per expert, from the real tokens
             assert max(r.counts_E.tolist()) <= 4 and r.counts_E.sum() + r.dropped_assignments == 14

@@ -29,7 +29,8 @@ def reference(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
     block(x)  # routing of this input
     r = block.last_routing
     out = torch.zeros_like(x_TD)
-    for t, e, w in zip(r.token_A.tolist(), r.expert_A.tolist(), r.weight_A):
+    expert_A, token_A, _, weight_A = r.kept()
+    for t, e, w in zip(token_A.tolist(), expert_A.tolist(), weight_A):
         xt = x_TD[t]
         up = ex.up_proj[e] @ xt + (ex.up_bias[e] if ex.up_bias is not None else 0)
         if ex.gated:

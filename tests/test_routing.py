@@ -14,7 +14,8 @@ def logits_of(probs):
 
 def assignments(r: R.Routing):
     """{(token, expert): weight} of a routing."""
-    return {(int(t), int(e)): round(float(w), 6) for t, e, w in zip(r.token_A, r.expert_A, r.weight_A)}
+    expert_A, token_A, _, weight_A = r.kept()
+    return {(int(t), int(e)): round(float(w), 6) for t, e, w in zip(token_A, expert_A, weight_A)}
 
 
 def test_topk_weights_with_and_without_renormalisation():

@@ -80,7 +80,8 @@ class Experts(nn.Module):
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_AD: rows sorted by expert, counts_E rows per expert. Returns y_AD in the weights' dtype (the
-        grouped path under autocast: autocast's)."""
+        grouped path under autocast: autocast's). Rows past sum(counts_E) belong to no expert: their output
+        (and input gradient) is left unwritten, for the caller to mask."""
         x_AD = x_AD.to(self.up_proj.dtype)
         mask_AF = None
         if self.training and self.dropout > 0:  # inverted dropout: kept units scaled by 1 / (1 - p)
@@ -108,13 +109,18 @@ class Experts(nn.Module):
         mask_AF = None if mask_AF is None else mask_AF.to(dt)
         bias_row = None
         if self.up_bias is not None:
-            # Expert of each row, without a host sync (output_size is known).
-            bias_row = torch.repeat_interleave(torch.arange(self.num_experts, device=x_AD.device), counts_E,
-                                               output_size=x_AD.shape[0])
+            # Expert of each row, without a host sync (output_size is known); rows of no expert read a zero
+            # bias row E, so the garbage gradients of those rows reach no bias
+            A, E = x_AD.shape[0], self.num_experts
+            rest = (A - counts_E.sum()).reshape(1).to(counts_E.dtype)
+            bias_row = torch.repeat_interleave(torch.arange(E + 1, device=x_AD.device), torch.cat([counts_E, rest]),
+                                               output_size=A)
 
         def proj(x, w_EOI, b_EO):
             y = _grouped_mm(x, w_EOI.to(dt).transpose(1, 2), offs=offs)
-            return y if b_EO is None else y + b_EO.to(dt)[bias_row]
+            if b_EO is None:
+                return y
+            return y + torch.cat([b_EO.to(dt), b_EO.new_zeros(1, b_EO.shape[1], dtype=dt)])[bias_row]
 
         h = proj(x_AD, self.up_proj, self.up_bias)
         h = self.act_fn(proj(x_AD, self.gate_proj, self.gate_bias)) * h if self.gated else self.act_fn(h)
@@ -131,9 +137,10 @@ def _loop_autograd(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b, ma
     up_e, down_e = up.unbind(0), down.unbind(0)
     gate_e = gate.unbind(0) if gate is not None else none
     gb, ub, db = (b.unbind(0) if b is not None else none for b in (gate_b, up_b, down_b))
-    masks = mask_AF.split(sizes) if mask_AF is not None else none
+    n = sum(sizes)  # rows past n belong to no expert (dropped assignments): zeros here, masked by the caller
+    masks = mask_AF[:n].split(sizes) if mask_AF is not None else none
     outs = []
-    for e, x in enumerate(x_AD.split(sizes)):
+    for e, x in enumerate(x_AD[:n].split(sizes)):
         if x.shape[0] == 0:
             continue
         h = F.linear(x, up_e[e], ub[e])
@@ -141,6 +148,8 @@ def _loop_autograd(x_AD, sizes, act_fn, gate, up, down, gate_b, up_b, down_b, ma
         if masks[e] is not None:
             h = h * masks[e]
         outs.append(F.linear(h, down_e[e], db[e]))
+    if n < x_AD.shape[0]:
+        outs.append(x_AD.new_zeros(x_AD.shape[0] - n, down.shape[1]))
     if not outs:
         return x_AD.new_zeros(0, down.shape[1])
     return torch.cat(outs) if len(outs) > 1 else outs[0]

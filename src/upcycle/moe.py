@@ -97,7 +97,12 @@ class MoEBlock(nn.Module):
             mask = mask.to(device=hidden.device) != 0
         r = self.route(logits_TE, torch.Size(lead), mask)
         self.last_routing = r
-        y_AD = self.experts(x_TD.index_select(0, r.token_A), r.counts_E)
+        x_AD = x_TD.index_select(0, r.token_A)
+        if r.keep_A is not None:  # rows past the experts' counts (dropped, padding): no expert computes them
+            x_AD = torch.where(r.keep_A.unsqueeze(1), x_AD, 0.0)  # ... and no gradient comes back from them
+        y_AD = self.experts(x_AD, r.counts_E)
+        if r.keep_A is not None:  # the experts leave those rows unwritten
+            y_AD = torch.where(r.keep_A.unsqueeze(1), y_AD, 0.0)
         y_AD = y_AD * r.weight_A.to(y_AD.dtype).unsqueeze(1)  # weighting after the experts: router gradient
         # Deterministic combine: each assignment owns one slot; sum the S slots of every token.
         S = r.slots_per_token

@@ -5,7 +5,9 @@ computed), S combine slots per token, G routing groups, N tokens per group.
 
 Every router returns a `Routing`: the assignments sorted once by expert (so the experts run one grouped
 matmul over contiguous rows), each with a combine weight and a slot, and the statistics callers log.
-Router math is fp32 whatever the model dtype.
+Router math is fp32 whatever the model dtype. Top-k keeps the number of assignments fixed (T * K) when it
+drops some (capacity, padding): the dropped ones sort last under expert id E, count in no expert and are
+flagged in `keep_A`, so routing never reads a count back to the host and compiles with fullgraph=True.
 
 Conventions
 - Ties go to the lower expert index (top-k) or the lower token index (expert choice): stable sorts.
@@ -68,6 +70,15 @@ class Routing:
     dropped_tokens: torch.Tensor  # () int64: tokens no expert processed
     real_tokens: torch.Tensor | None = None  # () int64: non-padding tokens, where a padding mask was given
     mask_T: torch.Tensor | None = None  # (T,) bool, True for real tokens, where a padding mask was given
+    # (A,) bool, False for assignments that are not computed (dropped by capacity, padding: they sort last,
+    # under expert id E, and count in no expert); None when every assignment is computed
+    keep_A: torch.Tensor | None = None
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(expert_A, token_A, slot_A, weight_A) of the computed assignments only (for inspection: a boolean
+        index, so a host read on CUDA)."""
+        arrays = (self.expert_A, self.token_A, self.slot_A, self.weight_A)
+        return arrays if self.keep_A is None else tuple(a[self.keep_A] for a in arrays)
 
     @property
     def num_tokens(self) -> int:
@@ -166,11 +177,14 @@ def topk_route(
         real_A = torch.ones_like(keep_A) if mask_T is None else mask_T.repeat_interleave(k)
         dropped_assignments = (real_A & ~keep_A).sum()
         dropped_tokens = (real_A.view(T, k).any(dim=1) & ~keep_A.view(T, k).any(dim=1)).sum()
-        expert_A, token_A, slot_A, weight_A = expert_A[keep_A], token_A[keep_A], slot_A[keep_A], weight_A[keep_A]
+        expert_A = torch.where(keep_A, expert_A, E)  # not computed: after every expert, in no count
 
-    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
+    order = torch.argsort(expert_A, stable=True)
+    expert_A, token_A, slot_A, weight_A = expert_A[order], token_A[order], slot_A[order], weight_A[order]
+    counts_E = _counts_sorted(expert_A, E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, k, logits_TE, probs_TE, idx_TK,
-                   dropped_assignments, dropped_tokens, real_tokens, mask_T)
+                   dropped_assignments, dropped_tokens, real_tokens, mask_T,
+                   None if keep_A is None else keep_A[order])
 
 
 def soft_route(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
