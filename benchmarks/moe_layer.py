@@ -59,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
-from upcycle.experts import Experts  # noqa: E402
+from upcycle.experts import GROUPED_CPU_MAX_ROWS, Experts  # noqa: E402
 from upcycle.moe import MoEBlock, RouterConfig  # noqa: E402
 
 
@@ -240,8 +240,14 @@ def bench_tokens(T, args, log):
         comp = lambda m: torch.compile(m, fullgraph=True, backend=args.compile_backend)  # noqa: E731
         variants[f"dense SwiGLU (d_ff={k_act * d_ff}), compiled"] = comp(dense)
         for b, m in ours.items():
-            if b != "loop":  # the loop reads the expert sizes on the host: not fullgraph-compilable
+            # fullgraph needs the grouped path, and torch's grouped_mm traces in bf16 only; the loop (auto's
+            # choice on a CPU above 1024 rows) reads the expert sizes on the host
+            rows = T * (args.capacity if ec else K)
+            grouped = b == "grouped" or (b == "auto" and (dev.type == "cuda" or rows <= GROUPED_CPU_MAX_ROWS))
+            if grouped and dt == torch.bfloat16:
                 variants[f"upcycle MoEBlock ({tag}{b}), compiled"] = comp(m)
+            else:
+                print(f"  T={T} {b}: no compiled row (fullgraph needs the grouped path in bf16)", file=sys.stderr)
 
     # Same computation check: every MoE variant must give the first one's output (bf16: to bf16 rounding).
     # In bf16, transformers' router runs in bf16 and ours in fp32, so tokens whose k-th and (k+1)-th router

@@ -97,10 +97,14 @@ def _class_name(model) -> str:
     return f"{type(model).__name__} ({impl})" if moe and impl else type(model).__name__
 
 
+def _wanted(args) -> list[str]:
+    return list(args.pair) if getattr(args, "pair", None) else list(args.variants)
+
+
 def _child_args(args) -> list[str]:
     return ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
             str(args.warmup), "--threads", str(args.threads), "--adamw", args.adamw, "--device", args.device,
-            "--dtype", args.dtype, "--weights", args.weights]
+            "--dtype", args.dtype, "--weights", args.weights, "--variants", *_wanted(args)]
 
 
 def _sync(device: str) -> None:
@@ -111,7 +115,8 @@ def _sync(device: str) -> None:
 
 
 def prepare(work: Path, args) -> None:
-    """Export the default-plan model to Qwen2-MoE and the all-layers model to Mixtral (a child process)."""
+    """Export the default-plan model to Qwen2-MoE and/or the all-layers model to Mixtral, those of --variants
+    (or --pair) that are stock classes (a child process)."""
     import torch
 
     from upcycle.export import export
@@ -120,7 +125,7 @@ def prepare(work: Path, args) -> None:
     torch.manual_seed(0)
     dense = _dense(argparse.Namespace(**{**vars(args), "device": "cpu"}))  # exported from the CPU
     for target, layers in (("qwen2_moe", None), ("mixtral", "all")):
-        if (work / target / "config.json").exists():
+        if target not in _wanted(args) or (work / target / "config.json").exists():
             continue
         model = upcycle(dense, _plan(layers))
         export(model, target, work / target, overwrite=True)
@@ -334,7 +339,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         t0 = time.perf_counter()
-        if {"qwen2_moe", "mixtral"} & set(args.variants):
+        if {"qwen2_moe", "mixtral"} & set(_wanted(args)):
             subprocess.run([sys.executable, __file__, "--prepare", "--work", str(work)] + _child_args(args), check=True)
         if args.pair:
             return _main_pair(args, argv, work, t0)
@@ -370,8 +375,6 @@ def _main_pair(args, argv, work, t0):
     import torch
     from moe_layer import machine  # noqa: E402
 
-    if {"qwen2_moe", "mixtral"} & set(args.pair):
-        subprocess.run([sys.executable, __file__, "--prepare", "--work", str(work)] + _child_args(args), check=True)
     res = pair_child(*args.pair, work, args)
     md = pair_table(res, args)
     wall = time.perf_counter() - t0

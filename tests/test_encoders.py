@@ -146,6 +146,10 @@ def test_t5_generate_runs_on_the_upcycled_model(batch):
     a = moe.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     b = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
+    # with a decoder mask: each cached step's mask covers the past tokens too; the blocks take the newest
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long),
+              decoder_attention_mask=torch.ones(2, 1, dtype=torch.long), max_new_tokens=5, do_sample=False)
+    assert torch.equal(moe.generate(**kw), dense.generate(**kw))
 
 
 # ------------------------------------------------------------------------------------- padding

@@ -158,7 +158,10 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
             for name, p in block.shared_expert.named_parameters():
                 p.copy_(torch.zeros_like(p) if name.startswith("gate.") else
                         torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
-    model.config.upcycle = plan.to_dict() | {"moe_layers": layers, "init": "from_scratch"}
+    from .surgery import applied_plan
+
+    model.config.upcycle = applied_plan(plan, model.config, model).to_dict() | {"moe_layers": layers,
+                                                                                "init": "from_scratch"}
     return model.eval()
 
 

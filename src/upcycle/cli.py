@@ -70,7 +70,8 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, dest_
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         g.add_argument(*names, dest=dest_prefix + f.name, type=kind, default=argparse.SUPPRESS,
                        metavar=f.name.upper(), choices=f.metadata.get("choices"),
-                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
+                       help=f.metadata.get("help", "") + ("" if "default:" in f.metadata.get("help", "")
+                                                           else f" (default: {f.default})"))
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:

@@ -90,6 +90,9 @@ class MoEBlock(nn.Module):
         T = x_TD.shape[0]
         logits_TE = R.router_logits(x_TD, self.router.weight)  # router math in fp32, autocast or not
         mask = self.token_mask  # padding is routed to no expert, by every router
+        if mask is not None and len(lead) == 2 and mask.dim() == 2 and mask.shape[0] == lead[0] \
+                and mask.shape[1] > lead[1]:
+            mask = mask[:, -lead[1]:]  # a cached decoder step: the mask covers the past too; these are the newest
         if mask is not None:
             if tuple(mask.shape) != tuple(lead):
                 raise ValueError(f"padding mask of shape {tuple(mask.shape)} does not match the hidden states "
