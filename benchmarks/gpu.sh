@@ -11,12 +11,14 @@
 #          (d=576 E=8 top-2 16k tokens; d=4096 d_ff=14336 E=8 top-2 8k; d=2048 d_ff=1024 E=64 top-8 16k) with
 #          transformers' Mixtral block (grouped_mm, eager) and torch.compile rows; expert choice C=2; BAM's
 #          mixture of attention                                           (estimated 6 minutes on an H200)
-#   model  whole-model training steps: dense vs ours vs the stock Qwen2-MoE / Mixtral exports, then ours and
-#          Qwen2-MoE in one process, alternating steps                    (estimated 3 minutes)
+#   model  whole-model training steps: dense, dense of ours' active FLOPs, ours, the stock Qwen2-MoE / Mixtral
+#          exports; then ours against Qwen2-MoE and against the equal-FLOPs dense model in one process,
+#          alternating steps                                              (estimated 4 minutes)
 #
 # One device command runs at most 10 minutes: run `tests,layer` in one call and `model` in the next (the machine
 # stays warm between calls made back to back), each with OUTDIR=$OUT. Writes one markdown file per benchmark and
-# the whole log (gpu_log.txt) to OUTDIR: at most 8 files, so that a device lease brings all of them back. A step that fails is logged and the others still run; the exit status
+# the whole log (gpu_log.txt) to OUTDIR: 6 files for tests,layer and 4 for model, each call within the 8 files
+# a device call brings back. A step that fails is logged and the others still run; the exit status
 # is 1 if any failed. Each step is stopped after STEP_TIMEOUT seconds (default 300), so one that hangs cannot
 # use up a lease. (Written and checked on a CPU machine: the timings above are estimates until a first GPU run.)
 #
@@ -76,6 +78,7 @@ if want model; then
     M="$py benchmarks/train_speed.py --device $dev --weights random --batch 16 --seq 1024"
     step $M --steps 5 "${small_model[@]}" --out "$out/train_speed_cuda.md"
     step $M --pair ours qwen2_moe --rounds 10 "${small_model[@]}" --out "$out/train_speed_pair_cuda.md"
+    step $M --pair dense_eq ours --rounds 10 "${small_model[@]}" --out "$out/train_speed_pair_dense_cuda.md"
 fi
 echo "== done, status $status; files in $out" | tee -a "$log"
 exit $status

@@ -8,6 +8,8 @@ seq 256 by default), fp32. Each variant runs in its own process (so peak RSS is 
 untimed steps; the figure is the median of --steps timed steps. Variants:
 
 - dense              SmolLM2-135M-Instruct as transformers loads it (the reference, ratio 1.00)
+- dense_eq           the same dense model with the MLPs of the default plan's layers widened to K * d_ff = 3072
+                     (fresh random weights there): a dense model with ours' active FLOPs per token
 - ours (<layers>)    upcycle(dense, UpcyclePlan(layers=...)): 8 experts, top-2, our MoEBlock (CPU "loop" backend)
 - qwen2_moe          the default-plan model exported with upcycle.export and loaded by AutoModelForCausalLM
                      (stock Qwen2MoeForCausalLM; it carries a zero-width shared expert and zero q/k/v biases)
@@ -17,6 +19,7 @@ untimed steps; the figure is the median of --steps timed steps. Variants:
 Only the LM loss is trained (no load-balancing term in any variant), so all variants do the same work.
 
     python benchmarks/train_speed.py --pair ours qwen2_moe --rounds 8 --out results/train_speed_pair_cpu.md
+    python benchmarks/train_speed.py --pair dense_eq ours --rounds 8     # ours vs a dense model of equal FLOPs
 
 --pair A B holds both models in one process and times them in alternating steps (A B, then B A, ...), so
 the drift of a shared VM (10-40% between separate runs here) hits both alike: the figure is the median over
@@ -50,7 +53,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("dense", "ours", "qwen2_moe", "ours_all", "mixtral")
+VARIANTS = ("dense", "dense_eq", "ours", "qwen2_moe", "ours_all", "mixtral")
 
 
 def _plan(layers):
@@ -132,6 +135,25 @@ def prepare(work: Path, args) -> None:
         del model
 
 
+def _widened(dense, args):
+    """`dense` with the MLPs of the default plan's layers K times as wide: the dense model whose FLOPs per token
+    equal the upcycled model's active ones (the router's 8 x 576 per layer aside)."""
+    import copy
+
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from upcycle.layers import select_layers
+
+    plan = _plan(None)
+    cfg = copy.deepcopy(dense.config)
+    cfg.intermediate_size = plan.top_k * dense.config.intermediate_size
+    torch.manual_seed(1)
+    for i in select_layers(plan.layers, dense.config.num_hidden_layers):
+        dense.model.layers[i].mlp = LlamaMLP(cfg).to(device=args.device, dtype=getattr(torch, args.dtype))
+    return dense
+
+
 def build(variant: str, work: Path, args):
     import torch
     from transformers import AutoModelForCausalLM
@@ -141,6 +163,9 @@ def build(variant: str, work: Path, args):
     dense = _dense(args)
     if variant == "dense":
         return dense, dense
+    if variant == "dense_eq":
+        wide = _widened(dense, args)
+        return wide, wide
     ours = upcycle(dense, _plan("all" if variant in ("ours_all", "mixtral") else None), inplace=True)
     if variant in ("ours", "ours_all"):
         return ours, ours
@@ -275,10 +300,11 @@ def run_child(variant, work, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-LABEL = {"dense": "dense SmolLM2-135M", "ours": "ours, default plan (every_k:2:1, E=8, top-2)",
+LABEL = {"dense": "dense SmolLM2-135M", "dense_eq": "dense, MLPs of the plan's layers 2x wide (ours' active FLOPs)",
+         "ours": "ours, default plan (every_k:2:1, E=8, top-2)",
          "qwen2_moe": "stock Qwen2MoeForCausalLM (export of the default plan)",
          "ours_all": "ours, --layers all (E=8, top-2)", "mixtral": "stock MixtralForCausalLM (export of --layers all)"}
-REF = {"dense": "dense", "ours": "dense", "qwen2_moe": "ours", "ours_all": "dense", "mixtral": "ours_all"}
+REF = {"dense": "dense", "dense_eq": "dense", "ours": "dense", "qwen2_moe": "ours", "ours_all": "dense", "mixtral": "ours_all"}
 
 
 def table(results, args) -> str:
