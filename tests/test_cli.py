@@ -55,6 +55,9 @@ def test_plan_file_and_flags(tmp_path, tiny_dir_tok, text_file, capsys):
 def test_plan_command_prints_yaml(capsys):
     code, stdout, _ = run(capsys, "plan", "--num-experts", 16, "--layers", "last_n:4")
     assert code == 0 and "num_experts: 16" in stdout and "layers: last_n:4" in stdout
+    assert "router: null  # the family's" in stdout  # no router named: the model's family decides
+    code, stdout, _ = run(capsys, "plan", "--router", "topk")
+    assert code == 0 and "\nrouter: topk\n" in stdout
 
 
 def gpt2_dir(tmp_path):

@@ -322,7 +322,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    print(resolve_plan(args).to_yaml(), end="")
+    text = resolve_plan(args).to_yaml()
+    # no router named: say what null means (the model decides, so the plan alone cannot)
+    text = text.replace("\nrouter: null\n", "\nrouter: null  # the family's: expert_choice in encoders and ViT, "
+                                              "topk in decoders\n")
+    print(text, end="")
     return 0
 
 
