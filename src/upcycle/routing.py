@@ -50,6 +50,12 @@ def ceil_capacity(capacity_factor: float, tokens: int, divisor: int) -> int:
     return math.ceil(x - _CEIL_TOL * max(1.0, abs(x)))
 
 
+def _ceil_capacity_t(capacity_factor: float, tokens: torch.Tensor, divisor: int) -> torch.Tensor:
+    """`ceil_capacity` for token counts held on the device (padding masks): same tolerance, no host read."""
+    x = capacity_factor * tokens.double() / divisor
+    return torch.ceil(x - _CEIL_TOL * x.clamp(min=1.0)).long()
+
+
 def ec_tokens_per_expert(capacity_factor: float, tokens: int, num_experts: int) -> int:
     """Expert choice: tokens each expert takes from a group of `tokens`, min(ceil(C * N / E), N)."""
     return min(ceil_capacity(capacity_factor, tokens, num_experts), tokens)
@@ -107,11 +113,12 @@ def _counts_sorted(expert_sorted: torch.Tensor, num_experts: int) -> torch.Tenso
     return pos[1:] - pos[:-1]
 
 
-def _sorted_by_expert(expert_A, token_A, slot_A, weight_A, num_experts):
+def _sorted_by_expert(expert_A, *arrays, num_experts):
+    """expert_A and the per-assignment `arrays` (None stays None) in expert order, and the counts of experts
+    0..num_experts-1 (ids of num_experts or more sort last and count in none)."""
     order = torch.argsort(expert_A, stable=True)
     expert_A = expert_A[order]
-    counts_E = _counts_sorted(expert_A, num_experts)
-    return expert_A, token_A[order], slot_A[order], weight_A[order], counts_E
+    return (expert_A, *(None if a is None else a[order] for a in arrays), _counts_sorted(expert_A, num_experts))
 
 
 def _rank_within_expert(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -159,7 +166,8 @@ def topk_route(
         if mask_T.shape[0] != T:
             raise ValueError(f"padding mask has {mask_T.shape[0]} tokens, the router logits {T}")
         real_tokens = mask_T.sum()
-    keep_A = None if mask_T is None else mask_T.repeat_interleave(k)
+    real_A = None if mask_T is None else mask_T.repeat_interleave(k)  # assignments of real tokens
+    keep_A = real_A
     if capacity_factor is not None:
         # K-major order: every token's first choice before any second choice; padding in a bucket of its own.
         expert_KT = idx_TK.t().reshape(-1)
@@ -167,24 +175,22 @@ def topk_route(
             cap = ceil_capacity(capacity_factor, T * k, E)
             keep_KT = _rank_within_expert(expert_KT, E) < cap
         else:
-            x = capacity_factor * (real_tokens.double() * k) / E  # as ceil_capacity, on the device
-            cap = torch.ceil(x - _CEIL_TOL * x.clamp(min=1.0)).long()
+            cap = _ceil_capacity_t(capacity_factor, real_tokens * k, E)
             expert_KT = torch.where(mask_T.repeat(k), expert_KT, E)
             keep_KT = _rank_within_expert(expert_KT, E + 1) < cap
         keep_cap_A = keep_KT.view(k, T).t().reshape(-1)
         keep_A = keep_cap_A if keep_A is None else keep_A & keep_cap_A
     if keep_A is not None:
-        real_A = torch.ones_like(keep_A) if mask_T is None else mask_T.repeat_interleave(k)
+        if real_A is None:
+            real_A = torch.ones_like(keep_A)
         dropped_assignments = (real_A & ~keep_A).sum()
         dropped_tokens = (real_A.view(T, k).any(dim=1) & ~keep_A.view(T, k).any(dim=1)).sum()
         expert_A = torch.where(keep_A, expert_A, E)  # not computed: after every expert, in no count
 
-    order = torch.argsort(expert_A, stable=True)
-    expert_A, token_A, slot_A, weight_A = expert_A[order], token_A[order], slot_A[order], weight_A[order]
-    counts_E = _counts_sorted(expert_A, E)
+    expert_A, token_A, slot_A, weight_A, keep_A, counts_E = _sorted_by_expert(
+        expert_A, token_A, slot_A, weight_A, keep_A, num_experts=E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, k, logits_TE, probs_TE, idx_TK,
-                   dropped_assignments, dropped_tokens, real_tokens, mask_T,
-                   None if keep_A is None else keep_A[order])
+                   dropped_assignments, dropped_tokens, real_tokens, mask_T, keep_A)
 
 
 def soft_route(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
@@ -221,9 +227,7 @@ def expert_choice_route(
     tok_GEc = idx_GEN[..., :c]
     gate_GEc = torch.gather(probs_GNE.transpose(1, 2), -1, tok_GEc)
     if mask_GN is not None:  # per-group capacity from the real tokens; padding sorts last and is cut
-        real_G = mask_GN.sum(-1)
-        x_G = capacity_factor * real_G.double() / E
-        cap_G = torch.ceil(x_G - _CEIL_TOL * x_G.clamp(min=1.0)).clamp(max=N).long()  # as ceil_capacity
+        cap_G = _ceil_capacity_t(capacity_factor, mask_GN.sum(-1), E).clamp(max=N)
         keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & \
             torch.gather(mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc)
 
@@ -239,14 +243,15 @@ def expert_choice_route(
     T = G * N
     picked_T = torch.zeros(T, dtype=torch.bool, device=device)
     picked_T[token_A] = True
-    if normalize:  # each token's weights over the experts that took it; a (T, E) buffer keeps the sum
-        # deterministic (index_add would use atomics on CUDA)
-        total_T = weight_A.new_zeros(T * E).index_copy(0, token_A * E + expert_A, weight_A).view(T, E).sum(-1)
+    slot_A = token_A * E + expert_A  # row of the (T * E, D) combine buffer: one per (token, expert)
+    if normalize:  # each token's weights over the experts that took it; summed in a (T, E) buffer, which keeps
+        # the sum deterministic (index_add would use atomics on CUDA)
+        total_T = weight_A.new_zeros(T * E).index_copy(0, slot_A, weight_A).view(T, E).sum(-1)
         weight_A = weight_A / total_T[token_A]
     real_T = mask_GN.reshape(-1) if mask_GN is not None else torch.ones_like(picked_T)
     dropped_tokens = (real_T & ~picked_T).sum()
-    slot_A = token_A * E + expert_A
-    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A, E)
+    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A,
+                                                                      num_experts=E)
     return Routing(expert_A, token_A, slot_A, weight_A, counts_E, E, logits_GNE.reshape(T, E),
                    probs_GNE.reshape(T, E), None, torch.zeros((), dtype=torch.long, device=device),
                    dropped_tokens, None if mask_GN is None else real_T.sum(),
@@ -260,15 +265,14 @@ def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: to
     expert e (so sum_e f_e = K) and P_e the mean router probability of e. Perfect balance gives K;
     gradients reach the router through P_e. With mask_T, both are over the real tokens only."""
     T, E = probs_TE.shape
-    ones_A = torch.ones(idx_TK.numel(), device=probs_TE.device, dtype=probs_TE.dtype)
     if mask_T is None:
-        n, w_T = T, None
-    else:
+        f_E = probs_TE.new_zeros(E).index_add(0, idx_TK.reshape(-1), probs_TE.new_ones(idx_TK.numel())) / T
+        P_E = probs_TE.mean(dim=0)
+    else:  # the same over the real tokens
         w_T = mask_T.to(probs_TE.dtype)
         n = w_T.sum().clamp_min(1)
-        ones_A = w_T.repeat_interleave(idx_TK.shape[1])
-    f_E = torch.zeros(E, device=probs_TE.device, dtype=probs_TE.dtype).index_add(0, idx_TK.reshape(-1), ones_A) / n
-    P_E = probs_TE.mean(dim=0) if w_T is None else (probs_TE * w_T[:, None]).sum(0) / n
+        f_E = probs_TE.new_zeros(E).index_add(0, idx_TK.reshape(-1), w_T.repeat_interleave(idx_TK.shape[1])) / n
+        P_E = (probs_TE * w_T[:, None]).sum(0) / n
     return E * (f_E * P_E).sum()
 
 
