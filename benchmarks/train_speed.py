@@ -184,25 +184,39 @@ def _busy():
     return (sum(v) - v[3] - v[4]) / hz, t.user + t.system
 
 
-def child(variant: str, work: Path, args) -> dict:
+def _trainee(variant: str, work: Path, args):
+    """(model in training mode, its AdamW, {variant, class, flops_per_token, active_params, total_params})."""
     import torch
 
     from upcycle.train import active_params, flops_per_token
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     model, counted = build(variant, work, args)
-    fpt = flops_per_token(counted, args.seq)
-    n_active = active_params(counted)
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    info = {"variant": variant, "class": _class_name(model), "flops_per_token": flops_per_token(counted, args.seq),
+            "active_params": active_params(counted),
+            "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
     del counted
     model.train()
     model.config.use_cache = False
     # fused (default): one kernel per tensor, no temporaries. foreach allocates fresh full-size temporaries each
     # step (exp_avg_sq.sqrt()), whose first-touch page faults cost ~3 s of a 10 s MoE step on this VM.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **{args.adamw: True})
+    return model, opt, info
+
+
+def _batch(vocab_size: int, args):
+    import torch
+
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    return torch.randint(0, vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+
+
+def child(variant: str, work: Path, args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, opt, info = _trainee(variant, work, args)
+    ids = _batch(model.config.vocab_size, args)
     times, others = [], []
     for step in range(args.warmup + args.steps):
         dt, loss, other = _step(model, opt, ids)
@@ -211,9 +225,7 @@ def child(variant: str, work: Path, args) -> dict:
             if other is not None:
                 others.append(other)
         print(f"  {variant} step {step + 1}: {dt:.2f} s loss {loss:.3f}", file=sys.stderr, flush=True)
-    return {"variant": variant, "class": _class_name(model), "step_s": times, "other_cores": others,
-            "flops_per_token": fpt, "active_params": n_active, "total_params": n_total,
-            "peak_rss_gb": _peak_gb(args.device)}
+    return {**info, "step_s": times, "other_cores": others, "peak_rss_gb": _peak_gb(args.device)}
 
 
 def _step(model, opt, ids) -> tuple[float, float, float | None]:
@@ -236,23 +248,10 @@ def pair_child(a: str, b: str, work: Path, args) -> dict:
     """Both models in one process, timed in alternating steps; per-round ratios b / a."""
     import torch
 
-    from upcycle.train import active_params, flops_per_token
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    runs = {}
-    for v in (a, b):
-        model, counted = build(v, work, args)
-        info = {"variant": v, "class": _class_name(model), "flops_per_token": flops_per_token(counted, args.seq),
-                "active_params": active_params(counted),
-                "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
-        del counted
-        model.train()
-        model.config.use_cache = False
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, **{args.adamw: True})
-        runs[v] = (model, opt, info)
-    ids = torch.randint(0, runs[a][0].config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    runs = {v: _trainee(v, work, args) for v in (a, b)}
+    ids = _batch(runs[a][0].config.vocab_size, args)
     for step in range(args.warmup):  # alternating too: the first timed step of A follows a step of B, as all do
         for v in (a, b):
             dt, loss, _ = _step(runs[v][0], runs[v][1], ids)
