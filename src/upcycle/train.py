@@ -839,17 +839,17 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
             opt.step()
             opt.zero_grad(set_to_none=True)
             # One device-to-host read per step for every metric (a float() each would stall a GPU ~65 times)
-            extra = [t for t in (_router_summary(raw), _local(gn)) if t is not None]
-            vals = torch.cat([sums] + [t.reshape(-1).to(sums) for t in extra]).tolist()
-            router_vals = vals[4:6] if len(vals) >= 6 else [None, None]
-            grad_norm = vals[-1] if gn is not None else None
+            router, gn = _router_summary(raw), _local(gn)
+            vals = torch.cat([sums] + [t.reshape(-1).to(sums) for t in (router, gn) if t is not None]).tolist()
+            losses, rest = vals[:4], iter(vals[4:])
+            balance, entropy = (next(rest), next(rest)) if router is not None else (None, None)
+            grad_norm = next(rest) if gn is not None else None
             step += 1
             dt = time.perf_counter() - t0
-            loss_v, lm_v, lb_v, z_v = _all_mean(vals[:4], d)
+            loss_v, lm_v, lb_v, z_v = _all_mean(losses, d)
             state["tokens"] += tokens_per_step
             state["flops"] += fpt * tokens_per_step
             state["train_time_s"] += dt
-            balance, entropy = router_vals
             val = None
             if step == total_steps or (config.eval_every and step % config.eval_every == 0):
                 val = evaluate_loss(model, data.val, config.batch_size, config.eval_batches, device, autocast, d)
