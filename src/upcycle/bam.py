@@ -265,13 +265,11 @@ def convert_structure(model: nn.Module, plan: BamPlan, layers: Sequence[int] | N
     for i in layers:
         old = getattr(blocks[i], adapter.mlp)
         ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
-        mode = blocks[i].training  # new modules take the model's train/eval mode
-        setattr(blocks[i], adapter.mlp, make_moe_block(config, plan, adapter, ref.dtype, ref.device,
-                                                       structure).train(mode))
+        adapter.set_mlp(blocks[i], make_moe_block(config, plan, adapter, ref.dtype, ref.device, structure))
         if plan.attention_experts:
             attn = getattr(blocks[i], ATTN)
-            if not isinstance(attn, MoAttention):
-                setattr(blocks[i], ATTN, MoAttention(attn, plan.num_experts, plan.kv).train(mode))
+            if not isinstance(attn, MoAttention):  # in the block's train/eval mode, as set_mlp puts the MLP
+                setattr(blocks[i], ATTN, MoAttention(attn, plan.num_experts, plan.kv).train(blocks[i].training))
     return layers
 
 

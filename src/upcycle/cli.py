@@ -138,11 +138,13 @@ def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
         raise UpcycleError(f"--{e}") from None
 
 
-def family_plan(plan: UpcyclePlan, adapter) -> UpcyclePlan:
-    """The plan with the paper's routing for this family where the user named no router (UpcyclePlan.for_family),
+def family_plan(plan: UpcyclePlan, config, adapter) -> UpcyclePlan:
+    """The plan with the paper's routing for this family where the user named no router (surgery.applied_plan),
     saying so on stderr for encoders and ViT, whose default (expert choice) differs from the decoders' top-k."""
-    out = plan.for_family(adapter.causal)
-    if plan.router is None and not adapter.causal:
+    from .surgery import applied_plan
+
+    out = applied_plan(plan, config)
+    if plan.router is None and out.router == "expert_choice":
         print(f"note: {adapter.family}: expert-choice routing (C = {out.capacity:g}, normalised), the paper's recipe "
               "for encoders and vision; --router topk for token choice", file=sys.stderr)
     return out
@@ -196,7 +198,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
     adapter = adapter_for(config, source=str(model_dir / "config.json"))
-    plan = family_plan(plan, adapter)
+    plan = family_plan(plan, config, adapter)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     files = weight_files(model_dir)
     if not files:

@@ -141,10 +141,8 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
     mt = config.model_type
     dev_a, dev_b = next(moe.parameters()).device, next(dense.parameters()).device
 
-    def both(**kw):  # each model on its own device; the outputs compared on the CPU
-        out_a = moe(**{k: v.to(dev_a) for k, v in kw.items()})
-        out_b = dense(**{k: v.to(dev_b) for k, v in kw.items()})
-        return out_a, out_b
+    def both(a=moe, b=dense, **kw):  # each model (or its base) on its own device's copy of the inputs
+        return a(**{k: v.to(dev_a) for k, v in kw.items()}), b(**{k: v.to(dev_b) for k, v in kw.items()})
     if mt == "vit":
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, config.num_channels, config.image_size, config.image_size, generator=g)
@@ -184,8 +182,8 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
                                  float(cos.min()), top1)
     inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     base_a, base_b = getattr(moe, "base_model", moe), getattr(dense, "base_model", dense)
-    ha = base_a(**{k: v.to(dev_a) for k, v in inputs.items()}).last_hidden_state.float().cpu()
-    hb = base_b(**{k: v.to(dev_b) for k, v in inputs.items()}).last_hidden_state.float().cpu()
+    out_a, out_b = both(base_a, base_b, **inputs)
+    ha, hb = out_a.last_hidden_state.float().cpu(), out_b.last_hidden_state.float().cpu()
     ea = F.normalize(mean_pool(ha, enc["attention_mask"]), dim=-1)
     eb = F.normalize(mean_pool(hb, enc["attention_mask"]), dim=-1)
     cos = (ea * eb).sum(-1)

@@ -281,9 +281,7 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
     from .native import FORMAT, FORMAT_VERSION, read_meta, versions
 
     if isinstance(source, nn.Module):
-        from .surgery import structure_of
-
-        from .surgery import applied_plan
+        from .surgery import applied_plan, structure_of
 
         plan = applied_plan(plan or plan_from_meta(source.config.upcycle), source.config, source)
         moe_layers = list(source.config.upcycle["moe_layers"])

@@ -25,8 +25,8 @@ expert_init (E = num_experts, F = dense intermediate size, K = top_k):
              dense MLP. An output factor (partition_scale, default E for renormalised/soft weights, E^2/K
              for unnormalised top-k: the factor that makes K = E exact; LLaMA-MoE's own recipe multiplies
              its top-K scores by E/K, which is partition_scale = E/K here) is folded into the down
-             projections: a linear map, so the block and stock exports need no extra multiplier. With K = E, a zero router and renormalised weights (1/E each) the layer
-             is the dense MLP exactly.
+             projections: a linear map, so the block and stock exports need no extra multiplier. With K = E,
+             a zero router and renormalised weights (1/E each) the layer is the dense MLP exactly.
   granular   virtual-group upcycling (He et al. 2024, arXiv 2410.07524; Megatron --moe-upcycling-granularity
              G): experts of width F/G, expert i holds shard (i mod G), the G consecutive experts of a group
              share one router row, so top-G always picks one whole copy of the MLP. Every matrix (and the

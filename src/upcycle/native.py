@@ -194,9 +194,7 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
     if free < nbytes + (64 << 20):
         raise UpcycleError(f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, "
                            f"{free / 1e9:.2f} GB free on {parent}")
-    from .surgery import structure_of
-
-    from .surgery import applied_plan
+    from .surgery import applied_plan, structure_of
 
     plan = applied_plan(plan, model.config, model)
     layers = _moe_layer_indices(model)
