@@ -59,8 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
-from upcycle.experts import GROUPED_CPU_MAX_ROWS, Experts  # noqa: E402
+from upcycle.experts import Experts  # noqa: E402
 from upcycle.moe import MoEBlock, RouterConfig  # noqa: E402
+from upcycle.routing import ec_tokens_per_expert  # noqa: E402
 
 
 class DenseSwiGLU(nn.Module):
@@ -240,11 +241,10 @@ def bench_tokens(T, args, log):
         comp = lambda m: torch.compile(m, fullgraph=True, backend=args.compile_backend)  # noqa: E731
         variants[f"dense SwiGLU (d_ff={k_act * d_ff}), compiled"] = comp(dense)
         for b, m in ours.items():
-            # fullgraph needs the grouped path, and torch's grouped_mm traces in bf16 only; the loop (auto's
-            # choice on a CPU above 1024 rows) reads the expert sizes on the host
-            rows = T * (args.capacity if ec else K)
-            grouped = b == "grouped" or (b == "auto" and (dev.type == "cuda" or rows <= GROUPED_CPU_MAX_ROWS))
-            if grouped and dt == torch.bfloat16:
+            # fullgraph needs the grouped path (the loop reads the expert sizes on the host), and torch's
+            # grouped_mm traces in bf16 only; the experts' own rule says which path this many routed rows take
+            rows = E * ec_tokens_per_expert(args.capacity, T, E) if ec else T * K
+            if m.experts._use_grouped(x0.new_empty(rows, d)) and dt == torch.bfloat16:
                 variants[f"upcycle MoEBlock ({tag}{b}), compiled"] = comp(m)
             else:
                 print(f"  T={T} {b}: no compiled row (fullgraph needs the grouped path in bf16)", file=sys.stderr)
