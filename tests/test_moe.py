@@ -22,15 +22,17 @@ def make_block(router=RouterConfig(), gated=True, bias=False, seed=0, shared=Non
     return block
 
 
-def reference(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
-    """Token by token: y_t = sum over t's assignments of w * expert_e(x_t), straight from the routing."""
+def reference(block: MoEBlock, x: torch.Tensor, mask_AF: torch.Tensor | None = None) -> torch.Tensor:
+    """Token by token: y_t = sum over t's assignments of w * expert_e(x_t), straight from the routing.
+    mask_AF: a dropout mask on the hidden units, one row per assignment in the routing's order."""
     ex = block.experts
     x_TD = x.reshape(-1, D)
     block(x)  # routing of this input
     r = block.last_routing
     out = torch.zeros_like(x_TD)
     expert_A, token_A, _, weight_A = r.kept()
-    for t, e, w in zip(token_A.tolist(), expert_A.tolist(), weight_A):
+    rows = torch.arange(r.token_A.numel()) if r.keep_A is None else torch.arange(r.token_A.numel())[r.keep_A]
+    for a, t, e, w in zip(rows.tolist(), token_A.tolist(), expert_A.tolist(), weight_A):
         xt = x_TD[t]
         up = ex.up_proj[e] @ xt + (ex.up_bias[e] if ex.up_bias is not None else 0)
         if ex.gated:
@@ -38,6 +40,8 @@ def reference(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
             h = ex.act_fn(g) * up
         else:
             h = ex.act_fn(up)
+        if mask_AF is not None:
+            h = h * mask_AF[a]
         out[t] += w * (ex.down_proj[e] @ h + (ex.down_bias[e] if ex.down_bias is not None else 0))
     return out.view_as(x)
 
@@ -176,17 +180,9 @@ def test_dropout_inside_the_experts(gated):
         y.sum().backward()
         runs[backend] = (y.detach(), [xi.grad] + [p.grad for p in block.parameters()])
         # the reference: the dropout-free experts with that mask applied to their hidden units by hand
-        r = block.last_routing
         torch.manual_seed(7)
-        mask = F.dropout(torch.ones(r.token_A.numel(), FF), 0.5, True)
-        ex = block.experts
-        out = torch.zeros(24, D)
-        for a, (t, e, w) in enumerate(zip(r.token_A.tolist(), r.expert_A.tolist(), r.weight_A)):
-            xt = x.reshape(-1, D)[t]
-            u = ex.up_proj[e] @ xt
-            h = (ex.act_fn(ex.gate_proj[e] @ xt) * u if gated else ex.act_fn(u)) * mask[a]
-            out[t] += w * (ex.down_proj[e] @ h)
-        torch.testing.assert_close(y.detach(), out.view_as(x), rtol=1e-5, atol=1e-6)
+        mask = F.dropout(torch.ones(block.last_routing.token_A.numel(), FF), 0.5, True)
+        torch.testing.assert_close(y.detach(), reference(block, x, mask), rtol=1e-5, atol=1e-6)
         assert (y.detach() - y_eval.detach()).abs().max() > 1e-3  # the mask did something
         block.experts.dropout = 0.0
         torch.testing.assert_close(block(x), y_eval)  # p = 0 in training = eval
