@@ -54,6 +54,7 @@ from .moe import aux_losses, moe_blocks
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("auto", "float32", "bfloat16")
+SCHEDULES = ("cosine", "wsd")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -65,8 +66,12 @@ class TrainConfig:
     """How to train; every field is a YAML key and an `upcycle train` flag of the same name."""
 
     lr: float = _f(3e-4, "peak learning rate")
-    min_lr: float = _f(3e-5, "learning rate at the end of the cosine decay")
+    min_lr: float = _f(3e-5, "learning rate at the end of the decay")
     warmup: int = _f(100, "linear warmup steps (from lr/warmup to lr)")
+    schedule: str = _f("cosine", "after the warmup: cosine (to min_lr at the last step) | wsd (warmup-stable-decay: "
+                                 "lr until the last decay_fraction of the steps, then linear to min_lr)",
+                       choices=SCHEDULES)
+    decay_fraction: float = _f(0.2, "wsd: share of the steps spent decaying from lr to min_lr")
     steps: int = _f(1000, "optimizer steps (ignored when tokens is set)")
     tokens: int | None = _f(None, "token budget: steps = ceil(tokens / tokens per step)")
     batch_size: int = _f(8, "sequences per micro-batch and process")
@@ -121,6 +126,11 @@ class TrainConfig:
                 raise bad(name, f"must be in [0, 1), got {v!r}")
         if self.min_lr > self.lr:
             raise bad("min_lr", f"{self.min_lr} is above lr {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"choose one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if isinstance(self.decay_fraction, bool) or not isinstance(self.decay_fraction, (int, float)) or not (
+                0 < self.decay_fraction <= 1):
+            raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction!r}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"choose one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.parallel not in PARALLEL:
@@ -136,10 +146,22 @@ class TrainConfig:
     def tokens_per_step(self, world_size: int = 1) -> int:
         return self.batch_size * self.grad_accum * world_size * self.seq_len
 
+    def decay_start(self, total: int) -> int:
+        """wsd: the first step of the decay (every step before it, past the warmup, runs at lr)."""
+        return total - max(1, round(self.decay_fraction * total))
+
     def lr_at(self, step: int, total: int) -> float:
-        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+        """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr, or
+        (wsd) constant lr, then linear to min_lr over the last decay_fraction of the steps; both reach
+        min_lr at the last step. A wsd run's learning rates before its decay do not depend on `total`,
+        so a longer run's checkpoint is a shorter one's branch point."""
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
+        if self.schedule == "wsd":
+            start = self.decay_start(total)
+            if step < start:
+                return self.lr
+            return self.lr + (self.min_lr - self.lr) * (step - start + 1) / (total - start)
         span = max(1, total - self.warmup)
         progress = min(1.0, (step - self.warmup) / span)
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
@@ -169,7 +191,7 @@ class TrainConfig:
 
 
 # YAML reads 3e-4 as a string (YAML 1.1 floats need a dot); accept it for float fields.
-_FLOAT_FIELDS = {"lr", "min_lr", "clip", "weight_decay", "beta1", "beta2", "eps", "aux_loss_coef", "z_loss_coef",
+_FLOAT_FIELDS = {"lr", "min_lr", "decay_fraction", "clip", "weight_decay", "beta1", "beta2", "eps", "aux_loss_coef", "z_loss_coef",
                  "pretrain_tokens", "pretrain_flops"}
 
 
