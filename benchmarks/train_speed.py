@@ -356,9 +356,9 @@ def main(argv=None):
         return
     if args.pair and args.pair[0] == args.pair[1]:
         p.error("--pair needs two different variants")
-    from moe_layer import machine  # noqa: E402  (same machine line as the layer benchmark)
-
     import torch
+
+    from moe_layer import machine  # noqa: E402  (same machine line as the layer benchmark)
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -398,6 +398,7 @@ def _where(args) -> str:
 
 def _main_pair(args, argv, work, t0):
     import torch
+
     from moe_layer import machine  # noqa: E402
 
     res = pair_child(*args.pair, work, args)

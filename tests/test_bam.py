@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_diff, tiny_model
 
+from conftest import rel_diff, tiny_model
 from upcycle import native
 from upcycle.attention import MoAttention, moa_modules
 from upcycle.bam import BamPlan, check_compatible, mix, mix_state_dicts, plan_from_dict
@@ -258,7 +258,6 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
     import json
 
     from conftest import WORDS
-
     from upcycle.cli import main
 
     a = _domain_file(tmp_path / "a.txt", WORDS[:40], 0)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_config, tiny_model
-from upcycle import UpcyclePlan, UpcycleError, upcycle
+from upcycle import UpcycleError, UpcyclePlan, upcycle
 from upcycle.baselines import depth_tile, moe_from_scratch, num_params, tile_order
-from upcycle.train import flops_per_token
 from upcycle.moe import moe_blocks
+from upcycle.train import flops_per_token
 
 
 def test_tile_order():

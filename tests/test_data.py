@@ -7,11 +7,21 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, save_tiny_tokenizer
 
-from upcycle.data import (Batches, Document, corpus_documents, load_data, pack, pack_documents,
-                          python_stdlib_documents, read_documents, roff_to_text, split_documents,
-                          tokenize_documents)
+from conftest import WORDS, save_tiny_tokenizer
+from upcycle.data import (
+    Batches,
+    Document,
+    corpus_documents,
+    load_data,
+    pack,
+    pack_documents,
+    python_stdlib_documents,
+    read_documents,
+    roff_to_text,
+    split_documents,
+    tokenize_documents,
+)
 from upcycle.errors import UpcycleError
 
 

@@ -279,8 +279,14 @@ def test_cli_sparse_and_check(kind, tmp_path, capsys):
 
 
 def test_vit_optimizer_carry_over_and_flops():
-    from upcycle.train import (TrainConfig, active_params, build_optimizer, carry_over_optimizer_state,
-                               load_named_optimizer_state, named_optimizer_state)
+    from upcycle.train import (
+        TrainConfig,
+        active_params,
+        build_optimizer,
+        carry_over_optimizer_state,
+        load_named_optimizer_state,
+        named_optimizer_state,
+    )
 
     torch.manual_seed(0)
     dense = tiny_vit()
@@ -319,7 +325,14 @@ def test_vit_optimizer_carry_over_and_flops():
 
 def _stdlib_sentences(n: int = 32) -> list[str]:
     """Real English sentences: the documentation strings of Python standard-library modules."""
-    import argparse, collections, json, subprocess, textwrap, threading, unittest  # noqa: E401
+    import argparse  # noqa: E401
+    import collections
+    import json
+    import subprocess
+    import textwrap
+    import threading
+    import unittest
+
     from upcycle.encoders import sentences_of
 
     text = "\n\n".join(inspect.getdoc(m) or "" for m in (argparse, collections, json, subprocess, textwrap,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY, rel_diff, tiny_model
-from upcycle import UpcyclePlan, UpcycleError, load, save, upcycle
+from upcycle import UpcycleError, UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
 from upcycle.export import export, plan_from_meta, why_not
 

@@ -13,8 +13,15 @@ from test_stream import assert_same_output, in_memory
 from upcycle import PlanError, UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
 from upcycle.export import export, why_not
-from upcycle.init import (_balanced_kmeans, data_router_rows, granular_scale, init_layer, partition_sets,
-                          plan_structure, read_prompts)
+from upcycle.init import (
+    _balanced_kmeans,
+    data_router_rows,
+    granular_scale,
+    init_layer,
+    partition_sets,
+    plan_structure,
+    read_prompts,
+)
 from upcycle.moe import moe_blocks
 from upcycle.stream import stream_upcycle
 

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from test_surgery import ScaledMLP
 from conftest import rel_diff
+from test_surgery import ScaledMLP
 from upcycle import UpcycleError, UpcyclePlan, load, save, upcycle
 from upcycle.evaluate import held_out_text, perplexity
 

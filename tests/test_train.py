@@ -15,15 +15,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, WORDS, save_tiny_tokenizer, tiny_model, with_router
 
+from conftest import TINY, WORDS, save_tiny_tokenizer, tiny_model, with_router
 from upcycle import UpcyclePlan, upcycle
 from upcycle.cli import main
 from upcycle.data import Document, pack_documents
 from upcycle.errors import UpcycleError
 from upcycle.moe import moe_blocks
-from upcycle.train import (TrainConfig, active_params, build_optimizer, carry_over_optimizer_state,
-                           flops_per_token, load_named_optimizer_state, model_on_meta, named_optimizer_state, train)
+from upcycle.train import (
+    TrainConfig,
+    active_params,
+    build_optimizer,
+    carry_over_optimizer_state,
+    flops_per_token,
+    load_named_optimizer_state,
+    model_on_meta,
+    named_optimizer_state,
+    train,
+)
 
 PLAN = UpcyclePlan(num_experts=4, top_k=2)  # layers 1 and 3 of 4
 SEQ = 32

@@ -269,7 +269,7 @@ class BamExperiment:
         return s
 
     def ppl(self, model, data: _Data) -> dict[str, float]:
-        from .train import _devices, TrainConfig, evaluate_loss
+        from .train import TrainConfig, _devices, evaluate_loss
 
         device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
         model.to(device)

@@ -207,7 +207,6 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
     if args.format != "native":
         from .export import check_exportable
-
         from .stream import upcycled_structure
 
         check_exportable(args.format, config, plan, layers, upcycled_structure(plan, config))  # before any work
@@ -284,13 +283,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluate import compare, format_table, held_out_text
-    from .native import load, read_meta
-
     from .export import is_stock_moe
+    from .native import load, read_meta
 
     if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
         read_meta(args.model)
-    from .encoders import cmd_check as encoder_check, is_causal_lm
+    from .encoders import cmd_check as encoder_check
+    from .encoders import is_causal_lm
 
     if not is_causal_lm(load_dense_config(args.against)):  # encoders, ViT, T5: outputs, not perplexity
         return encoder_check(args)

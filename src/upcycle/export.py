@@ -271,14 +271,11 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
            overwrite: bool = False, progress: bool = False, source_dir: str | Path | None = None) -> Path:
     """Write an upcycled model (a native directory, read tensor by tensor, or a model in memory) as a
     stock transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
+    import time
     from contextlib import nullcontext
 
-    from .native import unique_state_dict
+    from .native import FORMAT, FORMAT_VERSION, read_meta, unique_state_dict, versions
     from .stream import SafetensorsSource
-
-    import time
-
-    from .native import FORMAT, FORMAT_VERSION, read_meta, versions
 
     if isinstance(source, nn.Module):
         from .surgery import applied_plan, structure_of

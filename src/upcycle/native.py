@@ -263,9 +263,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     directory (weights read through safetensors only)."""
     from transformers import AutoConfig
 
-    from .surgery import convert_structure
-
     from .export import import_stock, is_stock_moe
+    from .surgery import convert_structure
 
     path = Path(path)
     if is_stock_moe(path):  # a stock MoE class's config (our stock exports keep upcycle.json as provenance)

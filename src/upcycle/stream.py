@@ -42,8 +42,17 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .errors import UpcycleError
-from .native import (FORMAT, FORMAT_VERSION, INDEX, SIDE_FILES, atomic_dir, parse_size, sha256_files, versions,
-                     weight_files)
+from .native import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX,
+    SIDE_FILES,
+    atomic_dir,
+    parse_size,
+    sha256_files,
+    versions,
+    weight_files,
+)
 from .plan import UpcyclePlan
 
 # safetensors dtype names <-> torch dtypes. RANK is safetensors' own dtype order: within a file,

@@ -577,8 +577,11 @@ def _load_full_state_fsdp(model: nn.Module, opt, named: dict) -> None:
     over FSDP2-sharded parameters: every rank holds the full state and keeps its own shard. The groups
     (hyperparameters from this run's config) are the optimizer's own; parameters the state lacks start
     fresh."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True)
     current = get_optimizer_state_dict(model, opt, options=options)
