@@ -12,12 +12,15 @@ def command(script: str, argv: list[str] | None) -> str:
     return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
 
 
-def write_report(out: Path, title: str, header: str, machine: str, cmd: str, body: str,
-                 notes: tuple[str, ...] = ()) -> None:
+def write_report(
+    out: Path, title: str, header: str, machine: str, cmd: str, body: str, notes: tuple[str, ...] = ()
+) -> None:
     """Write the markdown results file atomically (a reader never sees half of it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = (f"# {title}\n\n{header}.\n\n- Machine: {machine}\n- Date: {_dt.date.today().isoformat()}\n"
-            f"- Command: `{cmd.strip()}`\n" + "".join(f"- {n}\n" for n in notes) + f"\n{body}\n")
+    text = (
+        f"# {title}\n\n{header}.\n\n- Machine: {machine}\n- Date: {_dt.date.today().isoformat()}\n"
+        f"- Command: `{cmd.strip()}`\n" + "".join(f"- {n}\n" for n in notes) + f"\n{body}\n"
+    )
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)

@@ -48,9 +48,20 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 # SmolLM2-1.7B's shapes (Llama architecture); only the number of layers changes with --size-gb.
-SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=32,
-             vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192, rms_norm_eps=1e-5,
-             rope_theta=130000.0, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=130000.0,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+)
 MERGEKIT = "mergekit==0.1.5"
 TORCH = "torch==2.13.0"
 
@@ -115,8 +126,9 @@ def run_measured(cmd: list[str], **kw) -> tuple[float, int, str]:
         p = subprocess.run(wrapped, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
         wall = time.perf_counter() - t
         if p.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])}... exited with {p.returncode}\n"
-                           f"{p.stdout[-3000:]}")
+            raise RuntimeError(
+                f"{Path(cmd[0]).name} {' '.join(cmd[1:4])}... exited with {p.returncode}\n{p.stdout[-3000:]}"
+            )
         text = rss_file.read().strip().splitlines()
         rss = int(text[-1]) * 1024 if text and text[-1].isdigit() else -1
     return wall, rss, p.stdout
@@ -143,8 +155,19 @@ def dd_seconds(work: Path, nbytes: int, direct: bool = False) -> float:
     target = work / "dd.bin"
     subprocess.run(["sync"], check=True)
     t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={nbytes}", "iflag=count_bytes",
-                    "oflag=direct" if direct else "conv=fsync", "status=none"], check=True)
+    subprocess.run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={target}",
+            "bs=16M",
+            f"count={nbytes}",
+            "iflag=count_bytes",
+            "oflag=direct" if direct else "conv=fsync",
+            "status=none",
+        ],
+        check=True,
+    )
     dt = time.perf_counter() - t
     target.unlink()
     return dt
@@ -153,12 +176,29 @@ def dd_seconds(work: Path, nbytes: int, direct: bool = False) -> float:
 def ours(source: Path, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    cmd = [sys.executable, "-m", "upcycle", "sparse", "--model", str(source), "--out", str(out), "--quiet",
-           "--num_experts", "8", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "upcycle",
+        "sparse",
+        "--model",
+        str(source),
+        "--out",
+        str(out),
+        "--quiet",
+        "--num_experts",
+        "8",
+        *extra,
+    ]
     wall, rss, text = run_measured(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
     m = re.search(r"wrote .* in ([0-9.]+) s", text)
-    return {"seconds": wall, "fsync": 0.0, "rss": rss, "bytes": dir_bytes(out),
-            "inner": float(m.group(1)) if m else None}
+    return {
+        "seconds": wall,
+        "fsync": 0.0,
+        "rss": rss,
+        "bytes": dir_bytes(out),
+        "inner": float(m.group(1)) if m else None,
+    }
 
 
 def mergekit_venv(venv: Path) -> Path | None:
@@ -180,12 +220,22 @@ def mergekit_venv(venv: Path) -> Path | None:
 
 def mergekit(exe: Path, source: Path, out: Path, experts: int, work: Path) -> dict:
     cfg = work / "mergekit-moe.yaml"
-    cfg.write_text(f"base_model: {source}\ngate_mode: random\ndtype: float32\nexperts:\n"
-                   + f"  - source_model: {source}\n" * experts)
+    cfg.write_text(
+        f"base_model: {source}\ngate_mode: random\ndtype: float32\nexperts:\n"
+        + f"  - source_model: {source}\n" * experts
+    )
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    wall, rss, _ = run_measured([str(exe), str(cfg), str(out), "--quiet", "--no-copy-tokenizer",
-                                 "--i-understand-this-is-not-useful-without-training"])
+    wall, rss, _ = run_measured(
+        [
+            str(exe),
+            str(cfg),
+            str(out),
+            "--quiet",
+            "--no-copy-tokenizer",
+            "--i-understand-this-is-not-useful-without-training",
+        ]
+    )
     return {"seconds": wall, "fsync": fsync_tree(out), "rss": rss, "bytes": dir_bytes(out), "inner": None}
 
 
@@ -197,9 +247,11 @@ def machine(work: Path) -> str:
         info.setdefault(k.strip(), v.strip())
     mem = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
     df = subprocess.run(["df", "-hT", str(work)], capture_output=True, text=True).stdout.splitlines()[-1].split()
-    return (f"{os.cpu_count()}-core {info.get('model name', platform.machine())}, {mem / 2**20:.0f} GiB RAM, "
-            f"disk {df[0]} ({df[1]}, {df[2]}, {df[4]} free), Linux {platform.release()}, Python "
-            f"{platform.python_version()}")
+    return (
+        f"{os.cpu_count()}-core {info.get('model name', platform.machine())}, {mem / 2**20:.0f} GiB RAM, "
+        f"disk {df[0]} ({df[1]}, {df[2]}, {df[4]} free), Linux {platform.release()}, Python "
+        f"{platform.python_version()}"
+    )
 
 
 def gb(n: float) -> str:
@@ -209,42 +261,65 @@ def gb(n: float) -> str:
 def summarise(runs: list[dict]) -> dict:
     """Medians over repetitions; ratios are medians of the per-repetition ratios (each to its own dd)."""
     med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-    return {"bytes": runs[0]["bytes"], "n": len(runs), "seconds": med([r["seconds"] for r in runs]),
-            "fsync": med([r["fsync"] for r in runs]), "dd": med([r["dd"] for r in runs]),
-            "dd_direct": med([r["dd_direct"] for r in runs]),
-            "ratio": med([(r["seconds"] + r["fsync"]) / r["dd"] for r in runs]),
-            "inner_ratio": med([r["inner"] / r["dd"] for r in runs if r["inner"]]),
-            "inner_direct": med([r["inner"] / r["dd_direct"] for r in runs if r["inner"]]),
-            "inner": med([r["inner"] for r in runs if r["inner"]]), "rss": max(r["rss"] for r in runs)}
+    return {
+        "bytes": runs[0]["bytes"],
+        "n": len(runs),
+        "seconds": med([r["seconds"] for r in runs]),
+        "fsync": med([r["fsync"] for r in runs]),
+        "dd": med([r["dd"] for r in runs]),
+        "dd_direct": med([r["dd_direct"] for r in runs]),
+        "ratio": med([(r["seconds"] + r["fsync"]) / r["dd"] for r in runs]),
+        "inner_ratio": med([r["inner"] / r["dd"] for r in runs if r["inner"]]),
+        "inner_direct": med([r["inner"] / r["dd_direct"] for r in runs if r["inner"]]),
+        "inner": med([r["inner"] for r in runs if r["inner"]]),
+        "rss": max(r["rss"] for r in runs),
+    }
 
 
 def table(rows: dict[str, list[dict]]) -> str:
-    out = ["| converter | GB written | seconds (+fsync) | of which after start-up | dd same bytes, s | ratio "
-           "| ratio after start-up | dd oflag=direct, s | after start-up / dd direct | peak RSS GB |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| converter | GB written | seconds (+fsync) | of which after start-up | dd same bytes, s | ratio "
+        "| ratio after start-up | dd oflag=direct, s | after start-up / dd direct | peak RSS GB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, runs in rows.items():
         r = summarise(runs)
         secs = f"{r['seconds']:.1f}" + (f" (+{r['fsync']:.1f})" if r["fsync"] else "")
         inner = f"{r['inner']:.1f}" if r["inner"] else "-"
         inner_ratio = f"{r['inner_ratio']:.2f}" if r["inner_ratio"] else "-"
         inner_direct = f"{r['inner_direct']:.2f}" if r["inner_direct"] else "-"
-        out.append(f"| {name} | {gb(r['bytes'])} | {secs} | {inner} | {r['dd']:.1f} | {r['ratio']:.2f} | "
-                   f"{inner_ratio} | {r['dd_direct']:.1f} | {inner_direct} | {gb(r['rss'])} |")
+        out.append(
+            f"| {name} | {gb(r['bytes'])} | {secs} | {inner} | {r['dd']:.1f} | {r['ratio']:.2f} | "
+            f"{inner_ratio} | {r['dd_direct']:.1f} | {inner_direct} | {gb(r['rss'])} |"
+        )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size-gb", type=float, default=2.0, help="synthetic checkpoint size in GB (default 2; try 8)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/upcycle-bench"), help="work directory (reused)")
-    p.add_argument("--layers-all", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run our converter with --layers all (like mergekit; default on)")
-    p.add_argument("--mergekit", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run mergekit-moe 0.1.5 (default on; it holds the whole output in RAM)")
+    p.add_argument(
+        "--layers-all",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run our converter with --layers all (like mergekit; default on)",
+    )
+    p.add_argument(
+        "--mergekit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run mergekit-moe 0.1.5 (default on; it holds the whole output in RAM)",
+    )
     p.add_argument("--mergekit-venv", type=Path, help="venv for mergekit (default WORKDIR/mergekit-venv)")
-    p.add_argument("--real", action=argparse.BooleanOptionalAction, default=True,
-                   help="also convert SmolLM2-135M-Instruct, streaming and in memory (default on)")
+    p.add_argument(
+        "--real",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also convert SmolLM2-135M-Instruct, streaming and in memory (default on)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="repetitions per variant, round robin (default 3)")
     p.add_argument("--out", type=Path, help="also write the results (with machine and date) to this markdown file")
     args = p.parse_args(argv)
@@ -263,9 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     src_bytes = sum(f.stat().st_size for f in source.glob("*.safetensors"))
     layers = json.loads((source / "spec.json").read_text())["num_hidden_layers"]
 
-    variants = {
-        "upcycle sparse (default plan: every other layer)": lambda: ours(source, work / "out", []),
-    }
+    variants = {"upcycle sparse (default plan: every other layer)": lambda: ours(source, work / "out", [])}
     if args.layers_all:
         variants["upcycle sparse --layers all"] = lambda: ours(source, work / "out", ["--layers", "all"])
     mk_note = "not run (--no-mergekit)"
@@ -282,8 +355,9 @@ def main(argv: list[str] | None = None) -> None:
 
         smol = default_model_dir(log=log)
         for stream in ("true", "false"):
-            real[f"SmolLM2-135M, default plan, --stream {stream}"] = (
-                lambda stream=stream: ours(smol, work / "out", ["--stream", stream]))
+            real[f"SmolLM2-135M, default plan, --stream {stream}"] = lambda stream=stream: ours(
+                smol, work / "out", ["--stream", stream]
+            )
 
     rows: dict[str, list[dict]] = {name: [] for name in [*variants, *real]}
     failures: dict[str, str] = {}
@@ -300,27 +374,36 @@ def main(argv: list[str] | None = None) -> None:
             r["dd"] = dd_seconds(work, r["bytes"])
             r["dd_direct"] = dd_seconds(work, r["bytes"], direct=True)
             rows[name].append(r)
-            log(f"  {r['seconds']:.1f}+{r['fsync']:.1f} s, {gb(r['bytes'])} GB, dd {r['dd']:.1f} s "
+            log(
+                f"  {r['seconds']:.1f}+{r['fsync']:.1f} s, {gb(r['bytes'])} GB, dd {r['dd']:.1f} s "
                 f"(direct {r['dd_direct']:.1f} s), "
-                f"RSS {gb(r['rss'])} GB")
+                f"RSS {gb(r['rss'])} GB"
+            )
     real_rows = {k: rows.pop(k) for k in real if rows[k]}
     rows = {k: v for k, v in rows.items() if v}
-    fail_note = (" Failed runs (left out of the medians): " + "; ".join(f"{k}: {v}" for k, v in failures.items())
-                 + ".") if failures else ""
+    fail_note = (
+        (" Failed runs (left out of the medians): " + "; ".join(f"{k}: {v}" for k, v in failures.items()) + ".")
+        if failures
+        else ""
+    )
 
-    header = (f"Synthetic Llama checkpoint: {gb(src_bytes)} GB fp32 in 1 GB shards, {layers} layers of SmolLM2-1.7B "
-              f"shape (d=2048, d_ff=8192, vocab 49152, tied embeddings); 8 experts, fp32 output")
-    notes = (f"Median of {args.repeat} round-robin repetitions (ratios: median of per-repetition ratios; RSS: max). "
-             "seconds: launch to exit of the converter process (interpreter start-up and imports included); "
-             "ours fsyncs every file and directory before it exits, mergekit does not, so its output is fsynced "
-             "after it exits and that time is shown as +fsync and counted in its ratio. dd: `dd if=/dev/zero "
-             "bs=16M conv=fsync` of the same byte count, right after each conversion (the issue's reference); "
-             "dd oflag=direct: the same bytes bypassing the page cache, as our writer does (shown, not used in "
-             "the ratios). after start-up: the "
-             "time `upcycle sparse` reports itself (from after its imports to the end) and its ratio to dd. "
-             "Peak RSS: max resident memory of the converter process (GNU time's %M). "
-             f"mergekit-moe: {mk_note}; it writes Mixtral layout, every layer MoE, so compare it with --layers all."
-             + fail_note)
+    header = (
+        f"Synthetic Llama checkpoint: {gb(src_bytes)} GB fp32 in 1 GB shards, {layers} layers of SmolLM2-1.7B "
+        f"shape (d=2048, d_ff=8192, vocab 49152, tied embeddings); 8 experts, fp32 output"
+    )
+    notes = (
+        f"Median of {args.repeat} round-robin repetitions (ratios: median of per-repetition ratios; RSS: max). "
+        "seconds: launch to exit of the converter process (interpreter start-up and imports included); "
+        "ours fsyncs every file and directory before it exits, mergekit does not, so its output is fsynced "
+        "after it exits and that time is shown as +fsync and counted in its ratio. dd: `dd if=/dev/zero "
+        "bs=16M conv=fsync` of the same byte count, right after each conversion (the issue's reference); "
+        "dd oflag=direct: the same bytes bypassing the page cache, as our writer does (shown, not used in "
+        "the ratios). after start-up: the "
+        "time `upcycle sparse` reports itself (from after its imports to the end) and its ratio to dd. "
+        "Peak RSS: max resident memory of the converter process (GNU time's %M). "
+        f"mergekit-moe: {mk_note}; it writes Mixtral layout, every layer MoE, so compare it with --layers all."
+        + fail_note
+    )
     md = table(rows)
     real_md = table(real_rows) if real_rows else ""
     print(header)
@@ -335,8 +418,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n({time.perf_counter() - t_start:.0f} s)")
     if args.out:
         cmd = command("convert.py", argv)
-        real = (f"Real model, SmolLM2-135M-Instruct (fp32, 8 experts, default plan), streaming against the "
-                f"in-memory path (`--stream false`):\n\n{real_md}\n\n" if real_md else "")
+        real = (
+            f"Real model, SmolLM2-135M-Instruct (fp32, 8 experts, default plan), streaming against the "
+            f"in-memory path (`--stream false`):\n\n{real_md}\n\n"
+            if real_md
+            else ""
+        )
         write_report(args.out, "Checkpoint conversion, CPU", header, machine(work), cmd, f"{md}\n\n{real}{notes}")
         raw = {"command": cmd.strip(), "machine": machine(work), "runs": {**rows, **real_rows}, "failures": failures}
         args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")

@@ -44,8 +44,15 @@ from upcycle.attention import MoAttention  # noqa: E402
 
 
 def llama_attention(d, heads, kv_heads, head_dim, impl):
-    cfg = LlamaConfig(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                      intermediate_size=4 * d, num_hidden_layers=1, attention_bias=False)
+    cfg = LlamaConfig(
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=4 * d,
+        num_hidden_layers=1,
+        attention_bias=False,
+    )
     cfg._attn_implementation = impl
     return LlamaAttention(cfg, layer_idx=0), cfg
 
@@ -72,7 +79,7 @@ class Loop(nn.Module):
         p = torch.softmax(F.linear(x.float(), self.router.weight.float()), dim=-1).to(x.dtype)  # fp32, as ours
         out = 0
         for j, a in enumerate(self.experts):
-            out = out + a(x, position_embeddings=self.pos, attention_mask=None)[0] * p[..., j:j + 1]
+            out = out + a(x, position_embeddings=self.pos, attention_mask=None)[0] * p[..., j : j + 1]
         return out
 
 
@@ -117,7 +124,10 @@ def bench(T, args, log):
     for m in (dense, dense_shared):
         for p in m.parameters():
             nn.init.normal_(p, std=args.std)
-    ref, ref_shared = f"dense attention ({N * H} heads, {N * Hkv} kv heads)", f"dense attention ({N * H} heads, {Hkv} kv heads)"
+    ref, ref_shared = (
+        f"dense attention ({N * H} heads, {N * Hkv} kv heads)",
+        f"dense attention ({N * H} heads, {Hkv} kv heads)",
+    )
     loop = f"loop over {N} attention experts + router"
     variants = {
         ref: Call(dense, pos),
@@ -150,7 +160,7 @@ def bench(T, args, log):
     fb = {n: [] for n in names}
     disturbed = 0
     for rep in range(args.reps):
-        for n in names[rep % len(names):] + names[:rep % len(names)]:
+        for n in names[rep % len(names) :] + names[: rep % len(names)]:
             for store, fn, inner in ((fwd, ML._fwd, inner_f), (fb, ML._fwd_bwd, inner_b)):
                 ms, other = ML.sample(fn, variants[n], x if fn is ML._fwd_bwd else x0, gy, inner[n], args)
                 store[n].append(ms)
@@ -159,8 +169,16 @@ def bench(T, args, log):
     rows = []
     for n in names:
         r = ref_of[n]
-        rows.append((n, statistics.median(fwd[n]), statistics.median(a / b for a, b in zip(fwd[n], fwd[r])),
-                     statistics.median(fb[n]), statistics.median(a / b for a, b in zip(fb[n], fb[r])), r))
+        rows.append(
+            (
+                n,
+                statistics.median(fwd[n]),
+                statistics.median(a / b for a, b in zip(fwd[n], fwd[r])),
+                statistics.median(fb[n]),
+                statistics.median(a / b for a, b in zip(fb[n], fb[r])),
+                r,
+            )
+        )
     return rows, disturbed, 2 * args.reps * len(names)
 
 
@@ -199,18 +217,24 @@ def main(argv=None):
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     results = [(T, bench(T, args, log)) for T in args.tokens]
-    lines = ["| T | variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | reference |",
-             "|---:|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| T | variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | reference |",
+        "|---:|---|---:|---:|---:|---:|---|",
+    ]
     for T, (rows, _, _) in results:
         for n, f, rf, b, rb, r in rows:
             lines.append(f"| {T} | {n} | {ML.fmt_ms(f)} | {rf:.2f} | {ML.fmt_ms(b)} | {rb:.2f} | {r} |")
     dist = ", ".join(f"T={T}: {d} of {n}" for T, (_, d, n) in results)
-    note = (f"ms: median of {args.reps} round-robin repetitions; ratio: median over repetitions of variant / its "
-            f"reference in the same repetition. Samples still disturbed by other load: {dist}.")
+    note = (
+        f"ms: median of {args.reps} round-robin repetitions; ratio: median over repetitions of variant / its "
+        f"reference in the same repetition. Samples still disturbed by other load: {dist}."
+    )
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[args.dtype]
-    header = (f"BAM soft mixture of attention, d={args.d}, {args.heads} heads / {args.kv_heads} kv heads per "
-              f"expert, N={args.experts} experts, sequences of {args.seq}, causal, {args.impl}, {dtype_name} on "
-              f"{args.device}; ratios to a dense attention with N times the heads (equal FLOPs), same run")
+    header = (
+        f"BAM soft mixture of attention, d={args.d}, {args.heads} heads / {args.kv_heads} kv heads per "
+        f"expert, N={args.experts} experts, sequences of {args.seq}, causal, {args.impl}, {dtype_name} on "
+        f"{args.device}; ratios to a dense attention with N times the heads (equal FLOPs), same run"
+    )
     md = "\n".join(lines)
     print(header)
     print(ML.machine(args.device))
@@ -220,9 +244,15 @@ def main(argv=None):
     print(note)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
     if args.out:
-        write_report(args.out, f"Mixture of attention layer, {args.device.type.upper()}", header,
-                     ML.machine(args.device), command("moa_layer.py", argv), f"{md}\n\n{note}",
-                     notes=("fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient",))
+        write_report(
+            args.out,
+            f"Mixture of attention layer, {args.device.type.upper()}",
+            header,
+            ML.machine(args.device),
+            command("moa_layer.py", argv),
+            f"{md}\n\n{note}",
+            notes=("fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient",),
+        )
 
 
 if __name__ == "__main__":

@@ -94,9 +94,15 @@ def build_hf(ours: MoEBlock, K: int, impl: str):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     ex = ours.experts
-    cfg = MixtralConfig(hidden_size=ex.hidden_size, intermediate_size=ex.intermediate_size,
-                        num_local_experts=ex.num_experts, num_experts_per_tok=K, hidden_act="silu",
-                        router_jitter_noise=0.0, experts_implementation=impl)
+    cfg = MixtralConfig(
+        hidden_size=ex.hidden_size,
+        intermediate_size=ex.intermediate_size,
+        num_local_experts=ex.num_experts,
+        num_experts_per_tok=K,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+        experts_implementation=impl,
+    )
     if cfg._experts_implementation != impl:  # older/newer transformers: set the internal attribute directly
         cfg._experts_implementation = impl
     hf = MixtralSparseMoeBlock(cfg)
@@ -193,8 +199,10 @@ def sample(fn, module, x, gy, inner, args):
 def machine(device: torch.device | None = None) -> str:
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, "
-                f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}")
+        return (
+            f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+        )
     cpu, extra = platform.processor() or platform.machine(), []
     try:
         info = {}
@@ -205,13 +213,23 @@ def machine(device: torch.device | None = None) -> str:
         if "cpu family" in info:
             extra.append(f"family {info['cpu family']}")
         flags = set(info.get("flags", "").split())
-        extra += [isa for isa, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
-                                        ("AMX", "amx_tile")) if flag in flags]
+        extra += [
+            isa
+            for isa, flag in (
+                ("AVX2", "avx2"),
+                ("AVX-512", "avx512f"),
+                ("AVX512-BF16", "avx512_bf16"),
+                ("AMX", "amx_tile"),
+            )
+            if flag in flags
+        ]
     except OSError:
         pass
     cpu = f"{cpu} ({', '.join(extra)})" if extra else cpu
-    return (f"{os.cpu_count()}-core {cpu} CPU, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}, {torch.get_num_threads()} torch threads")
+    return (
+        f"{os.cpu_count()}-core {cpu} CPU, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}, {torch.get_num_threads()} torch threads"
+    )
 
 
 def bench_tokens(T, args, log):
@@ -229,13 +247,14 @@ def bench_tokens(T, args, log):
         for p in dense.parameters():
             p.normal_(0.0, args.std)
     variants[f"dense SwiGLU (d_ff={k_act * d_ff})"] = dense.to(dev, dt)
-    ours = {b: build_ours(d, d_ff, E, K, b, args.std, args.seed, args.router, args.capacity, dev, dt)
-            for b in args.backend}
+    ours = {
+        b: build_ours(d, d_ff, E, K, b, args.std, args.seed, args.router, args.capacity, dev, dt) for b in args.backend
+    }
     tag = f"EC C={args.capacity:g}, " if ec else ""
     for b, m in ours.items():
         variants[f"upcycle MoEBlock ({tag}{b})"] = m
     ref = next(iter(ours.values()))
-    for impl in ([] if ec else args.hf):  # transformers has no expert-choice block
+    for impl in [] if ec else args.hf:  # transformers has no expert-choice block
         variants[f"HF MixtralSparseMoeBlock ({impl})"] = build_hf(ref, K, impl)
     if args.compile:  # the dense reference and our no-host-sync backends, each under torch.compile(fullgraph=True)
         comp = lambda m: torch.compile(m, fullgraph=True, backend=args.compile_backend)  # noqa: E731
@@ -264,14 +283,19 @@ def bench_tokens(T, args, log):
                 continue
             err_T = (m(x0).float().reshape(T, d) - y_ref).abs().amax(-1)
             off = (err_T > tol * scale + 1e-6).float().mean().item()
-            allowed = (0.05 if (dt != torch.float32 and name.startswith("HF"))
-                       else 0.01 if name.endswith("compiled") else 0.0)
+            allowed = (
+                0.05 if (dt != torch.float32 and name.startswith("HF")) else 0.01 if name.endswith("compiled") else 0.0
+            )
             if off > allowed:
-                raise SystemExit(f"{name} disagrees with our {args.backend[0]!r} block on {off:.1%} of the tokens: "
-                                 f"max |diff| {err_T.max().item():.3g} (max |y| {scale:.3g})")
+                raise SystemExit(
+                    f"{name} disagrees with our {args.backend[0]!r} block on {off:.1%} of the tokens: "
+                    f"max |diff| {err_T.max().item():.3g} (max |y| {scale:.3g})"
+                )
             if off:
-                print(f"  T={T} {name}: {off:.1%} of the tokens routed differently (bf16 router scores near a tie)",
-                      file=sys.stderr)
+                print(
+                    f"  T={T} {name}: {off:.1%} of the tokens routed differently (bf16 router scores near a tie)",
+                    file=sys.stderr,
+                )
 
     x = x0.clone().requires_grad_(True)
     names = list(variants)
@@ -290,7 +314,7 @@ def bench_tokens(T, args, log):
     fb = {n: [] for n in names}
     disturbed = 0
     for rep in range(args.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
+        order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
             m = variants[name]
             gc.collect()
@@ -305,8 +329,17 @@ def bench_tokens(T, args, log):
     for name in names:
         rf = statistics.median(a / b for a, b in zip(fwd[name], fwd[dn]))
         rb = statistics.median(a / b for a, b in zip(fb[name], fb[dn]))
-        rows.append((name, statistics.median(fwd[name]), rf, statistics.median(fb[name]), rb,
-                     min(fwd[name]) / min(fwd[dn]), min(fb[name]) / min(fb[dn])))
+        rows.append(
+            (
+                name,
+                statistics.median(fwd[name]),
+                rf,
+                statistics.median(fb[name]),
+                rb,
+                min(fwd[name]) / min(fwd[dn]),
+                min(fb[name]) / min(fb[dn]),
+            )
+        )
     return rows, disturbed, 2 * args.reps * len(names)
 
 
@@ -324,8 +357,10 @@ def fmt_ms(v):
 
 
 def table(results) -> str:
-    out = ["| T | variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | best-of ratios fwd / fwd+bwd |",
-           "|---:|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| T | variant | fwd ms | fwd ratio | fwd+bwd ms | fwd+bwd ratio | best-of ratios fwd / fwd+bwd |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for T, (rows, _, _) in results:
         for name, f, rf, b, rb, mf, mb in rows:
             out.append(f"| {T} | {name} | {fmt_ms(f)} | {rf:.2f} | {fmt_ms(b)} | {rb:.2f} | {mf:.2f} / {mb:.2f} |")
@@ -334,9 +369,11 @@ def table(results) -> str:
 
 def notes(results, args) -> str:
     dist = ", ".join(f"T={T}: {d} of {n}" for T, (_, d, n) in results)
-    return (f"ms: median over {args.reps} repetitions; ratio: median over repetitions of (variant / dense of the same "
-            f"repetition); best-of: min variant / min dense. Samples still disturbed by other load "
-            f"(> {args.max_other_load} cores busy outside this process after {args.retries} retries): {dist}.")
+    return (
+        f"ms: median over {args.reps} repetitions; ratio: median over repetitions of (variant / dense of the same "
+        f"repetition); best-of: min variant / min dense. Samples still disturbed by other load "
+        f"(> {args.max_other_load} cores busy outside this process after {args.retries} retries): {dist}."
+    )
 
 
 def compiled_note(results) -> str:
@@ -346,49 +383,88 @@ def compiled_note(results) -> str:
         med = {name: b for name, _, _, b, _, _, _ in rows}
         dense = next((b for n, b in med.items() if n.startswith("dense") and n.endswith("compiled")), None)
         if dense:
-            parts += [f"T={T} {n[n.index('(') + 1:n.rindex(')')]}: {b / dense:.2f}" for n, b in med.items()
-                      if n.startswith("upcycle") and n.endswith("compiled")]
+            parts += [
+                f"T={T} {n[n.index('(') + 1 : n.rindex(')')]}: {b / dense:.2f}"
+                for n, b in med.items()
+                if n.startswith("upcycle") and n.endswith("compiled")
+            ]
     return f" Compiled vs compiled dense, fwd+bwd medians: {'; '.join(parts)}." if parts else ""
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tokens", type=int, nargs="+", default=[4096], help="token counts T (default 4096)")
-    p.add_argument("--backend", nargs="+", choices=["loop", "grouped", "auto"], default=["loop"],
-                   help="our Experts backends to time (default loop; the first is the correctness reference)")
-    p.add_argument("--hf", nargs="*", default=["grouped_mm", "eager"],
-                   help="transformers experts_implementation values to time "
-                        "(default grouped_mm eager; `--hf` alone: none)")
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=["loop", "grouped", "auto"],
+        default=["loop"],
+        help="our Experts backends to time (default loop; the first is the correctness reference)",
+    )
+    p.add_argument(
+        "--hf",
+        nargs="*",
+        default=["grouped_mm", "eager"],
+        help="transformers experts_implementation values to time (default grouped_mm eager; `--hf` alone: none)",
+    )
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--d-ff", type=int, default=1536)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--router", choices=["topk", "expert_choice"], default="topk",
-                   help="our router (default topk); expert_choice times ours only, against a dense SwiGLU with "
-                        "C*d_ff (each token gets C experts on average)")
-    p.add_argument("--capacity", type=float, default=None,
-                   help="expert_choice capacity factor C (default 2) / topk capacity factor (default none)")
+    p.add_argument(
+        "--router",
+        choices=["topk", "expert_choice"],
+        default="topk",
+        help="our router (default topk); expert_choice times ours only, against a dense SwiGLU with "
+        "C*d_ff (each token gets C experts on average)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="expert_choice capacity factor C (default 2) / topk capacity factor (default none)",
+    )
     p.add_argument("--reps", type=int, default=7, help="timed repetitions per variant (default 7)")
     p.add_argument("--warmup", type=int, default=2, help="untimed fwd + fwd+bwd calls per variant (default 2)")
-    p.add_argument("--min-sample-ms", type=float, default=100.0,
-                   help="repeat a call inside one sample until it lasts this long (small T)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="retake a sample disturbed by other load up to this many times (default 3)")
-    p.add_argument("--max-other-load", type=float, default=0.25,
-                   help="CPU cores' worth of other work (other processes, hypervisor steal) that marks a sample "
-                        "disturbed (default 0.25; read from /proc/stat)")
+    p.add_argument(
+        "--min-sample-ms",
+        type=float,
+        default=100.0,
+        help="repeat a call inside one sample until it lasts this long (small T)",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help="retake a sample disturbed by other load up to this many times (default 3)",
+    )
+    p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.25,
+        help="CPU cores' worth of other work (other processes, hypervisor steal) that marks a sample "
+        "disturbed (default 0.25; read from /proc/stat)",
+    )
     p.add_argument("--retry-wait", type=float, default=0.5, help="seconds to wait before retaking a sample")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="parameter and activation dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="parameter and activation dtype (default: float32 on CPU, bfloat16 on CUDA)",
+    )
     p.add_argument("--std", type=float, default=0.02, help="init std of all weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="also write the table (with machine and date) to this markdown file")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the dense reference and our grouped/auto blocks under torch.compile(fullgraph=True) "
-                        "(ratios stay against the eager dense row; compiled ours / compiled dense is printed too)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the dense reference and our grouped/auto blocks under torch.compile(fullgraph=True) "
+        "(ratios stay against the eager dense row; compiled ours / compiled dense is printed too)",
+    )
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--quiet", action="store_true", help="no per-repetition progress lines")
     args = p.parse_args(argv)
@@ -407,12 +483,17 @@ def main(argv=None):
     results = [(T, bench_tokens(T, args, log)) for T in args.tokens]
     wall = time.perf_counter() - t_start
 
-    routing = (f"expert choice C={args.capacity:g}" if args.router == "expert_choice" else f"top-{args.top_k}"
-               + (f" capacity {args.capacity:g}" if args.capacity else ""))
+    routing = (
+        f"expert choice C={args.capacity:g}"
+        if args.router == "expert_choice"
+        else f"top-{args.top_k}" + (f" capacity {args.capacity:g}" if args.capacity else "")
+    )
     dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[args.dtype]
-    header = (f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, {routing}, {dtype_name} on {args.device}; "
-              f"ratios to a dense SwiGLU with d_ff={active_experts(args) * args.d_ff} (equal active FLOPs), same run; "
-              f"median of {args.reps} round-robin repetitions")
+    header = (
+        f"MoE layer d={args.d}, d_ff={args.d_ff}, E={args.experts}, {routing}, {dtype_name} on {args.device}; "
+        f"ratios to a dense SwiGLU with d_ff={active_experts(args) * args.d_ff} (equal active FLOPs), same run; "
+        f"median of {args.reps} round-robin repetitions"
+    )
     md = table(results)
     note = notes(results, args) + compiled_note(results)
     print(header)
@@ -423,9 +504,18 @@ def main(argv=None):
     print(note)
     print(f"\n({wall:.0f} s)")
     if args.out:
-        write_report(args.out, f"MoE layer, {args.device.type.upper()}", header, machine(args.device), command("moe_layer.py", argv), f"{md}\n\n{note}",
-                     notes=("fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient "
-                            "(input and parameter gradients)",))
+        write_report(
+            args.out,
+            f"MoE layer, {args.device.type.upper()}",
+            header,
+            machine(args.device),
+            command("moe_layer.py", argv),
+            f"{md}\n\n{note}",
+            notes=(
+                "fwd: forward under no_grad; fwd+bwd: forward + backward of a fixed output gradient "
+                "(input and parameter gradients)",
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -63,10 +63,25 @@ def _plan(layers):
 
 
 # SmolLM2-135M-Instruct's architecture, as the default model's config.json gives it (for --weights random).
-SMOLLM2_CONFIG = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu",
-                      attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+SMOLLM2_CONFIG = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+    mlp_bias=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
 
 
 def _dense(args):
@@ -105,9 +120,28 @@ def _wanted(args) -> list[str]:
 
 
 def _child_args(args) -> list[str]:
-    return ["--seq", str(args.seq), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup",
-            str(args.warmup), "--threads", str(args.threads), "--adamw", args.adamw, "--device", args.device,
-            "--dtype", args.dtype, "--weights", args.weights, "--variants", *_wanted(args)]
+    return [
+        "--seq",
+        str(args.seq),
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--adamw",
+        args.adamw,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--weights",
+        args.weights,
+        "--variants",
+        *_wanted(args),
+    ]
 
 
 def _sync(device: str) -> None:
@@ -191,9 +225,13 @@ def _trainee(variant: str, work: Path, args):
     from upcycle.train import active_params, flops_per_token
 
     model, counted = build(variant, work, args)
-    info = {"variant": variant, "class": _class_name(model), "flops_per_token": flops_per_token(counted, args.seq),
-            "active_params": active_params(counted),
-            "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+    info = {
+        "variant": variant,
+        "class": _class_name(model),
+        "flops_per_token": flops_per_token(counted, args.seq),
+        "active_params": active_params(counted),
+        "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+    }
     del counted
     model.train()
     model.config.use_cache = False
@@ -265,11 +303,19 @@ def pair_child(a: str, b: str, work: Path, args) -> dict:
             times[v].append(dt)
             if other is not None:
                 others.append(other)
-        print(f"  round {r + 1}: {a} {times[a][-1]:.2f} s, {b} {times[b][-1]:.2f} s "
-              f"({b}/{a} {times[b][-1] / times[a][-1]:.3f})", file=sys.stderr, flush=True)
-    return {"pair": [a, b], "step_s": times, "other_cores": others,
-            "info": {v: runs[v][2] for v in (a, b)},
-            "peak_rss_gb": _peak_gb(args.device)}
+        print(
+            f"  round {r + 1}: {a} {times[a][-1]:.2f} s, {b} {times[b][-1]:.2f} s "
+            f"({b}/{a} {times[b][-1] / times[a][-1]:.3f})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "pair": [a, b],
+        "step_s": times,
+        "other_cores": others,
+        "info": {v: runs[v][2] for v in (a, b)},
+        "peak_rss_gb": _peak_gb(args.device),
+    }
 
 
 def pair_table(res, args) -> str:
@@ -277,19 +323,26 @@ def pair_table(res, args) -> str:
     ta, tb = res["step_s"][a], res["step_s"][b]
     ratios = sorted(y / x for x, y in zip(ta, tb))
     tok = args.batch * args.seq
-    out = ["| variant | class | active params (M) | total params (M) | step s (median) | step s (min-max) | "
-           "tokens/s | model GFLOP/s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| variant | class | active params (M) | total params (M) | step s (median) | step s (min-max) | "
+        "tokens/s | model GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for v, t in ((a, ta), (b, tb)):
         x = res["info"][v]
         med = statistics.median(t)
-        out.append(f"| {LABEL[v]} | {x['class']} | {x['active_params'] / 1e6:.1f} | {x['total_params'] / 1e6:.1f} | "
-                   f"{med:.2f} | {min(t):.2f}-{max(t):.2f} | {tok / med:.0f} | "
-                   f"{x['flops_per_token'] * tok / med / 1e9:.0f} |")
+        out.append(
+            f"| {LABEL[v]} | {x['class']} | {x['active_params'] / 1e6:.1f} | {x['total_params'] / 1e6:.1f} | "
+            f"{med:.2f} | {min(t):.2f}-{max(t):.2f} | {tok / med:.0f} | "
+            f"{x['flops_per_token'] * tok / med / 1e9:.0f} |"
+        )
     faster = sum(r > 1 for r in ratios)
     out.append("")
-    out.append(f"Step-time ratio {b} / {a} per round (> 1: {a} faster): median {statistics.median(ratios):.3f}, "
-               f"range {ratios[0]:.3f}-{ratios[-1]:.3f}; {a} faster in {faster} of {len(ratios)} rounds. "
-               f"Both models in one process (peak memory {res['peak_rss_gb']:.1f} GB for the two).")
+    out.append(
+        f"Step-time ratio {b} / {a} per round (> 1: {a} faster): median {statistics.median(ratios):.3f}, "
+        f"range {ratios[0]:.3f}-{ratios[-1]:.3f}; {a} faster in {faster} of {len(ratios)} rounds. "
+        f"Both models in one process (peak memory {res['peak_rss_gb']:.1f} GB for the two)."
+    )
     return "\n".join(out)
 
 
@@ -299,29 +352,44 @@ def run_child(variant, work, args) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-LABEL = {"dense": "dense SmolLM2-135M", "dense_eq": "dense, MLPs of the plan's layers 2x wide (ours' active FLOPs)",
-         "ours": "ours, default plan (every_k:2:1, E=8, top-2)",
-         "qwen2_moe": "stock Qwen2MoeForCausalLM (export of the default plan)",
-         "ours_all": "ours, --layers all (E=8, top-2)", "mixtral": "stock MixtralForCausalLM (export of --layers all)"}
-REF = {"dense": "dense", "dense_eq": "dense", "ours": "dense", "qwen2_moe": "ours", "ours_all": "dense", "mixtral": "ours_all"}
+LABEL = {
+    "dense": "dense SmolLM2-135M",
+    "dense_eq": "dense, MLPs of the plan's layers 2x wide (ours' active FLOPs)",
+    "ours": "ours, default plan (every_k:2:1, E=8, top-2)",
+    "qwen2_moe": "stock Qwen2MoeForCausalLM (export of the default plan)",
+    "ours_all": "ours, --layers all (E=8, top-2)",
+    "mixtral": "stock MixtralForCausalLM (export of --layers all)",
+}
+REF = {
+    "dense": "dense",
+    "dense_eq": "dense",
+    "ours": "dense",
+    "qwen2_moe": "ours",
+    "ours_all": "dense",
+    "mixtral": "ours_all",
+}
 
 
 def table(results, args) -> str:
     tok = args.batch * args.seq
     r = {x["variant"]: x for x in results}
     med = {v: statistics.median(x["step_s"]) for v, x in r.items()}
-    out = ["| variant | class | active params (M) | total params (M) | step s (median) | tokens/s | "
-           "vs dense | vs ours | model GFLOP/s | peak GB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| variant | class | active params (M) | total params (M) | step s (median) | tokens/s | "
+        "vs dense | vs ours | model GFLOP/s | peak GB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for v in [v for v in VARIANTS if v in r]:
         x = r[v]
         tps = tok / med[v]
         vs_dense = f"{med['dense'] / med[v]:.2f}" if "dense" in med else "–"
         ref = REF[v]
         vs_ours = f"{med[ref] / med[v]:.2f} (of {ref})" if v in ("qwen2_moe", "mixtral") and ref in med else "–"
-        out.append(f"| {LABEL[v]} | {x['class']} | {x['active_params'] / 1e6:.1f} | {x['total_params'] / 1e6:.1f} | "
-                   f"{med[v]:.2f} | {tps:.0f} | {vs_dense} | {vs_ours} | {x['flops_per_token'] * tps / 1e9:.0f} | "
-                   f"{x['peak_rss_gb']:.2f} |")
+        out.append(
+            f"| {LABEL[v]} | {x['class']} | {x['active_params'] / 1e6:.1f} | {x['total_params'] / 1e6:.1f} | "
+            f"{med[v]:.2f} | {tps:.0f} | {vs_dense} | {vs_ours} | {x['flops_per_token'] * tps / 1e9:.0f} | "
+            f"{x['peak_rss_gb']:.2f} |"
+        )
     return "\n".join(out)
 
 
@@ -335,14 +403,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adamw", choices=["fused", "foreach"], default="fused", help="AdamW implementation")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="parameter dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--weights", choices=["real", "random"], default="real",
-                   help="real: the default model (SmolLM2-135M-Instruct); random: its architecture, random weights")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="parameter dtype (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    p.add_argument(
+        "--weights",
+        choices=["real", "random"],
+        default="real",
+        help="real: the default model (SmolLM2-135M-Instruct); random: its architecture, random weights",
+    )
     p.add_argument("--work", type=Path, help="directory for the stock exports (default: a temporary one)")
     p.add_argument("--out", type=Path)
-    p.add_argument("--pair", nargs=2, choices=VARIANTS, metavar=("A", "B"),
-                   help="time two variants in one process, alternating steps (see the module doc)")
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        choices=VARIANTS,
+        metavar=("A", "B"),
+        help="time two variants in one process, alternating steps (see the module doc)",
+    )
     p.add_argument("--rounds", type=int, default=8, help="--pair: alternating rounds (default 8)")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -375,21 +456,31 @@ def main(argv=None):
         wall = time.perf_counter() - t0
     md = table(results, args)
     others = max((max(x["other_cores"], default=0.0) for x in results), default=0.0)
-    head = (f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
-            f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, median of {args.steps} timed steps after {args.warmup} warm-up "
-            f"steps, each variant in its own process, AdamW {args.adamw}")
-    note = (f"vs dense / vs ours: step-time ratio (higher = faster). Most other load seen during a timed step: "
-            f"{others:.2f} cores. Wall {wall:.0f} s. Model GFLOP/s = training FLOPs per token "
-            f"(upcycle.train.flops_per_token, 6 N_active + attention) x tokens/s. Peak GB: "
-            f"{'CUDA memory allocated' if args.device.startswith('cuda') else 'resident set size'} of the variant's "
-            "process.")
+    head = (
+        f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
+        f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, median of {args.steps} timed steps after {args.warmup} warm-up "
+        f"steps, each variant in its own process, AdamW {args.adamw}"
+    )
+    note = (
+        f"vs dense / vs ours: step-time ratio (higher = faster). Most other load seen during a timed step: "
+        f"{others:.2f} cores. Wall {wall:.0f} s. Model GFLOP/s = training FLOPs per token "
+        f"(upcycle.train.flops_per_token, 6 N_active + attention) x tokens/s. Peak GB: "
+        f"{'CUDA memory allocated' if args.device.startswith('cuda') else 'resident set size'} of the variant's "
+        "process."
+    )
     print(head)
     print(machine(torch.device(args.device)))
     print(md)
     print(note)
     if args.out:
-        write_report(args.out, f"Whole-model training speed, {_where(args)}", head, machine(torch.device(args.device)), command("train_speed.py", argv),
-                     f"{md}\n\n{note}")
+        write_report(
+            args.out,
+            f"Whole-model training speed, {_where(args)}",
+            head,
+            machine(torch.device(args.device)),
+            command("train_speed.py", argv),
+            f"{md}\n\n{note}",
+        )
 
 
 def _where(args) -> str:
@@ -404,19 +495,29 @@ def _main_pair(args, argv, work, t0):
     res = pair_child(*args.pair, work, args)
     md = pair_table(res, args)
     wall = time.perf_counter() - t0
-    head = (f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
-            f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, {args.pair[0]} and {args.pair[1]} in one process, "
-            f"{args.warmup} warm-up steps each, then {args.rounds} rounds of one step each in alternating order, "
-            f"AdamW {args.adamw}")
-    note = (f"Most other load seen during a timed step: {max(res['other_cores'], default=0.0):.2f} cores. "
-            f"Wall {wall:.0f} s.")
+    head = (
+        f"Training step (forward + backward + AdamW), batch {args.batch} x seq {args.seq} = "
+        f"{args.batch * args.seq} tokens, {args.dtype} on {args.device}, {args.pair[0]} and {args.pair[1]} in one process, "
+        f"{args.warmup} warm-up steps each, then {args.rounds} rounds of one step each in alternating order, "
+        f"AdamW {args.adamw}"
+    )
+    note = (
+        f"Most other load seen during a timed step: {max(res['other_cores'], default=0.0):.2f} cores. "
+        f"Wall {wall:.0f} s."
+    )
     print(head)
     print(machine(torch.device(args.device)))
     print(md)
     print(note)
     if args.out:
-        write_report(args.out, f"Whole-model training speed, {_where(args)}, paired", head, machine(torch.device(args.device)),
-                     command("train_speed.py", argv), f"{md}\n\n{note}")
+        write_report(
+            args.out,
+            f"Whole-model training speed, {_where(args)}, paired",
+            head,
+            machine(torch.device(args.device)),
+            command("train_speed.py", argv),
+            f"{md}\n\n{note}",
+        )
 
 
 if __name__ == "__main__":

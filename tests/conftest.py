@@ -8,8 +8,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 torch.set_num_threads(2)
 
-TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, head_dim=16)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=128,
+    head_dim=16,
+)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 
 
@@ -60,13 +68,15 @@ def tiny_dir(tmp_path):
     return d
 
 
-WORDS = ("the a of to and in is it that for on with as was by he she they at be this from or have an "
-         "not are but had his her which one were all we when there can been has more if no out so said "
-         "what up its about into than them only other new some could time these two may then do first "
-         "any my now such like our over man me even most made after also did many before must through "
-         "back years where much your way well down should because each just those people how too little "
-         "state good very make world still own see men work long get here between both life being under "
-         "never day same another know while last might us great old year off come since against go came").split()
+WORDS = (
+    "the a of to and in is it that for on with as was by he she they at be this from or have an "
+    "not are but had his her which one were all we when there can been has more if no out so said "
+    "what up its about into than them only other new some could time these two may then do first "
+    "any my now such like our over man me even most made after also did many before must through "
+    "back years where much your way well down should because each just those people how too little "
+    "state good very make world still own see men work long get here between both life being under "
+    "never day same another know while last might us great old year off come since against go came"
+).split()
 
 
 def save_tiny_tokenizer(directory):

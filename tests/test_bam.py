@@ -75,10 +75,12 @@ def test_each_attention_expert_alone_is_its_model(model_type, kw, kv):
                 attn = copy.deepcopy(attn)
                 for name in ("k_proj", "v_proj"):
                     getattr(attn, name).weight.data = torch.stack(
-                        [getattr(x.model.layers[i].self_attn, name).weight for x in models]).mean(0)
+                        [getattr(x.model.layers[i].self_attn, name).weight for x in models]
+                    ).mean(0)
                 if getattr(attn, "k_norm", None) is not None:
                     attn.k_norm.weight.data = torch.stack(
-                        [x.model.layers[i].self_attn.k_norm.weight for x in models]).mean(0)
+                        [x.model.layers[i].self_attn.k_norm.weight for x in models]
+                    ).mean(0)
             want = attn(h, pe, None)[0]
             assert rel_diff(got, want) < 1e-5, (i, j)
 
@@ -91,7 +93,7 @@ def test_soft_router_weights_the_experts():
     h = torch.randn(1, 6, 64)
     pe = models[0].model.rotary_emb(h, torch.arange(6)[None])
     g = torch.softmax(h @ moa.router.weight.T, -1)
-    want = sum(g[..., j:j + 1] * models[j].model.layers[1].self_attn(h, pe, None)[0] for j in range(2))
+    want = sum(g[..., j : j + 1] * models[j].model.layers[1].self_attn(h, pe, None)[0] for j in range(2))
     assert rel_diff(moa(h, pe, None)[0], want) < 1e-5
 
 
@@ -104,23 +106,33 @@ def test_averaging_and_expert_placement():
         for k in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.2.input_layernorm.weight"):
             assert torch.allclose(sd[k], mean(k), atol=1e-7)
         for j in range(3):
-            assert torch.equal(sd["model.layers.2.mlp.experts.down_proj"][j], states[j]["model.layers.2.mlp.down_proj.weight"])
-            assert torch.equal(sd["model.layers.2.self_attn.q_proj"][j], states[j]["model.layers.2.self_attn.q_proj.weight"])
-            assert torch.equal(sd["model.layers.2.self_attn.q_norms.%d.weight" % j],
-                               states[j]["model.layers.2.self_attn.q_norm.weight"])
+            assert torch.equal(
+                sd["model.layers.2.mlp.experts.down_proj"][j], states[j]["model.layers.2.mlp.down_proj.weight"]
+            )
+            assert torch.equal(
+                sd["model.layers.2.self_attn.q_proj"][j], states[j]["model.layers.2.self_attn.q_proj.weight"]
+            )
+            assert torch.equal(
+                sd["model.layers.2.self_attn.q_norms.%d.weight" % j],
+                states[j]["model.layers.2.self_attn.q_norm.weight"],
+            )
         k = sd["model.layers.2.self_attn.k_proj"]
         if kv == "shared":
             assert k.shape == states[0]["model.layers.2.self_attn.k_proj.weight"].shape
             assert torch.allclose(k, mean("model.layers.2.self_attn.k_proj.weight"), atol=1e-7)
-            assert torch.allclose(sd["model.layers.2.self_attn.k_norms.0.weight"],
-                                  mean("model.layers.2.self_attn.k_norm.weight"), atol=1e-7)
+            assert torch.allclose(
+                sd["model.layers.2.self_attn.k_norms.0.weight"],
+                mean("model.layers.2.self_attn.k_norm.weight"),
+                atol=1e-7,
+            )
         else:
             assert torch.equal(k[1], states[1]["model.layers.2.self_attn.k_proj.weight"])
         r = sd["model.layers.2.self_attn.router.weight"]
         assert r.shape == (3, 64) and 0.01 < r.std() < 0.03
     sd = mix_state_dicts(states, models[0].config, BamPlan.for_method("btx", 3))
-    assert torch.allclose(sd["model.layers.1.self_attn.v_proj.weight"], mean("model.layers.1.self_attn.v_proj.weight"),
-                          atol=1e-7)
+    assert torch.allclose(
+        sd["model.layers.1.self_attn.v_proj.weight"], mean("model.layers.1.self_attn.v_proj.weight"), atol=1e-7
+    )
     assert "model.layers.1.self_attn.router.weight" not in sd
 
 
@@ -129,8 +141,14 @@ def test_averaging_and_expert_placement():
 def test_generate_with_kv_cache_equals_no_cache(model_type, kv, ids):
     mixed = mix(_models(model_type, 3), BamPlan.for_method("bam", 3, kv=kv))
     prompt = ids[:, :10]
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None,
-              return_dict_in_generate=True, output_logits=True)
+    kw = dict(
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     cached = mixed.generate(prompt, use_cache=True, **kw)
     plain = mixed.generate(prompt, use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
@@ -209,8 +227,11 @@ def test_bad_inputs():
     with pytest.raises(UpcycleError, match="code/config.json: rms_norm_eps"):
         mix([a, tiny_model("llama", rms_norm_eps=1e-5)], BamPlan.for_method("bam", 2), names=["seed", "code"])
     with pytest.raises(UpcycleError, match="code/config.json: rope_parameters"):
-        mix([a, tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})],
-            BamPlan.for_method("bam", 2), names=["seed", "code"])
+        mix(
+            [a, tiny_model("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0})],
+            BamPlan.for_method("bam", 2),
+            names=["seed", "code"],
+        )
     with pytest.raises(UpcycleError, match="tokenizer differs"):
         check_compatible([a.config] * 2, [a.state_dict()] * 2, ["seed", "code"], ["abc", "abd"])
     with pytest.raises(UpcycleError, match="3 models but 2"):
@@ -241,8 +262,23 @@ def test_sparse_upcycling_works_on_cohere(ids, tmp_path):
     assert all(isinstance(layer.mlp, MoEBlock) for layer in moe.model.layers)
     assert rel_diff(moe(ids).logits, m(ids).logits) < 1e-5
     m.save_pretrained(tmp_path / "c")
-    assert main(["sparse", "--model", str(tmp_path / "c"), "--out", str(tmp_path / "s"), "--num_experts", "4",
-                 "--layers", "all", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "s"),
+                "--num_experts",
+                "4",
+                "--layers",
+                "all",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert rel_diff(native.load(tmp_path / "s")(ids).logits, m(ids).logits) < 1e-5
 
 
@@ -262,18 +298,65 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
 
     a = _domain_file(tmp_path / "a.txt", WORDS[:40], 0)
     b = _domain_file(tmp_path / "b.txt", WORDS[60:127], 1)
-    small = ["--batch_size", "2", "--seq_len", "16", "--eval_batches", "2", "--warmup", "1", "--lr", "0.01",
-             "--val-fraction", "0.2", "--chunk-chars", "300", "--quiet"]
-    assert main(["branch", "--seed", str(tiny_dir_tok), "--domains", f"a={a}", f"b={b}", "--out",
-                 str(tmp_path / "br"), "--steps", "3", "--general-share", "0.25", *small]) == 0
+    small = [
+        "--batch_size",
+        "2",
+        "--seq_len",
+        "16",
+        "--eval_batches",
+        "2",
+        "--warmup",
+        "1",
+        "--lr",
+        "0.01",
+        "--val-fraction",
+        "0.2",
+        "--chunk-chars",
+        "300",
+        "--quiet",
+    ]
+    assert (
+        main(
+            [
+                "branch",
+                "--seed",
+                str(tiny_dir_tok),
+                "--domains",
+                f"a={a}",
+                f"b={b}",
+                "--out",
+                str(tmp_path / "br"),
+                "--steps",
+                "3",
+                "--general-share",
+                "0.25",
+                *small,
+            ]
+        )
+        == 0
+    )
     runs = json.loads((tmp_path / "br" / "branches.json").read_text())["branches"]
     assert sorted(runs) == ["a", "b"]
     sa = json.loads((tmp_path / "br" / "a" / "summary.json").read_text())
     assert sa["steps"] == 3 and sa["data"]["general_share"] == 0.25 and sa["data"]["general_sequences"] > 0
     experts = [str(tmp_path / "br" / "a"), str(tmp_path / "br" / "b")]
     assert main(["bam", "--seed", str(tiny_dir_tok), "--experts", *experts, "--out", str(tmp_path / "bam")]) == 0
-    assert main(["bam", "--seed", str(tiny_dir_tok), "--experts", *experts, "--kv", "shared",
-                 "--out", str(tmp_path / "bams")]) == 0
+    assert (
+        main(
+            [
+                "bam",
+                "--seed",
+                str(tiny_dir_tok),
+                "--experts",
+                *experts,
+                "--kv",
+                "shared",
+                "--out",
+                str(tmp_path / "bams"),
+            ]
+        )
+        == 0
+    )
     assert main(["btx", "--seed", str(tiny_dir_tok), "--experts", *experts, "--out", str(tmp_path / "btx")]) == 0
     out = capsys.readouterr().out
     assert "BAM of 3 models, attention experts (kv experts), FFN top-1 not renormalised" in out
@@ -282,16 +365,46 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
     assert len(moa_modules(m)) == 4 and moa_modules(m)[0][1].kv == "shared"
     assert len(moa_modules(native.load(tmp_path / "btx"))) == 0
     # The mixed model trains (FFN aux losses included) and is saved back in the native format.
-    assert main(["train", "--model", str(tmp_path / "bam"), "--data", str(a), "--out", str(tmp_path / "t"),
-                 "--steps", "10", *small]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tmp_path / "bam"),
+                "--data",
+                str(a),
+                "--out",
+                str(tmp_path / "t"),
+                "--steps",
+                "10",
+                *small,
+            ]
+        )
+        == 0
+    )
     rows = list(__import__("csv").DictReader(open(tmp_path / "t" / "metrics.csv")))
     assert float(rows[0]["load_balancing"]) > 0 and float(rows[0]["z_loss"]) > 0
     back = native.load(tmp_path / "t" / "model")
     assert back.config.upcycle["method"] == "bam" and len(moa_modules(back)) == 4
     ppl = []
     for name in ("bam", "t/model"):
-        assert main(["eval", str(tmp_path / name), "--text", str(a), "--context", "16", "--tokens", "256",
-                     "--out", str(tmp_path / "ev" / name)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tmp_path / name),
+                    "--text",
+                    str(a),
+                    "--context",
+                    "16",
+                    "--tokens",
+                    "256",
+                    "--out",
+                    str(tmp_path / "ev" / name),
+                ]
+            )
+            == 0
+        )
         ppl.append(json.loads((tmp_path / "ev" / name / "eval.json").read_text())["texts"][0]["perplexity"])
     assert ppl[1] < 0.9 * ppl[0]  # training on a lowered the mixed model's perplexity on a
     # Bad input: a model of another shape, with the file named.
@@ -316,11 +429,22 @@ def test_bam_experiment_tiny(tmp_path):
     recipe = BamRecipe.from_yaml(Path(__file__).parents[1] / "recipes" / "bam-small.yaml", tiny=True)
     res = BamExperiment(recipe, tmp_path / "x", progress=False, log=lambda m: None).run()
     rows = {r["model"]: r for r in res["rows"]}
-    assert list(rows) == ["seed", "python expert", "man expert", "pypi expert", "BTX", "BAM, KV experts (DM)",
-                          "BAM, KV experts (CM)", "BAM, KV shared (DM)", "BAM, KV shared (CM)"]
+    assert list(rows) == [
+        "seed",
+        "python expert",
+        "man expert",
+        "pypi expert",
+        "BTX",
+        "BAM, KV experts (DM)",
+        "BAM, KV experts (CM)",
+        "BAM, KV shared (DM)",
+        "BAM, KV shared (CM)",
+    ]
     btx, bam_dm, bam_cm = rows["BTX"], rows["BAM, KV experts (DM)"], rows["BAM, KV experts (CM)"]
     assert btx["steps"] == bam_dm["steps"] == 8 and bam_dm["tokens"] == btx["tokens"]
-    assert bam_cm["steps"] < 8 and abs(bam_cm["train_flops"] - btx["train_flops"]) <= bam_dm["flops_per_token"] * 128 / 2
+    assert (
+        bam_cm["steps"] < 8 and abs(bam_cm["train_flops"] - btx["train_flops"]) <= bam_dm["flops_per_token"] * 128 / 2
+    )
     assert bam_dm["flops_per_token"] > rows["BAM, KV shared (DM)"]["flops_per_token"] > btx["flops_per_token"]
     assert rows["seed"]["steps"] == 30 and rows["python expert"]["steps"] == 6
     for r in rows.values():

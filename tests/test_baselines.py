@@ -70,8 +70,14 @@ def test_depth_tile_num_layers_and_errors():
         depth_tile(moe, factor=2)
 
 
-@pytest.mark.parametrize("plan", [UpcyclePlan(num_experts=4), UpcyclePlan(num_experts=4, layers="all", top_k=1),
-                                  UpcyclePlan(num_experts=2, router="soft", router_init="zeros")])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        UpcyclePlan(num_experts=4),
+        UpcyclePlan(num_experts=4, layers="all", top_k=1),
+        UpcyclePlan(num_experts=2, router="soft", router_init="zeros"),
+    ],
+)
 def test_moe_from_scratch_has_the_upcycled_shape(plan):
     config = tiny_config("llama")
     dense = tiny_model("llama")
@@ -133,6 +139,8 @@ def test_flops_per_token_counts_active_experts():
     mlp = 3 * D * Fd
     assert flops_per_token(up, ctx) - flops_per_token(dense, ctx) == 6 * 2 * (mlp + 4 * D)
     assert flops_per_token(depth_tile(dense, factor=2), ctx) == pytest.approx(
-        flops_per_token(dense, ctx) + 6 * L * sum(p.numel() for p in dense.model.layers[0].parameters())
-        + 12 * L * ctx * attn_width)
+        flops_per_token(dense, ctx)
+        + 6 * L * sum(p.numel() for p in dense.model.layers[0].parameters())
+        + 12 * L * ctx * attn_width
+    )
     assert V * D == dense.lm_head.weight.numel()

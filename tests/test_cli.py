@@ -19,8 +19,7 @@ def run(capsys, *argv):
 
 def test_sparse_then_check(tmp_path, tiny_dir_tok, text_file, capsys):
     out = tmp_path / "moe"
-    code, stdout, _ = run(capsys, "sparse", "--model", tiny_dir_tok, "--out", out, "--num_experts", 4,
-                          "--quiet")
+    code, stdout, _ = run(capsys, "sparse", "--model", tiny_dir_tok, "--out", out, "--num_experts", 4, "--quiet")
     assert code == 0, stdout
     assert "2/4 layers -> MoE (4 experts, router topk, top_k 2)" in stdout
     meta = json.loads((out / "upcycle.json").read_text())
@@ -41,14 +40,26 @@ def test_plan_file_and_flags(tmp_path, tiny_dir_tok, text_file, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("num_experts: 2\nlayers: all\nnormalize: true\n")
     out = tmp_path / "moe"
-    code, stdout, _ = run(capsys, "sparse", "--model", tiny_dir_tok, "--plan", plan, "--top-k", 1,
-                          "--normalize", "false", "--out", out, "--quiet")
+    code, stdout, _ = run(
+        capsys,
+        "sparse",
+        "--model",
+        tiny_dir_tok,
+        "--plan",
+        plan,
+        "--top-k",
+        1,
+        "--normalize",
+        "false",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0
     p = json.loads((out / "upcycle.json").read_text())["plan"]
     assert (p["num_experts"], p["layers"], p["top_k"], p["normalize"]) == (2, "all", 1, False)
     # without renormalisation top-1 scales every MLP by p < 1: check notices, and --max_rel makes it fail
-    code, stdout, err = run(capsys, "check", out, "--against", tiny_dir_tok, "--text", text_file,
-                            "--max_rel", "1e-5")
+    code, stdout, err = run(capsys, "check", out, "--against", tiny_dir_tok, "--text", text_file, "--max_rel", "1e-5")
     assert code == 1 and "exceeds --max_rel" in err
 
 
@@ -114,6 +125,8 @@ def test_check_errors(tmp_path, tiny_dir, capsys):
 
 def test_entry_point_runs_as_a_program():
     r = subprocess.run([sys.executable, "-m", "upcycle", "plan", "--top_k", "99"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "upcycle: error: --top_k: must be between 1 and num_experts=8, got 99"
+    assert (
+        r.returncode == 2 and r.stderr.strip() == "upcycle: error: --top_k: must be between 1 and num_experts=8, got 99"
+    )
     r = subprocess.run([sys.executable, "-m", "upcycle", "sparse"], capture_output=True, text=True)
     assert r.returncode == 2 and "--out" in r.stderr  # argparse usage errors exit 2 as well

@@ -21,8 +21,13 @@ from upcycle.experts import Experts
 from upcycle.moe import MoEBlock, RouterConfig
 
 E, D, FF = 4, 16, 24
-ROUTERS = [RouterConfig("topk", 2, True), RouterConfig("topk", 2, False), RouterConfig("expert_choice", 2, True, 2.0),
-           RouterConfig("soft"), RouterConfig("topk", 2, True, 0.5)]  # the last drops assignments: fixed shapes
+ROUTERS = [
+    RouterConfig("topk", 2, True),
+    RouterConfig("topk", 2, False),
+    RouterConfig("expert_choice", 2, True, 2.0),
+    RouterConfig("soft"),
+    RouterConfig("topk", 2, True, 0.5),
+]  # the last drops assignments: fixed shapes
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -123,10 +128,10 @@ def test_cuda_moe_block_does_not_synchronise(autocast, capacity):
     """Router, sort, grouped experts and combine, forward and backward, with no device-to-host read: in bf16,
     and with fp32 master weights under bf16 autocast (how `upcycle train` runs on a GPU), with and without
     token dropping."""
-    block = make_block(RouterConfig("topk", 2, True, capacity), "auto",
-                       torch.float32 if autocast else torch.bfloat16, "cuda")
-    x = torch.randn(2, 32, D, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16,
-                    requires_grad=True)
+    block = make_block(
+        RouterConfig("topk", 2, True, capacity), "auto", torch.float32 if autocast else torch.bfloat16, "cuda"
+    )
+    x = torch.randn(2, 32, D, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16, requires_grad=True)
     gy = torch.randn(2, 32, D, device="cuda", dtype=x.dtype)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

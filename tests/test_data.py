@@ -154,7 +154,7 @@ def test_read_text_folder_jsonl(tmp_path):
 
 def test_load_data_file(tmp_path, tok):
     f = tmp_path / "t.txt"
-    f.write_text("\n\n".join(" ".join(WORDS[i:i + 30]) for i in range(40)))
+    f.write_text("\n\n".join(" ".join(WORDS[i : i + 30]) for i in range(40)))
     data = load_data(f, tok, 16, val_fraction=0.25, seed=0, chunk_chars=100)
     assert data.seq_len == 16 and data.train.shape[0] > 0 and data.val.shape[0] > 0
     with pytest.raises(UpcycleError, match="fewer than one sequence"):
@@ -162,8 +162,10 @@ def test_load_data_file(tmp_path, tok):
 
 
 def test_roff_to_text():
-    src = ('.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n'
-           '.B ls\nlists \\fIfiles\\fR and \\(lqdirs\\(rq.\n.PP\n.IP "\\(bu" 2m\nan item\n')
+    src = (
+        '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n'
+        '.B ls\nlists \\fIfiles\\fR and \\(lqdirs\\(rq.\n.PP\n.IP "\\(bu" 2m\nan item\n'
+    )
     text = roff_to_text(src)
     assert "NAME\nls - list directory contents" in text
     assert 'lists files and "dirs".' in text and "\\f" not in text and "comment" not in text

@@ -31,22 +31,46 @@ def _sharpen(model):
 
 def tiny_bert(cls=T.BertModel, seed=0):
     torch.manual_seed(seed)
-    c = T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    c = T.BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return _sharpen(cls(c))
 
 
 def tiny_vit(cls=T.ViTForImageClassification, seed=0):
     torch.manual_seed(seed)
-    c = T.ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=4,
-                    num_attention_heads=4, intermediate_size=64, num_labels=10)
+    c = T.ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=10,
+    )
     return _sharpen(cls(c))
 
 
 def tiny_t5(gated: bool, seed=0):
     torch.manual_seed(seed)
-    c = T.T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=4, num_decoder_layers=4, num_heads=4, d_kv=8,
-                   feed_forward_proj="gated-gelu" if gated else "relu", decoder_start_token_id=0)
+    c = T.T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_ff=64,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=4,
+        d_kv=8,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        decoder_start_token_id=0,
+    )
     return _sharpen(T.T5ForConditionalGeneration(c))
 
 
@@ -122,8 +146,9 @@ def test_t5_encoder_expert_choice_decoder_topk(gated, batch):
     moe = upcycle(dense, UpcyclePlan(**EC_FULL, decoder_normalize=True))
     assert moe.config.upcycle["moe_layers"] == {"encoder": [1, 3], "decoder": [1, 3]}
     names = [n for n, _ in moe_blocks(moe)]
-    assert names == [f"encoder.block.{i}.layer.1.DenseReluDense" for i in (1, 3)] + \
-        [f"decoder.block.{i}.layer.2.DenseReluDense" for i in (1, 3)]
+    assert names == [f"encoder.block.{i}.layer.1.DenseReluDense" for i in (1, 3)] + [
+        f"decoder.block.{i}.layer.2.DenseReluDense" for i in (1, 3)
+    ]
     assert moe_blocks(moe)[0][1].experts.gated is gated
     assert rel_diff(moe(**kw).logits, ref) <= 1e-5
     # the paper's decoder: top-2, not renormalised (the default), load-balancing loss on the decoder only
@@ -147,8 +172,14 @@ def test_t5_generate_runs_on_the_upcycled_model(batch):
     b = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
     # with a decoder mask: each cached step's mask covers the past tokens too; the blocks take the newest
-    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long),
-              decoder_attention_mask=torch.ones(2, 1, dtype=torch.long), max_new_tokens=5, do_sample=False)
+    kw = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        decoder_input_ids=torch.zeros(2, 1, dtype=torch.long),
+        decoder_attention_mask=torch.ones(2, 1, dtype=torch.long),
+        max_new_tokens=5,
+        do_sample=False,
+    )
     assert torch.equal(moe.generate(**kw), dense.generate(**kw))
 
 
@@ -223,8 +254,11 @@ def test_expert_choice_is_refused_in_causal_decoders():
 # ------------------------------------------------------------------------------ save / load, CLI
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_bert(T.BertForSequenceClassification), tiny_vit,
-                                  lambda: tiny_t5(True)], ids=["bert", "vit", "t5"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: tiny_bert(T.BertForSequenceClassification), tiny_vit, lambda: tiny_t5(True)],
+    ids=["bert", "vit", "t5"],
+)
 def test_native_round_trip(make, tmp_path, batch):
     ids, mask = batch
     dense = make()
@@ -255,8 +289,27 @@ def test_cli_sparse_and_check(kind, tmp_path, capsys):
     if kind != "vit":
         save_tiny_tokenizer(d)
     out = tmp_path / "moe"
-    assert main(["sparse", "--model", str(d), "--out", str(out), "--num_experts", "4", "--router", "expert_choice",
-                 "--capacity_factor", "4", "--decoder_normalize", "true", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(d),
+                "--out",
+                str(out),
+                "--num_experts",
+                "4",
+                "--router",
+                "expert_choice",
+                "--capacity_factor",
+                "4",
+                "--decoder_normalize",
+                "true",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["check", str(out), "--against", str(d), "--max_rel", "1e-5"]) == 0
     text = capsys.readouterr().out
     assert "max |diff| / max |dense|" in text and ("cosine" in text)
@@ -270,8 +323,25 @@ def test_cli_sparse_and_check(kind, tmp_path, capsys):
         small, default = tokens_compared(["--tokens", "60"]), tokens_compared([])
         assert small <= 60 < default <= 1024
     lossy = tmp_path / "lossy"
-    assert main(["sparse", "--model", str(d), "--out", str(lossy), "--num_experts", "8", "--router",
-                 "expert_choice", "--normalize", "false", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(d),
+                "--out",
+                str(lossy),
+                "--num_experts",
+                "8",
+                "--router",
+                "expert_choice",
+                "--normalize",
+                "false",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert main(["check", str(lossy), "--against", str(d), "--max_rel", "1e-5"]) == 1
 
 
@@ -302,11 +372,14 @@ def test_vit_optimizer_carry_over_and_flops():
     dense_s = named_optimizer_state(opt)["state"]
     for k in ("exp_avg", "exp_avg_sq"):
         w = s["vit.layers.1.mlp.experts.up_proj"][k]
-        assert w.shape == (4, 64, 32) and all(torch.equal(w[e], dense_s["vit.layers.1.mlp.fc1.weight"][k])
-                                               for e in range(4))
+        assert w.shape == (4, 64, 32) and all(
+            torch.equal(w[e], dense_s["vit.layers.1.mlp.fc1.weight"][k]) for e in range(4)
+        )
         assert torch.equal(s["vit.layers.1.mlp.experts.down_bias"][k][3], dense_s["vit.layers.1.mlp.fc2.bias"][k])
         assert torch.count_nonzero(s["vit.layers.1.mlp.router.weight"][k]) == 0
-    assert float(s["vit.layers.1.mlp.router.weight"]["step"]) == 0 and float(s["vit.layers.0.mlp.fc1.weight"]["step"]) == 2
+    assert (
+        float(s["vit.layers.1.mlp.router.weight"]["step"]) == 0 and float(s["vit.layers.0.mlp.fc1.weight"]["step"]) == 2
+    )
     mopt = build_optimizer(moe, TrainConfig(lr=1e-3))
     load_named_optimizer_state(mopt, state)
     moe.train()
@@ -335,8 +408,9 @@ def _stdlib_sentences(n: int = 32) -> list[str]:
 
     from upcycle.encoders import sentences_of
 
-    text = "\n\n".join(inspect.getdoc(m) or "" for m in (argparse, collections, json, subprocess, textwrap,
-                                                          threading, unittest))
+    text = "\n\n".join(
+        inspect.getdoc(m) or "" for m in (argparse, collections, json, subprocess, textwrap, threading, unittest)
+    )
     return [s for s in sentences_of(text, 4 * n) if len(s.split()) <= 40][:n]
 
 
@@ -366,9 +440,11 @@ def test_real_minilm_embeddings_are_preserved(minilm):
     paper = upcycle(dense, UpcyclePlan(num_experts=8, router="expert_choice", capacity_factor=2.0))
     cos2 = (embed(paper, tok, sents) * ref).sum(-1)
     left = [b.router_stats()["tokens_left_behind"] for _, b in moe_blocks(paper)]
-    print(f"\nall-MiniLM-L6-v2, {len(sents)} sentences: cosine to dense, C=E=8 normalised: min {cos.min():.6f}; "
-          f"C=2, E=8 normalised: mean {cos2.mean():.4f}, min {cos2.min():.4f}; tokens left behind per MoE "
-          f"layer {[round(v, 3) for v in left]}")
+    print(
+        f"\nall-MiniLM-L6-v2, {len(sents)} sentences: cosine to dense, C=E=8 normalised: min {cos.min():.6f}; "
+        f"C=2, E=8 normalised: mean {cos2.mean():.4f}, min {cos2.min():.4f}; tokens left behind per MoE "
+        f"layer {[round(v, 3) for v in left]}"
+    )
     assert cos2.mean() < cos.mean()  # C < E changes the function...
     assert cos2.min() > 0.5  # ...but not beyond recognition
 
@@ -379,8 +455,9 @@ def test_python_api_takes_the_family_router_too(kind, tmp_path):
     encoders and ViT (T5's decoder top-2, not renormalised), top-k in decoders; the saved plan names it."""
     import json
 
-    dense = {"bert": tiny_bert, "vit": tiny_vit, "t5": lambda: tiny_t5(False),
-             "llama": lambda: tiny_model("llama")}[kind]()
+    dense = {"bert": tiny_bert, "vit": tiny_vit, "t5": lambda: tiny_t5(False), "llama": lambda: tiny_model("llama")}[
+        kind
+    ]()
     moe = upcycle(dense, UpcyclePlan(num_experts=4))
     rcs = {n: b.router_config for n, b in moe_blocks(moe)}
     want = "topk" if kind == "llama" else "expert_choice"
@@ -441,12 +518,15 @@ def test_t5_experts_keep_the_dense_dropout(tmp_path, batch):
     ids, mask = batch
     dense = tiny_t5(True)
     assert dense.config.dropout_rate == pytest.approx(0.1)
-    moe = upcycle(dense, UpcyclePlan(num_experts=4, router="expert_choice", capacity_factor=4.0,
-                                     decoder_normalize=True))
+    moe = upcycle(
+        dense, UpcyclePlan(num_experts=4, router="expert_choice", capacity_factor=4.0, decoder_normalize=True)
+    )
     assert {b.experts.dropout for _, b in moe_blocks(moe)} == {0.1}
     kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :6])
-    assert real_rel(moe.eval()(**kw).logits[:, :6], dense.eval()(**kw).logits[:, :6],
-                    torch.ones(2, 6, dtype=torch.long)) <= 1e-5
+    assert (
+        real_rel(moe.eval()(**kw).logits[:, :6], dense.eval()(**kw).logits[:, :6], torch.ones(2, 6, dtype=torch.long))
+        <= 1e-5
+    )
     moe.train()
     draws = []
     for seed in (0, 0, 1):

@@ -45,7 +45,7 @@ def test_topk_counts_add_up(tokens):
     by_hand = torch.zeros(2, 4, dtype=torch.long)
     with torch.no_grad():
         for s in range(0, T, CTX):
-            model(tokens[s:s + CTX].unsqueeze(0))
+            model(tokens[s : s + CTX].unsqueeze(0))
             for i, (_, b) in enumerate(sorted(__import__("upcycle.moe").moe.moe_blocks(model))):
                 by_hand[i] += torch.tensor(b.router_stats()["tokens_per_expert"])
     assert torch.equal(load.counts, by_hand)
@@ -117,11 +117,39 @@ def test_eval_cli_dense_and_upcycled(tmp_path, tiny_dir_tok, text_file, capsys):
     assert not (tmp_path / "d" / "expert-load.png").exists()
 
     up = tmp_path / "moe"
-    assert main(["sparse", "--model", str(tiny_dir_tok), "--out", str(up), "--num_experts", "4", "--quiet",
-                 "--capacity_factor", "1.0"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tiny_dir_tok),
+                "--out",
+                str(up),
+                "--num_experts",
+                "4",
+                "--quiet",
+                "--capacity_factor",
+                "1.0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code, out, err = run(capsys, "eval", up, "--text", text_file, "--text", text_file, "--context", 64,
-                         "--tokens", 200, "--out", tmp_path / "e")
+    code, out, err = run(
+        capsys,
+        "eval",
+        up,
+        "--text",
+        text_file,
+        "--text",
+        text_file,
+        "--context",
+        64,
+        "--tokens",
+        200,
+        "--out",
+        tmp_path / "e",
+    )
     assert code == 0, err
     assert "expert load: 2 MoE layers x 4 experts, router topk k=2 C=1" in out
     rows = [line for line in out.splitlines() if line.startswith("| 1 ") or line.startswith("| 3 ")]
@@ -162,11 +190,12 @@ def test_eval_cli_bad_input(tmp_path, tiny_dir_tok, capsys):
 
 
 def test_plots_are_real_pngs(tmp_path):
-    runs = {"dense": [(1e12 * 2 ** i, 3.0 - 0.1 * i) for i in range(8)],
-            "upcycled": [(1e12 * 2 ** i, 2.9 - 0.14 * i) for i in range(8)]}
+    runs = {
+        "dense": [(1e12 * 2**i, 3.0 - 0.1 * i) for i in range(8)],
+        "upcycled": [(1e12 * 2**i, 2.9 - 0.14 * i) for i in range(8)],
+    }
     train = {k: [(x * 1.01, y + 0.05) for x, y in v] for k, v in runs.items()}
-    p = plot_loss_vs_flops(runs, tmp_path / "loss.png", train=train, budget=1e14,
-                           reference={"dense start": 3.05})
+    p = plot_loss_vs_flops(runs, tmp_path / "loss.png", train=train, budget=1e14, reference={"dense start": 3.05})
     w, h = png_size(p)
     assert 1000 < w < 1600 and 600 < h < 1000 and p.stat().st_size > 30_000
     m = torch.tensor([[10, 10, 10, 10], [40, 0, 0, 0], [20, 10, 5, 5]])
@@ -182,9 +211,12 @@ def test_plots_are_real_pngs(tmp_path):
 def test_plot_cli_reads_metrics_tolerantly(tmp_path, capsys):
     a, b = tmp_path / "upcycled", tmp_path / "dense"
     a.mkdir(), b.mkdir()
-    (a / "metrics.csv").write_text("step,tokens,flops,loss,val_loss,lr\n"
-                                   + "".join(f"{s},{s * 512},{s * 1e12},{3 - s / 100},{'' if s % 5 else 2.9 - s / 90},1e-4\n"
-                                             for s in range(1, 41)))
+    (a / "metrics.csv").write_text(
+        "step,tokens,flops,loss,val_loss,lr\n"
+        + "".join(
+            f"{s},{s * 512},{s * 1e12},{3 - s / 100},{'' if s % 5 else 2.9 - s / 90},1e-4\n" for s in range(1, 41)
+        )
+    )
     (b / "metrics.csv").write_text("step,flops,loss,val_loss\n1,2e12,3.1,\n5,1e13,3.0,3.05\n10,2e13,nan,2.98\n")
     cols = read_metrics(a)
     assert cols["lr"][0] == 1e-4

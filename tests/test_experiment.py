@@ -83,8 +83,15 @@ def test_every_arm_spends_the_extra_flops_it_was_given(tiny_run):
 
 def test_outputs_and_resume(tiny_run):
     out, rows, info, seconds = tiny_run
-    for f in ("results.csv", "results.md", "results.json", "loss_vs_flops.png", "tokenizer/tokenizer.json",
-              "pretrain/metrics.csv", "pretrain/model/config.json"):
+    for f in (
+        "results.csv",
+        "results.md",
+        "results.json",
+        "loss_vs_flops.png",
+        "tokenizer/tokenizer.json",
+        "pretrain/metrics.csv",
+        "pretrain/model/config.json",
+    ):
         assert (out / f).is_file(), f
     assert (out / "loss_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for arm in ARMS:
@@ -98,8 +105,7 @@ def test_outputs_and_resume(tiny_run):
     assert time.perf_counter() - t0 < seconds
     with open(out / "results.csv") as fh:
         again = list(csv.DictReader(fh))
-    assert [(r["arm"], r["step"], r["val_loss"]) for r in again] == [(r["arm"], r["step"], r["val_loss"])
-                                                                      for r in rows]
+    assert [(r["arm"], r["step"], r["val_loss"]) for r in again] == [(r["arm"], r["step"], r["val_loss"]) for r in rows]
     assert seconds < 90
 
 
@@ -132,10 +138,15 @@ def test_recipes_parse_and_bad_recipes_fail(tmp_path):
     smol = Recipe.from_yaml(RECIPES / "smollm2.yaml")
     assert smol.pretrained and set(smol.arms) == {"dense", "upcycled"}
     with pytest.raises(UpcycleError, match="optimizer state"):
-        Recipe.from_dict({"model": "smollm2", "reference_tokens": 100, "tokenizer": "model",
-                          "arms": ["upcycled_carry"]})
-    for bad, msg in [({"modle": {}}, "unknown key 'modle'"), ({"arms": ["dense", "sparse"]}, "unknown arm 'sparse'"),
-                     ({"extra": [0]}, "extra"), ({"model": "gpt5"}, "pretrained model")]:
+        Recipe.from_dict(
+            {"model": "smollm2", "reference_tokens": 100, "tokenizer": "model", "arms": ["upcycled_carry"]}
+        )
+    for bad, msg in [
+        ({"modle": {}}, "unknown key 'modle'"),
+        ({"arms": ["dense", "sparse"]}, "unknown arm 'sparse'"),
+        ({"extra": [0]}, "extra"),
+        ({"model": "gpt5"}, "pretrained model"),
+    ]:
         d = {"model": tiny.model, "pretrain_tokens": 10_000, **bad}
         with pytest.raises(UpcycleError, match=msg):
             Recipe.from_dict(d)
@@ -159,8 +170,9 @@ def test_an_arm_does_not_depend_on_the_arms_before_it(tiny_run, tmp_path):
     recipe = Recipe.from_yaml(RECIPES / "tiny.yaml")
     import dataclasses
 
-    res = run_experiment(dataclasses.replace(recipe, arms=("upcycled_carry",)), alone, progress=False,
-                         log=lambda m: None)
+    res = run_experiment(
+        dataclasses.replace(recipe, arms=("upcycled_carry",)), alone, progress=False, log=lambda m: None
+    )
     want = [(r["step"], float(r["val_loss"])) for r in rows if r["arm"] == "upcycled_carry"]
     got = [(str(r["step"]), r["val_loss"]) for r in res["rows"]]
     assert got == want

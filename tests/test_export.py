@@ -15,8 +15,14 @@ from upcycle.export import export, plan_from_meta, why_not
 
 TOL = 1e-5
 # (source family, target, layers): every exact pairing, interleaved where the target allows it.
-PAIRS = [("llama", "mixtral", "all"), ("mistral", "mixtral", "all"), ("llama", "qwen2_moe", "every_k:2:1"),
-         ("qwen2", "qwen2_moe", "every_k:2:1"), ("qwen3", "qwen3_moe", "1,2"), ("olmo2", "flex_olmo", "all")]
+PAIRS = [
+    ("llama", "mixtral", "all"),
+    ("mistral", "mixtral", "all"),
+    ("llama", "qwen2_moe", "every_k:2:1"),
+    ("qwen2", "qwen2_moe", "every_k:2:1"),
+    ("qwen3", "qwen3_moe", "1,2"),
+    ("olmo2", "flex_olmo", "all"),
+]
 
 
 def _stock(path):
@@ -35,15 +41,23 @@ def _logits(model, ids):
 def test_export_reloads_with_stock_class_and_same_logits(tmp_path, ids, family, target, layers, layout):
     # Noisy experts and a sharp router: the experts differ, so a wrong expert or weight order shows.
     normalize = target != "qwen2_moe" or family == "qwen2"  # the llama->qwen2_moe case exercises norm_topk_prob off
-    plan = UpcyclePlan(num_experts=4, layers=layers, normalize=normalize, router_std=0.5, expert_init="noise",
-                       noise_std=0.05)
+    plan = UpcyclePlan(
+        num_experts=4, layers=layers, normalize=normalize, router_std=0.5, expert_init="noise", noise_std=0.05
+    )
     dense = tiny_model(family)
     moe = upcycle(dense, plan).eval()
     save(moe, plan, tmp_path / "native")
     export(tmp_path / "native", target, tmp_path / "stock", layout=layout)
     stock = _stock(tmp_path / "stock")
-    assert type(stock).__name__ == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                                    "qwen3_moe": "Qwen3MoeForCausalLM", "flex_olmo": "FlexOlmoForCausalLM"}[target]
+    assert (
+        type(stock).__name__
+        == {
+            "mixtral": "MixtralForCausalLM",
+            "qwen2_moe": "Qwen2MoeForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
+            "flex_olmo": "FlexOlmoForCausalLM",
+        }[target]
+    )
     ours = _logits(moe, ids)
     assert rel_diff(_logits(stock, ids), ours) <= TOL
     assert rel_diff(_logits(dense, ids), ours) > 1e-3  # the test would notice experts collapsed to the dense MLP
@@ -80,14 +94,26 @@ def test_in_memory_export_matches_directory_export(tmp_path, ids):
     assert rel_diff(_logits(_stock(tmp_path / "stock2"), ids), _logits(moe, ids)) <= TOL
 
 
-@pytest.mark.parametrize("model_type,kw", [
-    ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
-    # fine-grained experts and a live sigmoid-gated shared expert, interleaved, top-k not renormalised
-    ("qwen2_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=48, mlp_only_layers=[0, 2], norm_topk_prob=False)),
-    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)),
-    ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0)),
-])
+@pytest.mark.parametrize(
+    "model_type,kw",
+    [
+        ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+        # fine-grained experts and a live sigmoid-gated shared expert, interleaved, top-k not renormalised
+        (
+            "qwen2_moe",
+            dict(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=48,
+                mlp_only_layers=[0, 2],
+                norm_topk_prob=False,
+            ),
+        ),
+        ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=2)),
+        ("flex_olmo", dict(num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, pad_token_id=0)),
+    ],
+)
 def test_import_stock_checkpoint_then_save_and_reexport(tmp_path, ids, model_type, kw):
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, **{k: v for k, v in TINY.items()}, **kw)
@@ -113,8 +139,10 @@ def test_refusals_name_every_reason():
     text = " ".join(r)
     assert len(r) == 3 and "renormalises" in text and "layers 0, 2 are dense" in text and "never drop" in text
     assert any("expert_choice" in x for x in why_not("qwen2_moe", cfg, UpcyclePlan(router="expert_choice"), [1, 3]))
-    assert any("Qwen3 attention" in x for x in why_not("mixtral", dict(cfg, model_type="qwen3"), UpcyclePlan(
-        layers="all"), [0, 1, 2, 3]))
+    assert any(
+        "Qwen3 attention" in x
+        for x in why_not("mixtral", dict(cfg, model_type="qwen3"), UpcyclePlan(layers="all"), [0, 1, 2, 3])
+    )
     assert any("qwen3" in x for x in why_not("qwen3_moe", cfg, UpcyclePlan(), [1, 3]))
     assert any("no dense transformers class" in x for x in why_not("olmoe", cfg, UpcyclePlan(), [1, 3]))
     assert why_not("qwen2_moe", cfg, UpcyclePlan(), [1, 3]) == []
@@ -143,12 +171,30 @@ def test_import_refuses_non_moe_directory(tiny_dir):
 def test_sparse_format_writes_stock_directly_streaming_equals_in_memory(tmp_path, tiny_dir, ids, layout):
     from safetensors.torch import load_file
 
-    common = ["sparse", "--model", str(tiny_dir), "--num-experts", "4", "--format", "qwen2_moe", "--layout", layout,
-              "--quiet", "--router-std", "0.5", "--expert-init", "noise", "--noise-std", "0.05"]
+    common = [
+        "sparse",
+        "--model",
+        str(tiny_dir),
+        "--num-experts",
+        "4",
+        "--format",
+        "qwen2_moe",
+        "--layout",
+        layout,
+        "--quiet",
+        "--router-std",
+        "0.5",
+        "--expert-init",
+        "noise",
+        "--noise-std",
+        "0.05",
+    ]
     assert main(common + ["--out", str(tmp_path / "s")]) == 0
     assert main(common + ["--out", str(tmp_path / "m"), "--stream", "false"]) == 0
-    a, b = load_file(tmp_path / "s" / "model-00001-of-00001.safetensors"), load_file(
-        tmp_path / "m" / "model-00001-of-00001.safetensors")
+    a, b = (
+        load_file(tmp_path / "s" / "model-00001-of-00001.safetensors"),
+        load_file(tmp_path / "m" / "model-00001-of-00001.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     stock = _stock(tmp_path / "s")
     plan = UpcyclePlan(num_experts=4, router_std=0.5, expert_init="noise", noise_std=0.05)
@@ -178,8 +224,28 @@ def test_train_continues_a_stock_checkpoint(tmp_path, text_file):
 
     export(upcycle(tiny_model("llama"), UpcyclePlan(num_experts=4)), "qwen2_moe", tmp_path / "q")
     save_tiny_tokenizer(tmp_path / "q")
-    assert main(["train", "--model", str(tmp_path / "q"), "--data", str(text_file), "--out", str(tmp_path / "run"),
-                 "--steps", "2", "--seq-len", "16", "--batch-size", "2", "--val-fraction", "0.2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tmp_path / "q"),
+                "--data",
+                str(text_file),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "2",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--val-fraction",
+                "0.2",
+            ]
+        )
+        == 0
+    )
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
     lb = [float(r.split(",")[header.index("load_balancing")]) for r in rows[1:]]

@@ -30,11 +30,17 @@ TOL = 1e-5
 
 def _dense(F=96, D=64, seed=0, mean=0.0, std=0.2, bias=False):
     g = torch.Generator().manual_seed(seed)
-    d = {"gate": torch.randn(F, D, generator=g) * std + mean, "up": torch.randn(F, D, generator=g) * std + mean,
-         "down": torch.randn(D, F, generator=g) * std + mean}
+    d = {
+        "gate": torch.randn(F, D, generator=g) * std + mean,
+        "up": torch.randn(F, D, generator=g) * std + mean,
+        "down": torch.randn(D, F, generator=g) * std + mean,
+    }
     if bias:
-        d |= {"gate_bias": torch.randn(F, generator=g), "up_bias": torch.randn(F, generator=g),
-              "down_bias": torch.randn(D, generator=g)}
+        d |= {
+            "gate_bias": torch.randn(F, generator=g),
+            "up_bias": torch.randn(F, generator=g),
+            "down_bias": torch.randn(D, generator=g),
+        }
     return d
 
 
@@ -71,8 +77,15 @@ def test_granular_with_top_G_renormalised_reproduces_homogeneous_mlps_exactly(id
 def test_granular_unnormalised_scale_restores_the_dense_mlp(ids, act, G):
     """Not renormalised, each active expert carries p = 1/E (a zero router: uniform, ties to the first virtual
     group), and the E*G/K scale gives that back: homogeneous activations reproduce the dense model exactly."""
-    plan = UpcyclePlan(layers="all", expert_init="granular", num_experts=8, granularity=G, top_k=G,
-                       normalize=False, router_init="zeros")
+    plan = UpcyclePlan(
+        layers="all",
+        expert_init="granular",
+        num_experts=8,
+        granularity=G,
+        top_k=G,
+        normalize=False,
+        router_init="zeros",
+    )
     dense, moe = _upcycled(plan, act)
     assert rel_diff(_logits(moe, ids), _logits(dense, ids)) <= TOL
     # the same experts without the scale compute each MLP / E: the scale is what makes it exact
@@ -119,14 +132,18 @@ def test_granular_scale_follows_megatron():
 # ------------------------------------------------------------------------------------------ partition
 @pytest.mark.parametrize("method", ["random", "kmeans"])
 def test_partition_all_experts_active_equals_dense(ids, method):
-    plan = UpcyclePlan(layers="all", expert_init="partition", partition_method=method, num_experts=4, top_k=4,
-                       router_init="zeros")
+    plan = UpcyclePlan(
+        layers="all", expert_init="partition", partition_method=method, num_experts=4, top_k=4, router_init="zeros"
+    )
     dense, moe = _upcycled(plan)
     assert rel_diff(_logits(moe, ids), _logits(dense, ids)) <= TOL
     b = moe_blocks(moe)[0][1]
     assert b.experts.intermediate_size == 24
-    d = dict(gate=dense.model.layers[0].mlp.gate_proj.weight, up=dense.model.layers[0].mlp.up_proj.weight,
-             down=dense.model.layers[0].mlp.down_proj.weight)
+    d = dict(
+        gate=dense.model.layers[0].mlp.gate_proj.weight,
+        up=dense.model.layers[0].mlp.up_proj.weight,
+        down=dense.model.layers[0].mlp.down_proj.weight,
+    )
     sets = partition_sets(plan, 0, d)
     assert sorted(torch.cat(sets).tolist()) == list(range(96))  # disjoint, covering, F/E each
     for e, s in enumerate(sets):
@@ -153,7 +170,7 @@ def test_balanced_kmeans_is_balanced_and_finds_planted_clusters():
     labels = _balanced_kmeans(x, 4, torch.Generator().manual_seed(1))
     assert torch.bincount(labels).tolist() == [10, 10, 10, 10]
     for c in range(4):  # each planted cluster is one label
-        assert labels[c * 10:(c + 1) * 10].unique().numel() == 1
+        assert labels[c * 10 : (c + 1) * 10].unique().numel() == 1
 
 
 # ---------------------------------------------------------------------------------------- shared expert
@@ -174,21 +191,34 @@ def test_shared_expert_is_function_preserving_at_init(ids, kind):
 def test_shared_expert_and_granular_export_to_stock_classes_exactly(tmp_path, ids):
     dense = tiny_model("llama")
     for name, plan, target in (
-            ("shared", UpcyclePlan(layers="every_k:2:1", num_experts=4, shared_mlp="gated", router_std=0.5),
-             "qwen2_moe"),
-            ("ungated", UpcyclePlan(layers="every_k:2:1", num_experts=4, shared_mlp="ungated"), "qwen2_moe"),
-            ("granular", UpcyclePlan(layers="all", num_experts=8, granularity=4, top_k=4, expert_init="granular"),
-             "mixtral")):
+        ("shared", UpcyclePlan(layers="every_k:2:1", num_experts=4, shared_mlp="gated", router_std=0.5), "qwen2_moe"),
+        ("ungated", UpcyclePlan(layers="every_k:2:1", num_experts=4, shared_mlp="ungated"), "qwen2_moe"),
+        (
+            "granular",
+            UpcyclePlan(layers="all", num_experts=8, granularity=4, top_k=4, expert_init="granular"),
+            "mixtral",
+        ),
+    ):
         moe = upcycle(dense, plan)
-        assert not why_not(target, moe.config, plan, moe.config.upcycle["moe_layers"],
-                           {"shared_expert": {"intermediate_size": 96, "gated": True}} if name != "granular" else {})
+        assert not why_not(
+            target,
+            moe.config,
+            plan,
+            moe.config.upcycle["moe_layers"],
+            {"shared_expert": {"intermediate_size": 96, "gated": True}} if name != "granular" else {},
+        )
         export(moe, target, tmp_path / name)
         stock = _stock(tmp_path / name)
         assert rel_diff(_logits(stock, ids), _logits(moe, ids)) <= TOL, name
     cfg = json.loads((tmp_path / "granular" / "config.json").read_text())
     assert cfg["intermediate_size"] == 24 and cfg["num_local_experts"] == 8
-    reasons = why_not("mixtral", dense.config, UpcyclePlan(layers="all", shared_mlp="gated"), list(range(4)),
-                      plan_structure(UpcyclePlan(shared_mlp="gated"), 96))
+    reasons = why_not(
+        "mixtral",
+        dense.config,
+        UpcyclePlan(layers="all", shared_mlp="gated"),
+        list(range(4)),
+        plan_structure(UpcyclePlan(shared_mlp="gated"), 96),
+    )
     assert any("shared expert" in r for r in reasons)
 
 
@@ -231,11 +261,11 @@ def test_qwen2_fine_grained_shapes_and_permutation():
     rows = {tuple(r.tolist()): j for j, r in enumerate(d["gate"])}
     idx = torch.tensor([[rows[tuple(r.tolist())] for r in gate[e]] for e in range(E)])
     for c in range(E * h // F):  # each copy of the MLP is one permutation of its neurons, cut in G experts
-        block = idx[c * G:(c + 1) * G].flatten()
+        block = idx[c * G : (c + 1) * G].flatten()
         assert sorted(block.tolist()) == list(range(F)) and block.tolist() != list(range(F))
     for e in range(E):
         assert torch.equal(out["experts.down_proj"][e], d["down"][:, idx[e]])
-    assert not torch.equal(idx[:G], idx[G:2 * G])  # copies permuted independently
+    assert not torch.equal(idx[:G], idx[G : 2 * G])  # copies permuted independently
     # re-initialise 50% of each expert's neurons; explicit width
     out = init_layer(plan.replace(drop_ratio=0.5, granularity=1, expert_width=40), 0, d, "silu")
     g = out["experts.gate_proj"]
@@ -268,8 +298,12 @@ def test_router_from_data_is_the_centred_mean_mlp_input(tmp_path, ids):
     means = {1: [], 3: []}
     for prompts in sets:
         acc = {1: [], 3: []}
-        hooks = [dense.model.layers[i].post_attention_layernorm.register_forward_hook(
-            lambda m, a, o, i=i: acc[i].append(o[0])) for i in (1, 3)]
+        hooks = [
+            dense.model.layers[i].post_attention_layernorm.register_forward_hook(
+                lambda m, a, o, i=i: acc[i].append(o[0])
+            )
+            for i in (1, 3)
+        ]
         with torch.no_grad():
             for p in prompts:
                 dense(tok(p, return_tensors="pt").input_ids)
@@ -340,23 +374,89 @@ def test_default_plan_serialises_as_before():
 
 
 def test_cli_flags(tmp_path, tiny_dir, ids, capsys):
-    assert main(["plan", "--expert-init", "qwen2", "--granularity", "4", "--drop_ratio", "0.25",
-                 "--shared-mlp", "gated"]) == 0
+    assert (
+        main(["plan", "--expert-init", "qwen2", "--granularity", "4", "--drop_ratio", "0.25", "--shared-mlp", "gated"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "expert_init: qwen2" in text and "granularity: 4" in text and "drop_ratio: 0.25" in text
-    assert main(["sparse", "--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--quiet",
-                 "--expert_init", "partition", "--num_experts", "4", "--top_k", "4", "--router_init", "zeros"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tiny_dir),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+                "--expert_init",
+                "partition",
+                "--num_experts",
+                "4",
+                "--top_k",
+                "4",
+                "--router_init",
+                "zeros",
+            ]
+        )
+        == 0
+    )
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     assert rel_diff(_logits(load(tmp_path / "o"), ids), _logits(dense, ids)) <= TOL
     capsys.readouterr()
-    assert main(["sparse", "--model", str(tiny_dir), "--out", str(tmp_path / "bad"), "--expert_init", "granular",
-                 "--granularity", "3"]) == 2
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tiny_dir),
+                "--out",
+                str(tmp_path / "bad"),
+                "--expert_init",
+                "granular",
+                "--granularity",
+                "3",
+            ]
+        )
+        == 2
+    )
     assert "num_experts=8 must be a multiple of granularity=3" in capsys.readouterr().err
-    assert main(["sparse", "--model", str(tiny_dir), "--out", str(tmp_path / "bad"), "--expert_init", "partition",
-                 "--num_experts", "5"]) == 2
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tiny_dir),
+                "--out",
+                str(tmp_path / "bad"),
+                "--expert_init",
+                "partition",
+                "--num_experts",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert "equal parts" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert main(["sparse", "--model", str(tiny_dir), "--out", str(tmp_path / "q"), "--quiet", "--format",
-                 "qwen2_moe", "--shared_mlp", "gated", "--num_experts", "4"]) == 0
+    assert (
+        main(
+            [
+                "sparse",
+                "--model",
+                str(tiny_dir),
+                "--out",
+                str(tmp_path / "q"),
+                "--quiet",
+                "--format",
+                "qwen2_moe",
+                "--shared_mlp",
+                "gated",
+                "--num_experts",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert rel_diff(_logits(_stock(tmp_path / "q"), ids), _logits(dense, ids)) <= TOL
 
 
@@ -373,8 +473,12 @@ def test_experiment_variant_arms(tmp_path):
     from upcycle.experiment import Recipe
 
     d = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
-    d |= {"arms": ["upcycled", "shared", "drop"], "extra": [0.1], "pretrain_tokens": 25600,
-          "variants": {"shared": {"shared_mlp": "ungated"}, "drop": {"expert_init": "drop"}}}
+    d |= {
+        "arms": ["upcycled", "shared", "drop"],
+        "extra": [0.1],
+        "pretrain_tokens": 25600,
+        "variants": {"shared": {"shared_mlp": "ungated"}, "drop": {"expert_init": "drop"}},
+    }
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     assert main(["experiment", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 0
     info = json.loads((tmp_path / "o" / "results.json").read_text())
@@ -387,8 +491,11 @@ def test_experiment_variant_arms(tmp_path):
     assert "upcycled: drop" in md and "## Ranking at 10% extra compute" in md
     recipe = Recipe.from_yaml(tmp_path / "r.yaml")
     assert recipe.variant_plan("drop").expert_init == "drop" and recipe.variant_plan("drop").num_experts == 8
-    for bad, msg in (({"dense": {}}, "a variant's name"), ({"x": {"expert_init": "nope"}}, "expert_init"),
-                     ({"x": 3}, "give {arm name")):
+    for bad, msg in (
+        ({"dense": {}}, "a variant's name"),
+        ({"x": {"expert_init": "nope"}}, "expert_init"),
+        ({"x": 3}, "give {arm name"),
+    ):
         with pytest.raises(UpcycleError, match=msg):
             Recipe.from_dict(d | {"variants": bad})
     with pytest.raises(UpcycleError, match="unknown arm 'nope'"):

@@ -46,9 +46,14 @@ def reference(block: MoEBlock, x: torch.Tensor, mask_AF: torch.Tensor | None = N
     return out.view_as(x)
 
 
-ROUTERS = [RouterConfig("topk", 2, True), RouterConfig("topk", 1, False), RouterConfig("topk", 2, False, 0.5),
-           RouterConfig("expert_choice", 2, True, 1.0), RouterConfig("expert_choice", 2, False, 2.0, "batch"),
-           RouterConfig("soft")]
+ROUTERS = [
+    RouterConfig("topk", 2, True),
+    RouterConfig("topk", 1, False),
+    RouterConfig("topk", 2, False, 0.5),
+    RouterConfig("expert_choice", 2, True, 1.0),
+    RouterConfig("expert_choice", 2, False, 2.0, "batch"),
+    RouterConfig("soft"),
+]
 
 
 @pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r.kind}-k{r.top_k}-n{r.normalize}-c{r.capacity_factor}")

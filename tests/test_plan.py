@@ -16,55 +16,63 @@ def test_defaults_follow_the_paper():
     assert UpcyclePlan(router="expert_choice").capacity == 2.0
 
 
-@pytest.mark.parametrize("spec,L,expected", [
-    ("all", 4, [0, 1, 2, 3]),
-    ("every_k:2", 6, [1, 3, 5]),
-    ("every_k:3:0", 7, [0, 3, 6]),
-    ("first_n:2", 5, [0, 1]),
-    ("last_n:2", 5, [3, 4]),
-    ("middle_n:2", 6, [2, 3]),
-    ("middle_n:3", 30, [14, 15, 16]),
-    ("4,0,2", 5, [0, 2, 4]),
-    ([3, 1], 5, [1, 3]),
-])
+@pytest.mark.parametrize(
+    "spec,L,expected",
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("every_k:2", 6, [1, 3, 5]),
+        ("every_k:3:0", 7, [0, 3, 6]),
+        ("first_n:2", 5, [0, 1]),
+        ("last_n:2", 5, [3, 4]),
+        ("middle_n:2", 6, [2, 3]),
+        ("middle_n:3", 30, [14, 15, 16]),
+        ("4,0,2", 5, [0, 2, 4]),
+        ([3, 1], 5, [1, 3]),
+    ],
+)
 def test_layer_selection(spec, L, expected):
     assert select_layers(spec, L) == expected
 
 
-@pytest.mark.parametrize("spec,msg", [
-    ([99], "index 99 is out of range: the model has 30 layers"),
-    ("last_n:31", "asks for 31 layers"),
-    ("every_k:2:2", "OFFSET < K"),
-    ("some", "unknown selection"),
-    ("1,a", "not a comma-separated list"),
-    ([], "empty"),
-    ([1, 1], "repeats"),
-])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ([99], "index 99 is out of range: the model has 30 layers"),
+        ("last_n:31", "asks for 31 layers"),
+        ("every_k:2:2", "OFFSET < K"),
+        ("some", "unknown selection"),
+        ("1,a", "not a comma-separated list"),
+        ([], "empty"),
+        ([1, 1], "repeats"),
+    ],
+)
 def test_bad_layer_selection(spec, msg):
     with pytest.raises(PlanError, match=msg):
         select_layers(spec, 30)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(num_experts=0), "num_experts: must be at least 1"),
-    (dict(top_k=9), "top_k: must be between 1 and num_experts=8"),
-    (dict(top_k=0), "top_k"),
-    (dict(capacity_factor=0), "capacity_factor: must be a positive number"),
-    (dict(capacity_factor=-1.5), "capacity_factor"),
-    (dict(router="hash"), "unknown router 'hash'"),
-    (dict(router="soft", capacity_factor=1.0), "no capacity"),
-    (dict(router_std=-0.1), "router_std"),
-    (dict(expert_init="random"), "expert_init"),
-    (dict(num_experts=2.5), "expected an integer"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(num_experts=0), "num_experts: must be at least 1"),
+        (dict(top_k=9), "top_k: must be between 1 and num_experts=8"),
+        (dict(top_k=0), "top_k"),
+        (dict(capacity_factor=0), "capacity_factor: must be a positive number"),
+        (dict(capacity_factor=-1.5), "capacity_factor"),
+        (dict(router="hash"), "unknown router 'hash'"),
+        (dict(router="soft", capacity_factor=1.0), "no capacity"),
+        (dict(router_std=-0.1), "router_std"),
+        (dict(expert_init="random"), "expert_init"),
+        (dict(num_experts=2.5), "expected an integer"),
+    ],
+)
 def test_plan_validation(kw, msg):
     with pytest.raises(PlanError, match=msg):
         UpcyclePlan(**kw)
 
 
 def test_yaml_round_trip(tmp_path):
-    p = UpcyclePlan(num_experts=4, layers=[0, 2], router="expert_choice", capacity_factor=4.0, normalize=False,
-                    seed=7)
+    p = UpcyclePlan(num_experts=4, layers=[0, 2], router="expert_choice", capacity_factor=4.0, normalize=False, seed=7)
     f = tmp_path / "plan.yaml"
     p.to_yaml(f)
     assert UpcyclePlan.from_yaml(f) == p
@@ -85,6 +93,7 @@ def test_yaml_errors_name_the_file_and_key(tmp_path):
 
 def test_example_plans_load():
     from pathlib import Path
+
     plans = Path(__file__).resolve().parents[1] / "examples" / "plans"
     paper = UpcyclePlan.from_yaml(plans / "paper-decoder.yaml")
     assert (paper.num_experts, paper.router, paper.top_k, paper.normalize_weights) == (32, "topk", 2, True)

@@ -107,13 +107,20 @@ def test_padding_stays_out_of_the_aux_losses_and_entropy():
     mask = torch.tensor([True] * 6 + [False] * 4)
     r = R.topk_route(z, 2, mask_T=mask)
     alone = R.topk_route(z[:6], 2)
-    torch.testing.assert_close(R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T),
-                               R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK))
+    torch.testing.assert_close(
+        R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T),
+        R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK),
+    )
     torch.testing.assert_close(R.z_loss(r.logits_TE, r.mask_T), R.z_loss(alone.logits_TE))
     torch.testing.assert_close(r.entropy(), alone.entropy())
     # and the unmasked losses do differ: the test can fail
-    assert abs(float(R.load_balancing_loss(r.probs_TE, r.topk_idx_TK))
-               - float(R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK))) > 1e-4
+    assert (
+        abs(
+            float(R.load_balancing_loss(r.probs_TE, r.topk_idx_TK))
+            - float(R.load_balancing_loss(alone.probs_TE, alone.topk_idx_TK))
+        )
+        > 1e-4
+    )
 
 
 def test_expert_choice_capacity_and_groups():

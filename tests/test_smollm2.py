@@ -73,10 +73,13 @@ def test_save_load_round_trip_is_bit_exact(smol, tmp_path):
     assert torch.equal(logits(moe, ids), logits(back, ids))
 
 
-@pytest.mark.parametrize("target,plan", [
-    ("qwen2_moe", UpcyclePlan()),  # the default plan: interleaved, 8 experts, top-2 renormalised
-    ("mixtral", UpcyclePlan(num_experts=2, layers="all")),  # Mixtral needs every layer MoE (2 experts: CI-sized)
-])
+@pytest.mark.parametrize(
+    "target,plan",
+    [
+        ("qwen2_moe", UpcyclePlan()),  # the default plan: interleaved, 8 experts, top-2 renormalised
+        ("mixtral", UpcyclePlan(num_experts=2, layers="all")),  # Mixtral needs every layer MoE (2 experts: CI-sized)
+    ],
+)
 def test_stock_export_of_smollm2_matches_ours_and_dense(smol, tmp_path, target, plan):
     from transformers import AutoModelForCausalLM
 
@@ -85,8 +88,7 @@ def test_stock_export_of_smollm2_matches_ours_and_dense(smol, tmp_path, target, 
     dense, tok, ids, ref = smol
     moe = upcycle(dense, plan)
     export(moe, target, tmp_path / target)
-    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path / target, dtype=torch.float32,
-                                                       output_loading_info=True)
+    stock, info = AutoModelForCausalLM.from_pretrained(tmp_path / target, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     out = logits(stock.eval(), ids)
     assert rel_diff(out, logits(moe, ids)) <= 1e-5

@@ -26,8 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def in_memory(dense_dir: Path, plan: UpcyclePlan, out: Path, dtype="auto", **kw) -> Path:
     """What `upcycle sparse --stream false` does: transformers load, surgery, native.save."""
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=dtype, use_safetensors=True)
-    return save(upcycle(dense, plan, inplace=True), plan, out, source_dir=dense_dir,
-                source_hashes=sha256_files(weight_files(dense_dir)), **kw)
+    return save(
+        upcycle(dense, plan, inplace=True),
+        plan,
+        out,
+        source_dir=dense_dir,
+        source_hashes=sha256_files(weight_files(dense_dir)),
+        **kw,
+    )
 
 
 def assert_same_output(a: Path, b: Path) -> None:
@@ -87,8 +93,14 @@ def test_cli_streams_by_default_and_matches_stream_false(tmp_path, tiny_dir_tok,
 
 
 def test_header_matches_safetensors_for_mixed_dtypes(tmp_path):
-    tensors = {"b": torch.ones(3, dtype=torch.bfloat16), "a": torch.ones(2, 3), "c": torch.tensor(7),
-               "d": torch.zeros(1, dtype=torch.bool), "e": torch.zeros(0, 4), "f": torch.ones(5, dtype=torch.float16)}
+    tensors = {
+        "b": torch.ones(3, dtype=torch.bfloat16),
+        "a": torch.ones(2, 3),
+        "c": torch.tensor(7),
+        "d": torch.zeros(1, dtype=torch.bool),
+        "e": torch.zeros(0, 4),
+        "f": torch.ones(5, dtype=torch.float16),
+    }
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     items = [Item(k, tuple(v.shape), v.dtype, lambda v=v: v) for k, v in tensors.items()]
     write_items(items, tmp_path, max_shard_size=10**9, fsync=False)
@@ -120,8 +132,14 @@ def test_transform_and_config_hook(tmp_path, tiny_dir):
     def write_config(config, d):
         (d / "config.json").write_text(json.dumps({"model_type": "custom", "moe": config.upcycle["num_experts"]}))
 
-    out = stream_upcycle(tiny_dir, UpcyclePlan(num_experts=2), tmp_path / "x", transform=transform,
-                         write_config=write_config, progress=False)
+    out = stream_upcycle(
+        tiny_dir,
+        UpcyclePlan(num_experts=2),
+        tmp_path / "x",
+        transform=transform,
+        write_config=write_config,
+        progress=False,
+    )
     keys = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.layers.1.mlp.moe_experts.up_proj" in keys and not any("router" in k for k in keys)
     assert json.loads((out / "config.json").read_text()) == {"model_type": "custom", "moe": 2}
@@ -159,8 +177,16 @@ def test_bad_sources_are_clear_errors(tmp_path, tiny_dir):
 
 
 # ------------------------------------------------------------------ a checkpoint bigger than the bound
-BIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
-           num_key_value_heads=8, head_dim=128, vocab_size=8192, tie_word_embeddings=False)
+BIG = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=8192,
+    tie_word_embeddings=False,
+)
 BIG_LARGEST = 8192 * 1024 * 4  # embed_tokens / lm_head, fp32: 32 MiB; the checkpoint is 10x that
 
 
@@ -172,8 +198,10 @@ def big_dir(tmp_path_factory):
     config = tiny_config(**BIG)
     config.save_pretrained(d)
     model = stream.meta_model(config)
-    items = [Item(k, tuple(v.shape), v.dtype, lambda v=v: torch.zeros(v.shape, dtype=v.dtype))
-             for k, v in model.state_dict().items()]
+    items = [
+        Item(k, tuple(v.shape), v.dtype, lambda v=v: torch.zeros(v.shape, dtype=v.dtype))
+        for k, v in model.state_dict().items()
+    ]
     index = write_items(items, d, max_shard_size=130 << 20, fsync=False)
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     return d
@@ -193,8 +221,9 @@ print(json.dumps({"base": base, "peak": status("VmHWM:")}))
 
 
 def test_peak_memory_is_bounded_by_the_largest_tensor(big_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-c", MEASURE, str(big_dir), str(tmp_path / "out")], capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(big_dir), str(tmp_path / "out")], capture_output=True, text=True, check=True
+    )
     m = json.loads(r.stdout)
     out_bytes = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert out_bytes > 30 * BIG_LARGEST  # ~1 GB written
@@ -207,10 +236,29 @@ def test_peak_memory_is_bounded_by_the_largest_tensor(big_dir, tmp_path):
 def _interrupt_both(big_dir: Path, outs: dict[int, Path]) -> dict[int, tuple[int, str, int]]:
     """Start `upcycle sparse` on big_dir once per {signal: out dir}, all at once, and send each its
     signal once 100 MB of its 1.7 GB output are on disk; {signal: (exit code, stderr, pid)}."""
-    procs = {sig: subprocess.Popen([sys.executable, "-m", "upcycle", "sparse", "--model", str(big_dir), "--out",
-                                    str(out), "--quiet", "--max_shard_size", "100MB", "--layers", "all"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for sig, out in outs.items()}
+    procs = {
+        sig: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "upcycle",
+                "sparse",
+                "--model",
+                str(big_dir),
+                "--out",
+                str(out),
+                "--quiet",
+                "--max_shard_size",
+                "100MB",
+                "--layers",
+                "all",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for sig, out in outs.items()
+    }
     waiting, deadline = set(procs), time.time() + 90
     while waiting and time.time() < deadline:
         for sig in list(waiting):

@@ -81,8 +81,9 @@ def test_everything_but_the_chosen_mlps_is_untouched():
     for i in (0, 2):
         for name, proj in (("gate_proj", "gate_proj"), ("up_proj", "up_proj"), ("down_proj", "down_proj")):
             w = out[f"model.layers.{i}.mlp.experts.{name}"]
-            assert w.shape[0] == 3 and all(torch.equal(w[e], sd[f"model.layers.{i}.mlp.{proj}.weight"])
-                                           for e in range(3))
+            assert w.shape[0] == 3 and all(
+                torch.equal(w[e], sd[f"model.layers.{i}.mlp.{proj}.weight"]) for e in range(3)
+            )
         assert out[f"model.layers.{i}.mlp.router.weight"].shape == (3, 64)
 
 
@@ -93,7 +94,7 @@ def test_router_initialisations():
         w = moe.model.layers[1].mlp.router.weight
         assert abs(w.std().item() - std) < 0.1 * std and abs(w.mean().item()) < 0.1 * std
         if init == "uniform":
-            assert w.abs().max().item() <= std * 3 ** 0.5
+            assert w.abs().max().item() <= std * 3**0.5
         w2 = upcycle(dense, UpcyclePlan(num_experts=16, router_init=init, router_std=std, seed=3))
         assert torch.equal(w, w2.model.layers[1].mlp.router.weight)  # seeded
         assert not torch.equal(w, moe.model.layers[3].mlp.router.weight)  # layers differ

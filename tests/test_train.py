@@ -76,8 +76,7 @@ def moe_model():
 
 
 def test_loss_goes_down_and_outputs(tmp_path, data, tok):
-    h = train(moe_model(), data, cfg(steps=16, eval_every=8, warmup=3), tmp_path / "run", tokenizer=tok,
-              progress=False)
+    h = train(moe_model(), data, cfg(steps=16, eval_every=8, warmup=3), tmp_path / "run", tokenizer=tok, progress=False)
     first = sum(r["lm_loss"] for r in h[:3]) / 3
     last = sum(r["lm_loss"] for r in h[-3:]) / 3
     assert math.log(TINY["vocab_size"]) - 1 < first  # starts near chance (ln 128 = 4.85, word ids <= 40)
@@ -115,12 +114,12 @@ def _fields(buf: bytes):
         if wt == 0:
             v, i = _varint(buf, i)
         elif wt == 1:
-            v, i = buf[i:i + 8], i + 8
+            v, i = buf[i : i + 8], i + 8
         elif wt == 5:
-            v, i = buf[i:i + 4], i + 4
+            v, i = buf[i : i + 4], i + 4
         else:
             n, i = _varint(buf, i)
-            v, i = buf[i:i + n], i + n
+            v, i = buf[i : i + n], i + n
         yield num, wt, v
 
 
@@ -143,8 +142,8 @@ def read_events(path: Path) -> dict[str, list[tuple[int, float]]]:
     raw, pos, out = path.read_bytes(), 0, {}
     while pos < len(raw):
         (n,) = struct.unpack_from("<Q", raw, pos)
-        assert struct.unpack_from("<I", raw, pos + 8)[0] == _masked_crc32c(raw[pos:pos + 8])
-        event = raw[pos + 12:pos + 12 + n]
+        assert struct.unpack_from("<I", raw, pos + 8)[0] == _masked_crc32c(raw[pos : pos + 8])
+        event = raw[pos + 12 : pos + 12 + n]
         assert struct.unpack_from("<I", raw, pos + 12 + n)[0] == _masked_crc32c(event)
         pos += 16 + n
         fields = list(_fields(event))
@@ -257,7 +256,7 @@ def dense_run_state(data, steps: int = 3):
     c = cfg(steps=steps, batch_size=2)
     opt = build_optimizer(dense, c)
     for s in range(steps):
-        x = data.train[2 * s:2 * s + 2]
+        x = data.train[2 * s : 2 * s + 2]
         dense(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
@@ -271,14 +270,18 @@ def test_carry_over_round_trip(data):
     mapped = carry_over_optimizer_state(dense_state, dense, moe)
     s = mapped["state"]
     for i in (1, 3):
-        for moe_name, dense_name in (("gate_proj", "gate_proj.weight"), ("up_proj", "up_proj.weight"),
-                                     ("down_proj", "down_proj.weight")):
+        for moe_name, dense_name in (
+            ("gate_proj", "gate_proj.weight"),
+            ("up_proj", "up_proj.weight"),
+            ("down_proj", "down_proj.weight"),
+        ):
             src = dense_state["state"][f"model.layers.{i}.mlp.{dense_name}"]
             got = s[f"model.layers.{i}.mlp.experts.{moe_name}"]
             assert got["exp_avg"].shape == (4, *src["exp_avg"].shape)
             for e in range(4):
-                assert torch.equal(got["exp_avg"][e], src["exp_avg"]) and torch.equal(got["exp_avg_sq"][e],
-                                                                                      src["exp_avg_sq"])
+                assert torch.equal(got["exp_avg"][e], src["exp_avg"]) and torch.equal(
+                    got["exp_avg_sq"][e], src["exp_avg_sq"]
+                )
             assert torch.equal(got["step"], src["step"]) and float(got["step"]) == 3
         r = s[f"model.layers.{i}.mlp.router.weight"]
         assert not r["exp_avg"].any() and not r["exp_avg_sq"].any() and float(r["step"]) == 0
@@ -313,10 +316,10 @@ def test_carry_over_with_drop_upcycling_zeroes_the_redrawn_neurons(data):
                 keep[S] = False
                 assert len(S) == F // 2
                 assert not got[e].index_select(dim, S).any()
-                assert torch.equal(got[e].index_select(dim, keep.nonzero()[:, 0]),
-                                   src.index_select(dim, keep.nonzero()[:, 0]))
-    for kw in (dict(expert_init="partition"), dict(expert_init="granular", granularity=2),
-               dict(shared_mlp="gated")):
+                assert torch.equal(
+                    got[e].index_select(dim, keep.nonzero()[:, 0]), src.index_select(dim, keep.nonzero()[:, 0])
+                )
+    for kw in (dict(expert_init="partition"), dict(expert_init="granular", granularity=2), dict(shared_mlp="gated")):
         p = PLAN.replace(**kw)
         with pytest.raises(UpcycleError, match="fresh optimizer"):
             carry_over_optimizer_state(dense_state, dense, upcycle(dense, p), plan=p)
@@ -357,10 +360,19 @@ def test_carried_state_takes_the_dense_step(data):
         g["lr"] = 1e-2
     fresh(input_ids=x, labels=x).loss.backward()
     fopt.step()
-    moved_fresh = (dict(fresh.named_parameters())["model.layers.0.self_attn.q_proj.weight"] - tiny_model()
-                   .model.layers[0].self_attn.q_proj.weight).abs().max()
-    moved_carry = (mg["model.layers.0.self_attn.q_proj.weight"] - tiny_model().model.layers[0].self_attn.q_proj
-                   .weight).abs().max()
+    moved_fresh = (
+        (
+            dict(fresh.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
+            - tiny_model().model.layers[0].self_attn.q_proj.weight
+        )
+        .abs()
+        .max()
+    )
+    moved_carry = (
+        (mg["model.layers.0.self_attn.q_proj.weight"] - tiny_model().model.layers[0].self_attn.q_proj.weight)
+        .abs()
+        .max()
+    )
     assert not torch.isclose(moved_fresh, moved_carry, rtol=1e-3)
 
 
@@ -424,9 +436,24 @@ def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tok_dir), str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tok_dir),
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         _, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -434,19 +461,36 @@ def test_ddp_and_fsdp_match_single_process(tmp_path, data, tok):
         proc.communicate()
         raise
     assert proc.returncode == 0, err[-3000:]
-    single = train(moe_model(), data, cfg(batch_size=2, grad_accum=2, eval_every=2), tmp_path / "single",
-                   progress=False, save_model=False)
+    single = train(
+        moe_model(),
+        data,
+        cfg(batch_size=2, grad_accum=2, eval_every=2),
+        tmp_path / "single",
+        progress=False,
+        save_model=False,
+    )
     runs = json.loads((tmp_path / "histories.json").read_text())
     # Same global batches as the distributed runs: 4 micro-batches of 1; carried dense AdamW state
-    accum = train(moe_model(), data, cfg(batch_size=1, grad_accum=4), tmp_path / "single_accum",
-                  progress=False, save_model=False)
+    accum = train(
+        moe_model(), data, cfg(batch_size=1, grad_accum=4), tmp_path / "single_accum", progress=False, save_model=False
+    )
     dense, opt = dense_run_state(data)
     moe = upcycle(dense, PLAN)
-    carry = train(moe, data, cfg(batch_size=2, grad_accum=2), tmp_path / "single_carry", progress=False,
-                  save_model=False, init_optimizer_state=carry_over_optimizer_state(named_optimizer_state(opt), dense,
-                                                                                    moe))
-    fresh = [r["loss"] for r in train(moe_model(), data, cfg(batch_size=2, grad_accum=2), tmp_path / "f",
-                                      progress=False, save_model=False)]
+    carry = train(
+        moe,
+        data,
+        cfg(batch_size=2, grad_accum=2),
+        tmp_path / "single_carry",
+        progress=False,
+        save_model=False,
+        init_optimizer_state=carry_over_optimizer_state(named_optimizer_state(opt), dense, moe),
+    )
+    fresh = [
+        r["loss"]
+        for r in train(
+            moe_model(), data, cfg(batch_size=2, grad_accum=2), tmp_path / "f", progress=False, save_model=False
+        )
+    ]
     assert [r["loss"] for r in carry] != pytest.approx(fresh, rel=1e-3)  # the carried state changes the run
     for mode, single in (("ddp", single), ("fsdp", single), ("fsdp_accum", accum), ("fsdp_carry", carry)):
         h = runs[mode]
@@ -476,9 +520,29 @@ def test_cli_train_resume_and_carry_over(tmp_path, tiny_dir_tok, capsys):
     moe_dir = tmp_path / "moe"
     assert run_cli(capsys, "sparse", "--model", tiny_dir_tok, "--out", moe_dir, "--num_experts", 4, "--quiet")[0] == 0
     dense_run = tmp_path / "dense-run"
-    code, out, err = run_cli(capsys, "train", "--model", tiny_dir_tok, "--data", text, "--out", dense_run,
-                             "--steps", 3, "--batch-size", 2, "--seq-len", SEQ, "--chunk-chars", 1000,
-                             "--checkpoint-every", 3, "--pretrain-tokens", "1e6", "--quiet")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--model",
+        tiny_dir_tok,
+        "--data",
+        text,
+        "--out",
+        dense_run,
+        "--steps",
+        3,
+        "--batch-size",
+        2,
+        "--seq-len",
+        SEQ,
+        "--chunk-chars",
+        1000,
+        "--checkpoint-every",
+        3,
+        "--pretrain-tokens",
+        "1e6",
+        "--quiet",
+    )
     assert code == 0, err
     assert "trained 3 steps" in out and "% of the dense pretraining compute" in out
     from transformers import AutoModelForCausalLM
@@ -486,28 +550,69 @@ def test_cli_train_resume_and_carry_over(tmp_path, tiny_dir_tok, capsys):
     AutoModelForCausalLM.from_pretrained(dense_run / "model", use_safetensors=True)  # a plain HF directory
     ckpt = dense_run / "checkpoints" / "step-000003"
     run = tmp_path / "moe-run"
-    code, out, err = run_cli(capsys, "train", "--model", moe_dir, "--data", text, "--out", run, "--steps", 4,
-                             "--batch_size", 2, "--seq_len", SEQ, "--chunk-chars", 1000, "--stop-at", 2,
-                             "--dense-optimizer-state", ckpt, "--quiet")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--model",
+        moe_dir,
+        "--data",
+        text,
+        "--out",
+        run,
+        "--steps",
+        4,
+        "--batch_size",
+        2,
+        "--seq_len",
+        SEQ,
+        "--chunk-chars",
+        1000,
+        "--stop-at",
+        2,
+        "--dense-optimizer-state",
+        ckpt,
+        "--quiet",
+    )
     assert code == 0, err
     assert "stopped at step 2; continue with --resume" in out
-    code, out, err = run_cli(capsys, "train", "--model", moe_dir, "--data", text, "--out", run, "--steps", 4,
-                             "--batch_size", 2, "--seq_len", SEQ, "--chunk-chars", 1000, "--resume", "--quiet")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        "--model",
+        moe_dir,
+        "--data",
+        text,
+        "--out",
+        run,
+        "--steps",
+        4,
+        "--batch_size",
+        2,
+        "--seq_len",
+        SEQ,
+        "--chunk-chars",
+        1000,
+        "--resume",
+        "--quiet",
+    )
     assert code == 0, err
     assert "trained 4 steps" in out and (run / "model" / "upcycle.json").is_file()
     code, out, _ = run_cli(capsys, "check", run / "model", "--against", tiny_dir_tok, "--context", 16)
     assert code == 0 and "top-1 agreement" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--data", "{tmp}/missing.txt"], "data path not found"),
-    (["--data", "{text}", "--lr", "-1"], "lr"),
-    (["--data", "{text}", "--model", "{tmp}/nomodel"], "model directory not found"),
-    (["--data", "{text}", "--dense-optimizer-state", "{tmp}/nostate"], "dense optimizer state not found"),
-    (["--data", "{text}", "--config", "{tmp}/none.yaml"], "training config file not found"),
-    (["--data", "{text}", "--resume"], "nothing to resume"),
-    (["--data", "{text}", "--seq-len", "100000"], "fewer than one sequence"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing.txt"], "data path not found"),
+        (["--data", "{text}", "--lr", "-1"], "lr"),
+        (["--data", "{text}", "--model", "{tmp}/nomodel"], "model directory not found"),
+        (["--data", "{text}", "--dense-optimizer-state", "{tmp}/nostate"], "dense optimizer state not found"),
+        (["--data", "{text}", "--config", "{tmp}/none.yaml"], "training config file not found"),
+        (["--data", "{text}", "--resume"], "nothing to resume"),
+        (["--data", "{text}", "--seq-len", "100000"], "fewer than one sequence"),
+    ],
+)
 def test_cli_errors_write_nothing(tmp_path, tiny_dir_tok, text_file, capsys, args, message):
     out = tmp_path / "run"
     argv = [a.format(tmp=tmp_path, text=text_file) for a in args]

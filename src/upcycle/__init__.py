@@ -7,5 +7,4 @@ from .native import load, save  # noqa: E402
 from .plan import UpcyclePlan  # noqa: E402
 from .surgery import upcycle, upcycle_state_dict  # noqa: E402
 
-__all__ = ["UpcyclePlan", "UpcycleError", "PlanError", "load", "save", "upcycle", "upcycle_state_dict",
-           "__version__"]
+__all__ = ["UpcyclePlan", "UpcycleError", "PlanError", "load", "save", "upcycle", "upcycle_state_dict", "__version__"]

@@ -50,8 +50,10 @@ def _rope_function(template: nn.Module):
     """The host architecture's own `apply_rotary_pos_emb` (Cohere rotates interleaved pairs, Llama halves)."""
     fn = getattr(sys.modules.get(type(template).__module__), "apply_rotary_pos_emb", None)
     if fn is None:
-        raise UpcycleError(f"{type(template).__name__}: its module has no apply_rotary_pos_emb; mixture of "
-                           "attention supports RoPE decoders (Llama, Mistral, Qwen2/3, Cohere)")
+        raise UpcycleError(
+            f"{type(template).__name__}: its module has no apply_rotary_pos_emb; mixture of "
+            "attention supports RoPE decoders (Llama, Mistral, Qwen2/3, Cohere)"
+        )
     return fn
 
 
@@ -98,23 +100,33 @@ class MoAttention(nn.Module):
         self.o_bias = nn.Parameter(torch.empty(N, D, **w)) if o.bias is not None else None
         qn, kn = getattr(template, "q_norm", None), getattr(template, "k_norm", None)
         for norm in (qn, kn):
-            if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.dim() == 1 \
-                    and norm.weight.numel() != hd:
-                raise UpcycleError(f"{type(template).__name__}: q/k norms over all heads at once (OLMo-2 style) "
-                                   "are not supported by mixture of attention; per-head norms are")
+            if (
+                norm is not None
+                and getattr(norm, "weight", None) is not None
+                and norm.weight.dim() == 1
+                and norm.weight.numel() != hd
+            ):
+                raise UpcycleError(
+                    f"{type(template).__name__}: q/k norms over all heads at once (OLMo-2 style) "
+                    "are not supported by mixture of attention; per-head norms are"
+                )
         self.q_norms = nn.ModuleList(copy.deepcopy(qn) for _ in range(N)) if qn is not None else None
-        self.k_norms = (nn.ModuleList(copy.deepcopy(kn) for _ in range(N if kv == "experts" else 1))
-                        if kn is not None else None)
+        self.k_norms = (
+            nn.ModuleList(copy.deepcopy(kn) for _ in range(N if kv == "experts" else 1)) if kn is not None else None
+        )
         self.last_probs: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, kv={self.kv}, heads={self.num_heads}, "
-                f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
+        return (
+            f"num_experts={self.num_experts}, kv={self.kv}, heads={self.num_heads}, "
+            f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        )
 
     def per_expert_parameters(self) -> list[nn.Parameter]:
         """Parameters stacked over the N experts (not the router, not shared K/V)."""
         names = ["q_proj", "o_proj", "q_bias", "o_bias"] + (
-            ["k_proj", "v_proj", "k_bias", "v_bias"] if self.kv == "experts" else [])
+            ["k_proj", "v_proj", "k_bias", "v_bias"] if self.kv == "experts" else []
+        )
         out = [getattr(self, n) for n in names if getattr(self, n) is not None]
         if self.q_norms is not None:
             out += list(self.q_norms.parameters())
@@ -128,20 +140,30 @@ class MoAttention(nn.Module):
 
         return torch.softmax(router_logits(x, self.router.weight), dim=-1)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, cache=None, past_key_values=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         *lead, D = hidden_states.shape
         N, H, Hkv, hd = self.num_experts, self.num_heads, self.num_kv_heads, self.head_dim
         x = hidden_states
-        q = F.linear(x, self.q_proj.reshape(N * H * hd, D),
-                     None if self.q_bias is None else self.q_bias.reshape(-1)).view(*lead, N, H, hd)
+        q = F.linear(
+            x, self.q_proj.reshape(N * H * hd, D), None if self.q_bias is None else self.q_bias.reshape(-1)
+        ).view(*lead, N, H, hd)
         if self.kv == "experts":
-            k = F.linear(x, self.k_proj.reshape(N * Hkv * hd, D),
-                         None if self.k_bias is None else self.k_bias.reshape(-1)).view(*lead, N, Hkv, hd)
-            v = F.linear(x, self.v_proj.reshape(N * Hkv * hd, D),
-                         None if self.v_bias is None else self.v_bias.reshape(-1)).view(*lead, N * Hkv, hd)
+            k = F.linear(
+                x, self.k_proj.reshape(N * Hkv * hd, D), None if self.k_bias is None else self.k_bias.reshape(-1)
+            ).view(*lead, N, Hkv, hd)
+            v = F.linear(
+                x, self.v_proj.reshape(N * Hkv * hd, D), None if self.v_bias is None else self.v_bias.reshape(-1)
+            ).view(*lead, N * Hkv, hd)
         else:
             k = F.linear(x, self.k_proj, self.k_bias).view(*lead, 1, Hkv, hd)
             v = F.linear(x, self.v_proj, self.v_bias).view(*lead, Hkv, hd)
@@ -162,8 +184,17 @@ class MoAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
         extra = {"sliding_window": self.sliding_window} if self.sliding_window is not None else {}
-        out, _ = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                        scaling=self.scaling, **extra, **kwargs)  # (B, T, heads, hd)
+        out, _ = attend(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )  # (B, T, heads, hd)
         probs = self.router_probs(x)  # (B, T, N) fp32
         self.last_probs = probs
         p = probs.to(out.dtype)

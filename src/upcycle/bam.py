@@ -51,8 +51,9 @@ class BamPlan:
 
     method: str = _f("bam", "bam | btx", choices=METHODS)
     num_experts: int = _f(2, "N: the number of dense models mixed (one FFN and attention expert each)")
-    kv: str = _f("experts", "attention: experts (own Wq,Wk,Wv,Wo) | shared (Wk,Wv averaged) | averaged (BTX)",
-                 choices=KV)
+    kv: str = _f(
+        "experts", "attention: experts (own Wq,Wk,Wv,Wo) | shared (Wk,Wv averaged) | averaged (BTX)", choices=KV
+    )
     top_k: int = _f(1, "FFN experts per token")
     normalize: bool = _f(False, "renormalise the top-k FFN weights to sum to 1 (BTX) or not (BAM)")
     aux_loss_coef: float = _f(0.01, "FFN load-balancing coefficient alpha")
@@ -87,8 +88,9 @@ class BamPlan:
         if not 1 <= self.top_k <= self.num_experts:
             raise bad("top_k", f"must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.method == "bam" and self.kv not in ("experts", "shared"):
-            raise bad("kv", f"BAM's attention experts keep their own K/V (experts) or share them (shared), "
-                            f"got {self.kv!r}")
+            raise bad(
+                "kv", f"BAM's attention experts keep their own K/V (experts) or share them (shared), got {self.kv!r}"
+            )
         if self.method == "btx" and self.kv != "averaged":
             raise bad("kv", f"BTX averages the attention; kv must be 'averaged', got {self.kv!r}")
         if self.layers != "all":
@@ -102,8 +104,11 @@ class BamPlan:
     def for_method(cls, method: str, num_experts: int, **overrides: Any) -> "BamPlan":
         """BAM: kv experts, top-1 unnormalised, alpha 0.01, beta 0.001; BTX: averaged attention, top-2
         renormalised, alpha 0.01, no z-loss. None values in overrides keep the default."""
-        base = ({"kv": "experts", "top_k": 1, "normalize": False, "z_loss_coef": 0.001} if method == "bam" else
-                {"kv": "averaged", "top_k": min(2, num_experts), "normalize": True, "z_loss_coef": 0.0})
+        base = (
+            {"kv": "experts", "top_k": 1, "normalize": False, "z_loss_coef": 0.001}
+            if method == "bam"
+            else {"kv": "averaged", "top_k": min(2, num_experts), "normalize": True, "z_loss_coef": 0.0}
+        )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(method=method, num_experts=num_experts, **base)
 
@@ -138,17 +143,38 @@ def plan_from_dict(d: dict[str, Any], source: str = "plan"):
 
 # ------------------------------------------------------------------------------------ validation
 
-_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "vocab_size", "hidden_act", "tie_word_embeddings",
-               "attention_bias", "mlp_bias", "use_qk_norm",
-               # not shapes, but the mixed model computes with one config: models that differ here would be
-               # mixed silently with the first one's positions, norms or attention window
-               "rope_parameters", "rope_theta", "rope_scaling", "rms_norm_eps", "layer_norm_eps", "sliding_window",
-               "logit_scale")
+_SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "use_qk_norm",
+    # not shapes, but the mixed model computes with one config: models that differ here would be
+    # mixed silently with the first one's positions, norms or attention window
+    "rope_parameters",
+    "rope_theta",
+    "rope_scaling",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "sliding_window",
+    "logit_scale",
+)
 
 
-def check_compatible(configs: Sequence[Any], states: Sequence[dict[str, torch.Tensor]], names: Sequence[str],
-                     tokenizer_hashes: Sequence[str | None] | None = None) -> None:
+def check_compatible(
+    configs: Sequence[Any],
+    states: Sequence[dict[str, torch.Tensor]],
+    names: Sequence[str],
+    tokenizer_hashes: Sequence[str | None] | None = None,
+) -> None:
     """Raise UpcycleError naming the first model (and key) that differs from the first one in
     architecture, tensor names or shapes, or tokenizer."""
     if len(configs) < 2:
@@ -158,8 +184,10 @@ def check_compatible(configs: Sequence[Any], states: Sequence[dict[str, torch.Te
         for key in _SHAPE_KEYS:
             a, b = getattr(c0, key, None), getattr(c, key, None)
             if a != b:
-                raise UpcycleError(f"{name}/config.json: {key} is {b!r} but {names[0]} has {a!r}; every model "
-                                   "mixed must have the same architecture (branch them from one seed)")
+                raise UpcycleError(
+                    f"{name}/config.json: {key} is {b!r} but {names[0]} has {a!r}; every model "
+                    "mixed must have the same architecture (branch them from one seed)"
+                )
         missing = sorted(set(s0) - set(s))
         extra = sorted(set(s) - set(s0))
         if missing or extra:
@@ -167,13 +195,13 @@ def check_compatible(configs: Sequence[Any], states: Sequence[dict[str, torch.Te
             raise UpcycleError(f"{name}: {which} (compared with {names[0]}); the models must have the same weights")
         for k, v in s.items():
             if v.shape != s0[k].shape:
-                raise UpcycleError(f"{name}: {k} has shape {tuple(v.shape)} but {names[0]} has "
-                                   f"{tuple(s0[k].shape)}")
+                raise UpcycleError(f"{name}: {k} has shape {tuple(v.shape)} but {names[0]} has {tuple(s0[k].shape)}")
     if tokenizer_hashes is not None:
         for h, name in zip(tokenizer_hashes[1:], names[1:]):
             if h is not None and tokenizer_hashes[0] is not None and h != tokenizer_hashes[0]:
-                raise UpcycleError(f"{name}: its tokenizer differs from {names[0]}'s; the models must share one "
-                                   "vocabulary")
+                raise UpcycleError(
+                    f"{name}: its tokenizer differs from {names[0]}'s; the models must share one vocabulary"
+                )
 
 
 def tokenizer_hash(model_dir: str | Path) -> str | None:
@@ -236,7 +264,7 @@ def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan
         for norm in ATTN_NORMS:
             keys = sorted(k for k in states[0] if k.startswith(f"{a}.{norm}."))
             for key in keys:
-                leaf = key[len(f"{a}.{norm}."):]
+                leaf = key[len(f"{a}.{norm}.") :]
                 taken.add(key)
                 if plan.kv == "shared" and norm == "k_norm":
                     out[f"{a}.{norm}s.0.{leaf}"] = _mean([s[key] for s in states])
@@ -250,8 +278,9 @@ def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan
     return out
 
 
-def convert_structure(model: nn.Module, plan: BamPlan, layers: Sequence[int] | None = None,
-                      structure: dict | None = None) -> list[int]:
+def convert_structure(
+    model: nn.Module, plan: BamPlan, layers: Sequence[int] | None = None, structure: dict | None = None
+) -> list[int]:
     """Replace each layer's MLP by an empty MoE block of N experts and, for BAM, its attention by an
     empty mixture of N attention experts, in place."""
     from .attention import MoAttention
@@ -289,9 +318,12 @@ def mix(models: Sequence[nn.Module], plan: BamPlan, names: Sequence[str] | None 
     check_compatible([m.config for m in models], states, names)
     config = models[0].config
     if log is not None:
-        block = ("parallel block y = x + Attn(LN x) + FFN(LN x) (the BAM block)" if is_parallel_block(config) else
-                 "sequential block (x + Attn(LN1 x), then + FFN(LN2 .)), kept as the seed has it; BAM's parallel "
-                 "block needs a parallel-attention seed such as Cohere")
+        block = (
+            "parallel block y = x + Attn(LN x) + FFN(LN x) (the BAM block)"
+            if is_parallel_block(config)
+            else "sequential block (x + Attn(LN1 x), then + FFN(LN2 .)), kept as the seed has it; BAM's parallel "
+            "block needs a parallel-attention seed such as Cohere"
+        )
         log(f"{plan.method}: {config.model_type}, {block}")
     mixed = mix_state_dicts(states, config, plan)
     dtype = next(iter(mixed.values())).dtype

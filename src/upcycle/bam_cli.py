@@ -27,18 +27,37 @@ METHOD = "bam"
 
 def add_arguments(p: argparse.ArgumentParser, method: str = METHOD) -> None:
     p.add_argument("--seed", type=Path, required=True, help="seed dense model directory (the general expert)")
-    p.add_argument("--experts", type=Path, nargs="+", required=True,
-                   help="branched dense models (directories, or `upcycle branch` run directories)")
+    p.add_argument(
+        "--experts",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="branched dense models (directories, or `upcycle branch` run directories)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
     if method == "bam":
-        p.add_argument("--kv", choices=("experts", "shared"), default="experts",
-                       help="attention experts keep their own K/V (experts, default) or share the mean (shared)")
-    p.add_argument("--top-k", "--top_k", type=int, help=f"FFN experts per token (default {1 if method == 'bam' else 2})")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"renormalise the top-k FFN weights (default {'no' if method == 'bam' else 'yes'})")
+        p.add_argument(
+            "--kv",
+            choices=("experts", "shared"),
+            default="experts",
+            help="attention experts keep their own K/V (experts, default) or share the mean (shared)",
+        )
+    p.add_argument(
+        "--top-k", "--top_k", type=int, help=f"FFN experts per token (default {1 if method == 'bam' else 2})"
+    )
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"renormalise the top-k FFN weights (default {'no' if method == 'bam' else 'yes'})",
+    )
     p.add_argument("--aux-loss-coef", "--aux_loss_coef", type=float, help="FFN load-balancing alpha (default 0.01)")
-    p.add_argument("--z-loss-coef", "--z_loss_coef", type=float,
-                   help=f"FFN router z-loss beta (default {0.001 if method == 'bam' else 0})")
+    p.add_argument(
+        "--z-loss-coef",
+        "--z_loss_coef",
+        type=float,
+        help=f"FFN router z-loss beta (default {0.001 if method == 'bam' else 0})",
+    )
     p.add_argument("--router-std", "--router_std", type=float, help="std of the new routers (default 0.02)")
     p.add_argument("--router-seed", "--router_seed", type=int, help="seed of the router initialisation (default 0)")
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
@@ -62,16 +81,27 @@ def run(args: argparse.Namespace, method: str = METHOD) -> int:
     dirs = [model_dir(args.seed)] + [model_dir(p) for p in args.experts]
     if len(set(d.resolve() for d in dirs)) != len(dirs):
         raise UpcycleError("the seed and the --experts must be different models")
-    plan = BamPlan.for_method(method, len(dirs), kv=getattr(args, "kv", None), top_k=args.top_k,
-                              normalize=args.normalize, aux_loss_coef=args.aux_loss_coef,
-                              z_loss_coef=args.z_loss_coef, router_std=args.router_std, seed=args.router_seed)
+    plan = BamPlan.for_method(
+        method,
+        len(dirs),
+        kv=getattr(args, "kv", None),
+        top_k=args.top_k,
+        normalize=args.normalize,
+        aux_loss_coef=args.aux_loss_coef,
+        z_loss_coef=args.z_loss_coef,
+        router_std=args.router_std,
+        seed=args.router_seed,
+    )
     models = [load_dense(d) for d in dirs]
     names = [str(d) for d in dirs]
-    check_compatible([m.config for m in models], [m.state_dict() for m in models], names,
-                     [tokenizer_hash(d) for d in dirs])
+    check_compatible(
+        [m.config for m in models], [m.state_dict() for m in models], names, [tokenizer_hash(d) for d in dirs]
+    )
     model = mix(models, plan, names, log=lambda m: print(m, file=sys.stderr))
     save(model, plan, args.out, source_dir=dirs[0], max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    what = (f"attention experts (kv {plan.kv}), " if plan.method == "bam" else "averaged attention, ")
-    print(f"wrote {args.out}: {plan.method.upper()} of {len(dirs)} models, {what}FFN top-{plan.top_k} "
-          f"{'renormalised' if plan.normalize else 'not renormalised'}, in {time.time() - t0:.1f} s")
+    what = f"attention experts (kv {plan.kv}), " if plan.method == "bam" else "averaged attention, "
+    print(
+        f"wrote {args.out}: {plan.method.upper()} of {len(dirs)} models, {what}FFN top-{plan.top_k} "
+        f"{'renormalised' if plan.normalize else 'not renormalised'}, in {time.time() - t0:.1f} s"
+    )
     return 0

@@ -118,11 +118,22 @@ def cohere_config(r: BamRecipe, vocab_size: int, eos: int):
     from transformers import CohereConfig
 
     m = r.model
-    return CohereConfig(vocab_size=vocab_size, hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-                        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"],
-                        num_key_value_heads=m.get("num_kv_heads", m["num_heads"]), max_position_embeddings=r.seq_len,
-                        tie_word_embeddings=True, logit_scale=1.0, initializer_range=0.02, use_cache=False,
-                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    return CohereConfig(
+        vocab_size=vocab_size,
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"],
+        num_key_value_heads=m.get("num_kv_heads", m["num_heads"]),
+        max_position_embeddings=r.seq_len,
+        tie_word_embeddings=True,
+        logit_scale=1.0,
+        initializer_range=0.02,
+        use_cache=False,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
 
 
 def _sample(seqs, n: int, seed: int):
@@ -165,8 +176,9 @@ def latency(model, vocab: int, prompt: int, new: int, seq_len: int, repeats: int
     with torch.no_grad():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            out = model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True,
-                                 pad_token_id=0)
+            out = model.generate(
+                x, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0
+            )
             dt = time.perf_counter() - t0
             assert out.shape[1] == prompt + new
             t1 = time.perf_counter()
@@ -179,8 +191,9 @@ def latency(model, vocab: int, prompt: int, new: int, seq_len: int, repeats: int
 
 
 class BamExperiment:
-    def __init__(self, recipe: BamRecipe, out_dir: str | Path, progress: bool = True, log=print,
-                 command: str | None = None):
+    def __init__(
+        self, recipe: BamRecipe, out_dir: str | Path, progress: bool = True, log=print, command: str | None = None
+    ):
         self.r, self.out, self.progress, self.log, self.command = recipe, Path(out_dir), progress, log, command
         self.runs = self.out / "runs"
 
@@ -197,11 +210,16 @@ class BamExperiment:
         saved = self.out / "recipe.json"
         if saved.is_file():
             old = json.loads(saved.read_text())
-            diff = sorted(k for k in set(old) | set(r.to_dict()) if k not in ("tiny", "mixes", "threads")
-                          and old.get(k) != r.to_dict().get(k))
+            diff = sorted(
+                k
+                for k in set(old) | set(r.to_dict())
+                if k not in ("tiny", "mixes", "threads") and old.get(k) != r.to_dict().get(k)
+            )
             if diff:
-                raise UpcycleError(f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
-                                   "pass --overwrite or another --out")
+                raise UpcycleError(
+                    f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
+                    "pass --overwrite or another --out"
+                )
         saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
         t0 = time.perf_counter()
         docs = {}
@@ -224,16 +242,28 @@ class BamExperiment:
         union_train = union_train[torch.randperm(union_train.shape[0], generator=g)]
         n_val = min(p.val.shape[0] for p in domain.values())
         val_eq = torch.cat([p.val[:n_val] for p in domain.values()])
-        union = PackedData(union_train, val_eq, {"source": "union of " + ", ".join(domain),
-                                                 "train_sequences": int(union_train.shape[0])})
+        union = PackedData(
+            union_train,
+            val_eq,
+            {"source": "union of " + ", ".join(domain), "train_sequences": int(union_train.shape[0])},
+        )
         per = math.ceil(r.mix_steps * r.batch_size / len(domain))
         mix_train = torch.cat([_sample(p.train, per, r.seed + 11 + j) for j, p in enumerate(domain.values())])
         mix_train = mix_train[torch.randperm(mix_train.shape[0], generator=g)]
-        mix = PackedData(mix_train, val_eq, {"source": "equal mix of " + ", ".join(domain),
-                                             "train_sequences": int(mix_train.shape[0])})
-        self.info_data = {name: {"documents": p.info["documents"], "train_sequences": p.info["train_sequences"],
-                                 "val_sequences": p.info["val_sequences"], "eval_sequences": int(p.val.shape[0])}
-                          for name, p in domain.items()}
+        mix = PackedData(
+            mix_train,
+            val_eq,
+            {"source": "equal mix of " + ", ".join(domain), "train_sequences": int(mix_train.shape[0])},
+        )
+        self.info_data = {
+            name: {
+                "documents": p.info["documents"],
+                "train_sequences": p.info["train_sequences"],
+                "val_sequences": p.info["val_sequences"],
+                "eval_sequences": int(p.val.shape[0]),
+            }
+            for name, p in domain.items()
+        }
         sizes = ", ".join(f"{k} {v['train_sequences']} train seqs" for k, v in self.info_data.items())
         self.log(f"data: {sizes} of {r.seq_len} tokens ({time.perf_counter() - t0:.0f}s)")
         return _Data(domain, union, mix)
@@ -242,10 +272,20 @@ class BamExperiment:
         from .train import TrainConfig
 
         r = self.r
-        return TrainConfig(lr=lr, min_lr=min_lr, warmup=min(r.warmup, max(1, steps // 5)), steps=steps,
-                           batch_size=r.batch_size, seq_len=r.seq_len, eval_every=eval_every,
-                           eval_batches=r.eval_batches, checkpoint_every=0, keep_checkpoints=1, seed=r.seed,
-                           log_every=1)
+        return TrainConfig(
+            lr=lr,
+            min_lr=min_lr,
+            warmup=min(r.warmup, max(1, steps // 5)),
+            steps=steps,
+            batch_size=r.batch_size,
+            seq_len=r.seq_len,
+            eval_every=eval_every,
+            eval_batches=r.eval_batches,
+            checkpoint_every=0,
+            keep_checkpoints=1,
+            seed=r.seed,
+            log_every=1,
+        )
 
     def _train(self, name: str, model, data, config, stops: tuple[int, ...] = (), at_stop=None) -> dict:
         """One training run into runs/NAME (kept when it finished before: returns its summary)."""
@@ -259,8 +299,17 @@ class BamExperiment:
         t0 = time.perf_counter()
         for stop in [s for s in stops if 0 < s < config.steps] + [None]:
             resume = bool(d.exists() and checkpoints(d))
-            train(model, data, config, d, resume=resume, overwrite=not resume, tokenizer=self.tokenizer,
-                  progress=self.progress, stop_at=stop)
+            train(
+                model,
+                data,
+                config,
+                d,
+                resume=resume,
+                overwrite=not resume,
+                tokenizer=self.tokenizer,
+                progress=self.progress,
+                stop_at=stop,
+            )
             if stop is not None and at_stop is not None:
                 at_stop(stop, model)
         s = json.loads((d / "summary.json").read_text())
@@ -305,27 +354,48 @@ class BamExperiment:
         torch.manual_seed(r.seed)
         cfg = cohere_config(r, len(self.tokenizer), self.tokenizer.eos_token_id)
         seed_model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        s = self._train("seed", seed_model, data.union,
-                        self.tconfig(r.pretrain_steps, r.pretrain_lr, r.pretrain_lr / 10, 0))
+        s = self._train(
+            "seed", seed_model, data.union, self.tconfig(r.pretrain_steps, r.pretrain_lr, r.pretrain_lr / 10, 0)
+        )
         seed_dir = self.runs / "seed" / "model"
         if "seed" not in evals:
-            record("seed", {"ppl": self.ppl(load_dense(seed_dir), data), "steps": s["steps"], "tokens": s["tokens"],
-                            "flops": s["flops"]})
+            record(
+                "seed",
+                {
+                    "ppl": self.ppl(load_dense(seed_dir), data),
+                    "steps": s["steps"],
+                    "tokens": s["tokens"],
+                    "flops": s["flops"],
+                },
+            )
         # specialists
         dirs = [seed_dir]
         for name, p in data.domain.items():
             run = f"expert_{name}"
-            s = self._train(run, load_dense(seed_dir), with_general(p, data.union, r.general_share, r.seed),
-                            self.tconfig(r.branch_steps, r.branch_lr, r.branch_lr / 10, 0))
+            s = self._train(
+                run,
+                load_dense(seed_dir),
+                with_general(p, data.union, r.general_share, r.seed),
+                self.tconfig(r.branch_steps, r.branch_lr, r.branch_lr / 10, 0),
+            )
             dirs.append(self.runs / run / "model")
             if run not in evals:
-                record(run, {"ppl": self.ppl(load_dense(dirs[-1]), data), "steps": s["steps"], "tokens": s["tokens"],
-                             "flops": s["flops"]})
+                record(
+                    run,
+                    {
+                        "ppl": self.ppl(load_dense(dirs[-1]), data),
+                        "steps": s["steps"],
+                        "tokens": s["tokens"],
+                        "flops": s["flops"],
+                    },
+                )
         # mixtures
         N = len(dirs)
-        plans = {"btx": BamPlan.for_method("btx", N, seed=r.seed),
-                 "bam": BamPlan.for_method("bam", N, seed=r.seed),
-                 "bam_shared": BamPlan.for_method("bam", N, kv="shared", seed=r.seed)}
+        plans = {
+            "btx": BamPlan.for_method("btx", N, seed=r.seed),
+            "bam": BamPlan.for_method("bam", N, seed=r.seed),
+            "bam_shared": BamPlan.for_method("bam", N, kv="shared", seed=r.seed),
+        }
         order = ["btx"] + [m for m in r.mixes if m != "btx"]  # BTX first: its FLOPs set the compute match
         fpt: dict[str, int] = {}
         btx_flops = None
@@ -342,18 +412,33 @@ class BamExperiment:
                 cm_step = max(1, min(r.mix_steps, round(btx_flops / (fpt[m] * tps))))
 
             def at_stop(step, mdl, m=m):
-                record(f"{m}_cm", {"ppl": self.ppl(mdl, data), "steps": step, "tokens": step * tps,
-                                   "flops": step * tps * fpt[m]})
+                record(
+                    f"{m}_cm",
+                    {"ppl": self.ppl(mdl, data), "steps": step, "tokens": step * tps, "flops": step * tps * fpt[m]},
+                )
                 mdl.train()
 
             key = f"{m}_dm" if m != "btx" else "btx"
             if key in evals and (self.runs / m / "summary.json").is_file():
                 s = json.loads((self.runs / m / "summary.json").read_text())
             else:
-                s = self._train(m, model, data.mix, self.tconfig(r.mix_steps, r.mix_lr, r.mix_lr, r.eval_every),
-                                stops=(cm_step,) if cm_step else (), at_stop=at_stop)
-                record(key, {"ppl": self.ppl(load(self.runs / m / "model"), data), "steps": s["steps"],
-                             "tokens": s["tokens"], "flops": s["flops"]})
+                s = self._train(
+                    m,
+                    model,
+                    data.mix,
+                    self.tconfig(r.mix_steps, r.mix_lr, r.mix_lr, r.eval_every),
+                    stops=(cm_step,) if cm_step else (),
+                    at_stop=at_stop,
+                )
+                record(
+                    key,
+                    {
+                        "ppl": self.ppl(load(self.runs / m / "model"), data),
+                        "steps": s["steps"],
+                        "tokens": s["tokens"],
+                        "flops": s["flops"],
+                    },
+                )
             if m == "btx":
                 btx_flops = s["flops"]
             if cm_step is not None and cm_step >= r.mix_steps and f"{m}_cm" not in evals:
@@ -362,16 +447,28 @@ class BamExperiment:
         costs = {}
         vocab = len(self.tokenizer)
         for key, path, loader in [("dense", seed_dir, load_dense)] + [
-                (m, self.runs / m / "model", load) for m in order if m in r.mixes]:
+            (m, self.runs / m / "model", load) for m in order if m in r.mixes
+        ]:
             model = loader(path)
             gen, fwd = latency(model, vocab, r.latency_prompt, r.latency_new_tokens, r.seq_len, r.latency_repeats)
-            costs[key] = {"flops_per_token": flops_per_token(model, r.seq_len),
-                          "active_params": active_params(model),
-                          "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-                          "ms_per_token_generate": gen, "ms_per_forward": fwd}
-        info = {"recipe": r.to_dict(), "machine": machine(), "data": self.info_data, "num_experts": N,
-                "command": self.command, "wall_s": time.perf_counter() - t_start, "costs": costs,
-                "btx_flops": btx_flops, "tokenizer": f"byte-level BPE, {vocab} tokens"}
+            costs[key] = {
+                "flops_per_token": flops_per_token(model, r.seq_len),
+                "active_params": active_params(model),
+                "total_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                "ms_per_token_generate": gen,
+                "ms_per_forward": fwd,
+            }
+        info = {
+            "recipe": r.to_dict(),
+            "machine": machine(),
+            "data": self.info_data,
+            "num_experts": N,
+            "command": self.command,
+            "wall_s": time.perf_counter() - t_start,
+            "costs": costs,
+            "btx_flops": btx_flops,
+            "tokenizer": f"byte-level BPE, {vocab} tokens",
+        }
         rows = self.rows(evals, costs)
         curves = {m: _curve(self.runs / m / "metrics.csv") for m in r.mixes}
         self.write(rows, curves, info)
@@ -423,52 +520,76 @@ def results_markdown(rows: list[dict], info: dict) -> str:
     r, m = info["recipe"], info["machine"]
     names = list(r["domains"])
     mm = r["model"]
-    lines = [f"# {r['name']}: BAM vs BTX, per-domain perplexity", "",
-             f"Seed: transformers' Cohere block (parallel attention: y = x + Attn(LN x) + MLP(LN x)), "
-             f"d={mm['hidden_size']}, d_ff={mm['intermediate_size']}, {mm['num_layers']} layers, {mm['num_heads']} "
-             f"heads / {mm.get('num_kv_heads', mm['num_heads'])} KV heads, {info['tokenizer']}, tied embeddings, "
-             f"pretrained from scratch for {r['pretrain_steps']} steps of {r['batch_size']} x {r['seq_len']} tokens "
-             f"on the union of the domains.",
-             f"Specialists: {r['branch_steps']} steps each on their domain with {r['general_share']:.0%} of the "
-             f"union mixed in. Mixtures (N = {info['num_experts']}: the seed + {len(names)} specialists): "
-             f"{r['mix_steps']} steps on an equal mix of the domains, constant LR {r['mix_lr']} after warmup. "
-             "DM = data matched (same tokens as BTX); CM = compute matched (the step where the arm's training "
-             "FLOPs reach BTX's total).",
-             "Domains: " + ", ".join(f"`{k}` = {v} ({info['data'][k]['train_sequences']:,} train sequences, "
-                                     f"{info['data'][k]['eval_sequences']} held-out sequences evaluated)"
-                                     for k, v in r["domains"].items()) + ".",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {r['threads']} torch thread(s), shared with other jobs "
-             f"(load average {m.get('load_average_1min', '?')} at the end), torch {m['torch']}; the whole "
-             f"experiment took {info['wall_s'] / 60:.1f} min.", ""]
+    lines = [
+        f"# {r['name']}: BAM vs BTX, per-domain perplexity",
+        "",
+        f"Seed: transformers' Cohere block (parallel attention: y = x + Attn(LN x) + MLP(LN x)), "
+        f"d={mm['hidden_size']}, d_ff={mm['intermediate_size']}, {mm['num_layers']} layers, {mm['num_heads']} "
+        f"heads / {mm.get('num_kv_heads', mm['num_heads'])} KV heads, {info['tokenizer']}, tied embeddings, "
+        f"pretrained from scratch for {r['pretrain_steps']} steps of {r['batch_size']} x {r['seq_len']} tokens "
+        f"on the union of the domains.",
+        f"Specialists: {r['branch_steps']} steps each on their domain with {r['general_share']:.0%} of the "
+        f"union mixed in. Mixtures (N = {info['num_experts']}: the seed + {len(names)} specialists): "
+        f"{r['mix_steps']} steps on an equal mix of the domains, constant LR {r['mix_lr']} after warmup. "
+        "DM = data matched (same tokens as BTX); CM = compute matched (the step where the arm's training "
+        "FLOPs reach BTX's total).",
+        "Domains: "
+        + ", ".join(
+            f"`{k}` = {v} ({info['data'][k]['train_sequences']:,} train sequences, "
+            f"{info['data'][k]['eval_sequences']} held-out sequences evaluated)"
+            for k, v in r["domains"].items()
+        )
+        + ".",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {r['threads']} torch thread(s), shared with other jobs "
+        f"(load average {m.get('load_average_1min', '?')} at the end), torch {m['torch']}; the whole "
+        f"experiment took {info['wall_s'] / 60:.1f} min.",
+        "",
+    ]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
-    lines += ["## Perplexity on held-out documents (lower is better)", "",
-              "| model | " + " | ".join(names) + " | average | steps | training FLOPs |",
-              "|" + "---|" * (len(names) + 4)]
+    lines += [
+        "## Perplexity on held-out documents (lower is better)",
+        "",
+        "| model | " + " | ".join(names) + " | average | steps | training FLOPs |",
+        "|" + "---|" * (len(names) + 4),
+    ]
     mixtures = [x for x in rows if x["kind"] == "mixture"]
     best = min(x["ppl_avg"] for x in mixtures) if mixtures else None
     for x in rows:
         avg = f"{x['ppl_avg']:.2f}"
         if x["kind"] == "mixture" and x["ppl_avg"] == best:
             avg = f"**{avg}**"
-        lines.append(f"| {x['model']} | " + " | ".join(f"{x['ppl_' + n]:.2f}" for n in names) +
-                     f" | {avg} | {x['steps']} | {x['train_flops']:.3g} |")
+        lines.append(
+            f"| {x['model']} | "
+            + " | ".join(f"{x['ppl_' + n]:.2f}" for n in names)
+            + f" | {avg} | {x['steps']} | {x['train_flops']:.3g} |"
+        )
     lines += ["", "Seed and specialists: steps and FLOPs of their own training (the seed's pretraining for the seed)."]
     lines += _findings(rows)
     lines += [
-              "", "## Cost per token", "",
-              "| model | total params | active params | training FLOPs / token | forward FLOPs / token | "
-              "greedy generation, KV cache (ms / token) | forward of "
-              f"{r['seq_len']} tokens (ms) |", "|---|---|---|---|---|---|---|"]
+        "",
+        "## Cost per token",
+        "",
+        "| model | total params | active params | training FLOPs / token | forward FLOPs / token | "
+        "greedy generation, KV cache (ms / token) | forward of "
+        f"{r['seq_len']} tokens (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     labels = {"dense": "dense (seed, each specialist)", **LABELS}
     for k, c in info["costs"].items():
-        lines.append(f"| {labels[k]} | {c['total_params']:,} | {c['active_params']:,} | {c['flops_per_token']:,} | "
-                     f"{c['flops_per_token'] / 3:,.0f} | {c['ms_per_token_generate']:.2f} | {c['ms_per_forward']:.1f} |")
-    lines += ["", "FLOPs: `upcycle.train.flops_per_token` (6 x active parameters + 12 x layers x attention width x "
-              "seq_len, forward + backward; FFN experts counted top-k times, every attention expert counted (soft "
-              "routing), routers included; forward = one third). Latency: batch 1, "
-              f"{r['latency_prompt']}-token prompt, {r['latency_new_tokens']} greedy tokens, median of "
-              f"{r['latency_repeats']}, on a shared CPU (indicative only).", ""]
+        lines.append(
+            f"| {labels[k]} | {c['total_params']:,} | {c['active_params']:,} | {c['flops_per_token']:,} | "
+            f"{c['flops_per_token'] / 3:,.0f} | {c['ms_per_token_generate']:.2f} | {c['ms_per_forward']:.1f} |"
+        )
+    lines += [
+        "",
+        "FLOPs: `upcycle.train.flops_per_token` (6 x active parameters + 12 x layers x attention width x "
+        "seq_len, forward + backward; FFN experts counted top-k times, every attention expert counted (soft "
+        "routing), routers included; forward = one third). Latency: batch 1, "
+        f"{r['latency_prompt']}-token prompt, {r['latency_new_tokens']} greedy tokens, median of "
+        f"{r['latency_repeats']}, on a shared CPU (indicative only).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -483,14 +604,18 @@ def _findings(rows: list[dict]) -> list[str]:
     for name in ("BAM, KV experts (DM)", "BAM, KV experts (CM)", "BAM, KV shared (DM)", "BAM, KV shared (CM)"):
         if name in by:
             d = 100 * (by[name] - btx) / btx
-            out.append(f"- {name}: average perplexity {by[name]:.2f} vs BTX {btx:.2f} "
-                       f"({d:+.1f}%: BAM {'<' if by[name] < btx else '>='} BTX)")
+            out.append(
+                f"- {name}: average perplexity {by[name]:.2f} vs BTX {btx:.2f} "
+                f"({d:+.1f}%: BAM {'<' if by[name] < btx else '>='} BTX)"
+            )
     for tag in ("DM", "CM"):
         e, s = by.get(f"BAM, KV experts ({tag})"), by.get(f"BAM, KV shared ({tag})")
         if e is not None and s is not None:
             between = min(e, btx) <= s <= max(e, btx)
-            out.append(f"- {tag}: KV shared {s:.2f} is {'between' if between else 'not between'} KV experts {e:.2f} "
-                       f"and BTX {btx:.2f}")
+            out.append(
+                f"- {tag}: KV shared {s:.2f} is {'between' if between else 'not between'} KV experts {e:.2f} "
+                f"and BTX {btx:.2f}"
+            )
     return out
 
 
@@ -504,13 +629,29 @@ def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
     colours = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(MIXES)}
     for m, pts in curves.items():
         if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "-o", ms=3, color=colours[m], lw=1.6,
-                    label=f"{LABELS[m]}  ({pts[-1][1]:.3f})")
+            ax.plot(
+                [x for x, _ in pts],
+                [y for _, y in pts],
+                "-o",
+                ms=3,
+                color=colours[m],
+                lw=1.6,
+                label=f"{LABELS[m]}  ({pts[-1][1]:.3f})",
+            )
     if info.get("btx_flops"):
         ax.axvline(info["btx_flops"], color="0.5", ls=":", lw=1.0)
-        ax.annotate("BTX's compute (CM)", (info["btx_flops"], 0.97), xycoords=("data", "axes fraction"),
-                    rotation=90, ha="right", va="top", fontsize=9, color="0.35", xytext=(-3, 0),
-                    textcoords="offset points")
+        ax.annotate(
+            "BTX's compute (CM)",
+            (info["btx_flops"], 0.97),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=9,
+            color="0.35",
+            xytext=(-3, 0),
+            textcoords="offset points",
+        )
     ax.set_xlabel("mixture training FLOPs")
     ax.set_ylabel("validation loss (equal mix of the domains)")
     ax.set_title(f"{info['recipe']['name']}: mixture training", loc="left", fontweight="bold")
@@ -522,9 +663,16 @@ def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
     for i, x in enumerate(rows):
         vals = [x[f"ppl_{d}"] for d in names]
         c = "0.35" if x["model"] == "seed" else ("0.7" if x["kind"] == "dense" else PALETTE[(i + 1) % len(PALETTE)])
-        ax2.bar([j + (i - n / 2 + 0.5) * width for j in range(len(names))], vals, width, color=c,
-                edgecolor="white", lw=0.5, label=x["model"],
-                hatch="//" if "(CM)" in x["model"] else None)
+        ax2.bar(
+            [j + (i - n / 2 + 0.5) * width for j in range(len(names))],
+            vals,
+            width,
+            color=c,
+            edgecolor="white",
+            lw=0.5,
+            label=x["model"],
+            hatch="//" if "(CM)" in x["model"] else None,
+        )
     ax2.set_xticks(range(len(names)), names)
     ax2.set_yscale("log")
     ax2.set_ylabel("perplexity (log scale)")

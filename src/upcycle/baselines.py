@@ -49,13 +49,15 @@ def _empty_model(config) -> nn.Module:
     except ImportError:  # pragma: no cover - older layout
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=config.dtype if isinstance(config.dtype, torch.dtype)
-                                                else None)
+        return AutoModelForCausalLM.from_config(
+            config, dtype=config.dtype if isinstance(config.dtype, torch.dtype) else None
+        )
 
 
 @torch.no_grad()
-def depth_tile(model: nn.Module, num_layers: int | None = None, factor: float | None = None,
-               mode: str = "stack") -> nn.Module:
+def depth_tile(
+    model: nn.Module, num_layers: int | None = None, factor: float | None = None, mode: str = "stack"
+) -> nn.Module:
     """A deeper dense model warm-started from `model` by repeating its layers (Sparse Upcycling's "dense
     upcycling" baseline; the paper cites Rae et al. 2021 for warm-starting deeper models).
 
@@ -83,8 +85,7 @@ def depth_tile(model: nn.Module, num_layers: int | None = None, factor: float | 
     setattr(new_config, adapter.layers_key, target)
     if getattr(new_config, "layer_types", None) is not None:  # per-layer attention kinds (sliding window)
         new_config.layer_types = [config.layer_types[s] for s in src]
-    if getattr(new_config, "max_window_layers", None) is not None and getattr(new_config, "use_sliding_window",
-                                                                              False):
+    if getattr(new_config, "max_window_layers", None) is not None and getattr(new_config, "use_sliding_window", False):
         raise UpcycleError("depth_tile: models with max_window_layers sliding attention are not supported yet")
     ref = next(model.parameters())
     new_config.dtype = ref.dtype
@@ -103,8 +104,9 @@ def depth_tile(model: nn.Module, num_layers: int | None = None, factor: float | 
     tied = set(getattr(new, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise UpcycleError(f"depth_tile: weights do not fit the deeper model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise UpcycleError(
+            f"depth_tile: weights do not fit the deeper model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     new.tie_weights()
     for j, block in enumerate(adapter.layer_list(new)):  # the constructor numbers them; make sure
         for m in block.modules():
@@ -156,12 +158,17 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
         block.router.weight.copy_(init_router(plan, i, block.router.weight.shape[1], block.router.weight.dtype))
         if block.shared_expert is not None:  # like the experts; the gate row starts at zero (gate 1/2)
             for name, p in block.shared_expert.named_parameters():
-                p.copy_(torch.zeros_like(p) if name.startswith("gate.") else
-                        torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+                p.copy_(
+                    torch.zeros_like(p)
+                    if name.startswith("gate.")
+                    else torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+                )
     from .surgery import applied_plan
 
-    model.config.upcycle = applied_plan(plan, model.config, model).to_dict() | {"moe_layers": layers,
-                                                                                "init": "from_scratch"}
+    model.config.upcycle = applied_plan(plan, model.config, model).to_dict() | {
+        "moe_layers": layers,
+        "init": "from_scratch",
+    }
     return model.eval()
 
 

@@ -63,28 +63,54 @@ def with_general(domain: PackedData, general: PackedData | None, share: float, s
         idx = idx.repeat(-(-n_gen // pool.shape[0]))
     mixed = torch.cat([domain.train, pool[idx[:n_gen]]])
     mixed = mixed[torch.randperm(mixed.shape[0], generator=g)]
-    info = dict(domain.info, general_share=share, general_sequences=n_gen, train_sequences=int(mixed.shape[0]),
-                general_source=general.info.get("source"))
+    info = dict(
+        domain.info,
+        general_share=share,
+        general_sequences=n_gen,
+        train_sequences=int(mixed.shape[0]),
+        general_source=general.info.get("source"),
+    )
     return PackedData(mixed, domain.val, info)
 
 
-def branch_data(domains: Sequence[tuple[str, str]], tokenizer, seq_len: int, general: str | None,
-                general_share: float, val_fraction: float = 0.05, seed: int = 0, cache_dir=None,
-                text_field: str = "text", chunk_chars: int = 8192) -> dict[str, PackedData]:
+def branch_data(
+    domains: Sequence[tuple[str, str]],
+    tokenizer,
+    seq_len: int,
+    general: str | None,
+    general_share: float,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    cache_dir=None,
+    text_field: str = "text",
+    chunk_chars: int = 8192,
+) -> dict[str, PackedData]:
     docs = {name: documents(spec, seed, text_field, chunk_chars) for name, spec in domains}
-    packed = {name: pack_documents(d, tokenizer, seq_len, val_fraction, seed, cache_dir, source=dict(domains)[name])
-              for name, d in docs.items()}
+    packed = {
+        name: pack_documents(d, tokenizer, seq_len, val_fraction, seed, cache_dir, source=dict(domains)[name])
+        for name, d in docs.items()
+    }
     gen = None
     if general_share > 0:
-        gen_docs = (documents(general, seed, text_field, chunk_chars) if general else
-                    [x for d in docs.values() for x in d])
-        gen = pack_documents(gen_docs, tokenizer, seq_len, val_fraction, seed, cache_dir,
-                             source=general or "union of the domains")
+        gen_docs = (
+            documents(general, seed, text_field, chunk_chars) if general else [x for d in docs.values() for x in d]
+        )
+        gen = pack_documents(
+            gen_docs, tokenizer, seq_len, val_fraction, seed, cache_dir, source=general or "union of the domains"
+        )
     return {name: with_general(p, gen, general_share, seed) for name, p in packed.items()}
 
 
-def branch(seed_dir: str | Path, data: dict[str, PackedData], config, out_dir: str | Path, tokenizer=None,
-           progress: bool = True, overwrite: bool = False, log=print) -> dict[str, Path]:
+def branch(
+    seed_dir: str | Path,
+    data: dict[str, PackedData],
+    config,
+    out_dir: str | Path,
+    tokenizer=None,
+    progress: bool = True,
+    overwrite: bool = False,
+    log=print,
+) -> dict[str, Path]:
     """Train one copy of the seed per domain into OUT/NAME (a `train` run; the model in OUT/NAME/model).
     A domain whose run finished before (summary.json) is kept. Returns {name: model directory}."""
     from .native import load_any
@@ -96,15 +122,18 @@ def branch(seed_dir: str | Path, data: dict[str, PackedData], config, out_dir: s
         if (run / "summary.json").is_file() and (run / "model").is_dir() and not overwrite:
             log(f"branch {name}: finished before, keeping {run / 'model'}")
         else:
-            log(f"branch {name}: {d.info['train_sequences']} sequences ({d.info.get('general_sequences', 0)} "
-                f"general) x {config.seq_len} tokens, {config.total_steps()} steps")
+            log(
+                f"branch {name}: {d.info['train_sequences']} sequences ({d.info.get('general_sequences', 0)} "
+                f"general) x {config.seq_len} tokens, {config.total_steps()} steps"
+            )
             model = load_any(seed_dir, dtype=torch.float32)
             from .train import train
 
             train(model, d, config, run, overwrite=True, tokenizer=tokenizer, source_dir=seed_dir, progress=progress)
         out[name] = run / "model"
-    (out_dir / "branches.json").write_text(json.dumps(
-        {"seed": str(seed_dir), "branches": {k: str(v) for k, v in out.items()}}, indent=1) + "\n")
+    (out_dir / "branches.json").write_text(
+        json.dumps({"seed": str(seed_dir), "branches": {k: str(v) for k, v in out.items()}}, indent=1) + "\n"
+    )
     return out
 
 

@@ -27,21 +27,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_config_flags(p)
     p.conflict_handler = p._optionals.conflict_handler = "resolve"  # --seed: the seed model; training: --train-seed
     p.add_argument("--seed", type=Path, required=True, help="seed dense model directory (transformers, safetensors)")
-    p.add_argument("--train-seed", "--train_seed", type=int, dest="cfg_seed", default=argparse.SUPPRESS,
-                   help="the training field `seed` (data order, split, RNGs; default 0)")
-    p.add_argument("--domains", nargs="+", required=True, metavar="NAME=DATA",
-                   help="one per branch: name=path or name=corpus:python|man|pypi[:MAX_CHARS]")
+    p.add_argument(
+        "--train-seed",
+        "--train_seed",
+        type=int,
+        dest="cfg_seed",
+        default=argparse.SUPPRESS,
+        help="the training field `seed` (data order, split, RNGs; default 0)",
+    )
+    p.add_argument(
+        "--domains",
+        nargs="+",
+        required=True,
+        metavar="NAME=DATA",
+        help="one per branch: name=path or name=corpus:python|man|pypi[:MAX_CHARS]",
+    )
     p.add_argument("--out", type=Path, required=True, help="directory of the branch runs")
     p.add_argument("--general", help="general data mixed into every branch (default: the union of the domains)")
-    p.add_argument("--general-share", "--general_share", type=float, default=0.1,
-                   help="share of each branch's training sequences from the general data (default 0.1, as BAM)")
+    p.add_argument(
+        "--general-share",
+        "--general_share",
+        type=float,
+        default=0.1,
+        help="share of each branch's training sequences from the general data (default 0.1, as BAM)",
+    )
     p.add_argument("--config", type=Path, help="training config YAML (keys = the training fields below)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --seed's)")
-    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.05,
-                   help="share of documents held out for validation (default 0.05)")
+    p.add_argument(
+        "--val-fraction",
+        "--val_fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation (default 0.05)",
+    )
     p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument("--chunk-chars", "--chunk_chars", type=int, default=8192,
-                   help="text files are cut at blank lines into documents of about this many characters")
+    p.add_argument(
+        "--chunk-chars",
+        "--chunk_chars",
+        type=int,
+        default=8192,
+        help="text files are cut at blank lines into documents of about this many characters",
+    )
     p.add_argument("--overwrite", action="store_true", help="retrain branches that finished before")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -65,10 +91,28 @@ def run(args: argparse.Namespace) -> int:
     if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
         raise UpcycleError(f"no tokenizer files in {tok_dir}; pass --tokenizer DIR")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    data = branch_data(domains, tokenizer, config.seq_len, args.general, args.general_share, args.val_fraction,
-                       config.seed, cache_root() / "tokens", args.text_field, args.chunk_chars)
-    out = branch(args.seed, data, config, args.out, tokenizer=tokenizer, progress=not args.quiet,
-                 overwrite=args.overwrite, log=log_stderr)
+    data = branch_data(
+        domains,
+        tokenizer,
+        config.seq_len,
+        args.general,
+        args.general_share,
+        args.val_fraction,
+        config.seed,
+        cache_root() / "tokens",
+        args.text_field,
+        args.chunk_chars,
+    )
+    out = branch(
+        args.seed,
+        data,
+        config,
+        args.out,
+        tokenizer=tokenizer,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        log=log_stderr,
+    )
     print("branches: " + " ".join(str(v) for v in out.values()))
     print(f"mix them: upcycle bam --seed {args.seed} --experts {' '.join(str(v) for v in out.values())} --out DIR")
     return 0

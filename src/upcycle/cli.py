@@ -27,7 +27,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Commands that live in their own modules: each has HELP, add_arguments(parser) and run(args) -> int,
 # and imports anything heavy inside run().
 EXTRA_COMMANDS: dict[str, str] = {
-    "bam": "upcycle.bam_cli", "bam-experiment": "upcycle.bam_experiment", "branch": "upcycle.branch_cli",
+    "bam": "upcycle.bam_cli",
+    "bam-experiment": "upcycle.bam_experiment",
+    "branch": "upcycle.branch_cli",
     "btx": "upcycle.btx_cli",
     "export": "upcycle.export_cli",
     "eval": "upcycle.eval_cli",
@@ -48,8 +50,13 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, dest_prefix: str = "",
-                        types_: dict[str, typing.Callable] | None = None) -> None:
+def add_dataclass_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    dest_prefix: str = "",
+    types_: dict[str, typing.Callable] | None = None,
+) -> None:
     """One flag per field of the dataclass `cls`, named like its YAML key (`--num_experts` and
     `--num-experts`), typed from its annotation (`types_` overrides), absent from the namespace unless given."""
     g = p.add_argument_group(title)
@@ -68,15 +75,22 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, title: str, dest_
         else:
             kind = str
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        g.add_argument(*names, dest=dest_prefix + f.name, type=kind, default=argparse.SUPPRESS,
-                       metavar=f.name.upper(), choices=f.metadata.get("choices"),
-                       help=f.metadata.get("help", "") + ("" if "default:" in f.metadata.get("help", "")
-                                                           else f" (default: {f.default})"))
+        g.add_argument(
+            *names,
+            dest=dest_prefix + f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help", "")
+            + ("" if "default:" in f.metadata.get("help", "") else f" (default: {f.default})"),
+        )
 
 
 def _add_plan_flags(p: argparse.ArgumentParser) -> None:
-    add_dataclass_flags(p, UpcyclePlan, "plan fields (same names as the YAML keys; override --plan)",
-                        types_={"layers": str})
+    add_dataclass_flags(
+        p, UpcyclePlan, "plan fields (same names as the YAML keys; override --plan)", types_={"layers": str}
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"upcycle {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("sparse", help="sparse upcycling of a dense checkpoint",
-                       description="Sparse upcycling: chosen MLPs become MoE layers of copied experts.")
+    s = sub.add_parser(
+        "sparse",
+        help="sparse upcycling of a dense checkpoint",
+        description="Sparse upcycling: chosen MLPs become MoE layers of copied experts.",
+    )
     s.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
     s.add_argument("--plan", type=Path, help="plan YAML file")
     s.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
@@ -95,14 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--stream", type=_bool, default=True, metavar="BOOL",
-                   help="convert tensor by tensor without loading the model (default true; false: load the model "
-                        "with transformers, upcycle it in memory, then save)")
-    s.add_argument("--format", choices=("native", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"), default="native",
-                   help="native (upcycle.load reads it) or a stock transformers MoE class, written directly "
-                        "(refused with the reasons when that class cannot represent the plan exactly)")
-    s.add_argument("--layout", choices=("legacy", "fused"), default="legacy",
-                   help="stock formats: expert tensors one per expert (default) or fused 3-D")
+    s.add_argument(
+        "--stream",
+        type=_bool,
+        default=True,
+        metavar="BOOL",
+        help="convert tensor by tensor without loading the model (default true; false: load the model "
+        "with transformers, upcycle it in memory, then save)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("native", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"),
+        default="native",
+        help="native (upcycle.load reads it) or a stock transformers MoE class, written directly "
+        "(refused with the reasons when that class cannot represent the plan exactly)",
+    )
+    s.add_argument(
+        "--layout",
+        choices=("legacy", "fused"),
+        default="legacy",
+        help="stock formats: expert tensors one per expert (default) or fused 3-D",
+    )
     _add_plan_flags(s)
 
     c = sub.add_parser("check", help="function-preservation figures of an upcycled model against its dense source")
@@ -119,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module in EXTRA_COMMANDS.items():
         mod = importlib.import_module(module)
-        sp = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(
+            name, help=mod.HELP, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod.add_arguments(sp)
     return p
 
@@ -145,8 +176,11 @@ def family_plan(plan: UpcyclePlan, config, adapter) -> UpcyclePlan:
 
     out = applied_plan(plan, config)
     if plan.router is None and out.router == "expert_choice":
-        print(f"note: {adapter.family}: expert-choice routing (C = {out.capacity:g}, normalised), the paper's recipe "
-              "for encoders and vision; --router topk for token choice", file=sys.stderr)
+        print(
+            f"note: {adapter.family}: expert-choice routing (C = {out.capacity:g}, normalised), the paper's recipe "
+            "for encoders and vision; --router topk for token choice",
+            file=sys.stderr,
+        )
     return out
 
 
@@ -202,8 +236,10 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     layers = select_layers(plan.layers, adapter.dims(config)[0])
     files = weight_files(model_dir)
     if not files:
-        raise UpcycleError(f"{model_dir}: no safetensors weights (model.safetensors or {model_dir}/"
-                           "model.safetensors.index.json); convert the checkpoint to safetensors first")
+        raise UpcycleError(
+            f"{model_dir}: no safetensors weights (model.safetensors or {model_dir}/"
+            "model.safetensors.index.json); convert the checkpoint to safetensors first"
+        )
 
     if args.format != "native":
         from .export import check_exportable
@@ -229,17 +265,35 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     if args.format != "native":
         from .export import export
 
-        export(model, args.format, args.out, layout=args.layout, plan=plan, max_shard_size=args.max_shard_size,
-               overwrite=args.overwrite, progress=not args.quiet, source_dir=model_dir)
+        export(
+            model,
+            args.format,
+            args.out,
+            layout=args.layout,
+            plan=plan,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            source_dir=model_dir,
+        )
     else:
-        save(model, plan, args.out, source_dir=model_dir, source_hashes=sha256_files(files),
-             max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet)
+        save(
+            model,
+            plan,
+            args.out,
+            source_dir=model_dir,
+            source_hashes=sha256_files(files),
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
     return 0
 
 
-def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int],
-                      dtype, t0: float) -> None:
+def _sparse_streaming(
+    args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int], dtype, t0: float
+) -> None:
     """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
     from .stream import meta_model, stream_upcycle
     from .surgery import convert_structure
@@ -251,31 +305,51 @@ def _sparse_streaming(args: argparse.Namespace, plan: UpcyclePlan, model_dir: Pa
 
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
         st = upcycled_structure(plan, config)
-        transform = lambda items: stock_items(items, args.format, cfg, layers, layout=args.layout,  # noqa: E731
-                                              structure=st)
+        transform = lambda items: stock_items(
+            items,
+            args.format,
+            cfg,
+            layers,
+            layout=args.layout,  # noqa: E731
+            structure=st,
+        )
         write_config = lambda c, d: stock_config(  # noqa: E731
-            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers,
-            structure=st).save_pretrained(d)
-    stream_upcycle(model_dir, plan, args.out, dtype=None if dtype == "auto" else dtype,
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
-                   transform=transform, write_config=write_config)
+            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers, structure=st
+        ).save_pretrained(d)
+    stream_upcycle(
+        model_dir,
+        plan,
+        args.out,
+        dtype=None if dtype == "auto" else dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        transform=transform,
+        write_config=write_config,
+    )
     model = meta_model(config)  # parameter counts from shapes alone
     dense_total = _num_params(model)
     convert_structure(model, plan)
     _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
 
 
-def _report(args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int,
-            t0: float) -> None:
+def _report(
+    args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int, t0: float
+) -> None:
     from .adapters import adapter_for
     from .layers import select_layers
 
     num_layers = adapter_for(config).dims(config)[0]
-    print(f"upcycled {model_dir.name}: {len(select_layers(plan.layers, num_layers))}/{num_layers} layers -> MoE "
-          f"({plan.num_experts} experts, router {plan.router}"
-          + (f", top_k {plan.top_k}" if plan.router == "topk" else "") + ")")
-    print(f"parameters: {dense_total / 1e6:.1f}M dense -> {total / 1e6:.1f}M total, {active / 1e6:.1f}M active "
-          f"per token; wrote {args.out} in {time.time() - t0:.1f} s")
+    print(
+        f"upcycled {model_dir.name}: {len(select_layers(plan.layers, num_layers))}/{num_layers} layers -> MoE "
+        f"({plan.num_experts} experts, router {plan.router}"
+        + (f", top_k {plan.top_k}" if plan.router == "topk" else "")
+        + ")"
+    )
+    print(
+        f"parameters: {dense_total / 1e6:.1f}M dense -> {total / 1e6:.1f}M total, {active / 1e6:.1f}M active "
+        f"per token; wrote {args.out} in {time.time() - t0:.1f} s"
+    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -325,8 +399,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     text = resolve_plan(args).to_yaml()
     # no router named: say what null means (the model decides, so the plan alone cannot)
-    text = text.replace("\nrouter: null\n", "\nrouter: null  # the family's: expert_choice in encoders and ViT, "
-                                              "topk in decoders\n")
+    text = text.replace(
+        "\nrouter: null\n", "\nrouter: null  # the family's: expert_choice in encoders and ViT, topk in decoders\n"
+    )
     print(text, end="")
     return 0
 

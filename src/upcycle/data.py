@@ -33,8 +33,32 @@ import torch
 
 from .errors import UpcycleError
 
-TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ".tex", ".html", ".c", ".h", ".js", ".ts", ".java",
-                 ".go", ".rs", ".cpp", ".json", ".yaml", ".yml", ".toml", ".csv", ".xml", ".sh", ".org", ""}
+TEXT_SUFFIXES = {
+    ".txt",
+    ".md",
+    ".rst",
+    ".py",
+    ".text",
+    ".tex",
+    ".html",
+    ".c",
+    ".h",
+    ".js",
+    ".ts",
+    ".java",
+    ".go",
+    ".rs",
+    ".cpp",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".toml",
+    ".csv",
+    ".xml",
+    ".sh",
+    ".org",
+    "",
+}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 
 
@@ -79,11 +103,13 @@ def _jsonl_documents(path: Path, text_field: str, rel: str) -> list[Document]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UpcycleError(f"{path}:{n}: not valid JSON ({e.msg}); every line of a .jsonl file must be "
-                                   "one JSON object") from None
+                raise UpcycleError(
+                    f"{path}:{n}: not valid JSON ({e.msg}); every line of a .jsonl file must be one JSON object"
+                ) from None
             if not isinstance(row, dict) or text_field not in row:
-                raise UpcycleError(f"{path}:{n}: no {text_field!r} field; pass --text-field NAME for the field "
-                                   "that holds the text")
+                raise UpcycleError(
+                    f"{path}:{n}: no {text_field!r} field; pass --text-field NAME for the field that holds the text"
+                )
             text = row[text_field]
             if not isinstance(text, str):
                 raise UpcycleError(f"{path}:{n}: field {text_field!r} is {type(text).__name__}, not a string")
@@ -101,9 +127,13 @@ def read_documents(path: str | Path, text_field: str = "text", chunk_chars: int 
     if path.is_file():
         files, root = [path], path.parent
     else:
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts)
-                       and (p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            and (p.suffix.lower() in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        )
         root = path
     docs: list[Document] = []
     for f in files:
@@ -118,8 +148,10 @@ def read_documents(path: str | Path, text_field: str = "text", chunk_chars: int 
             continue
         docs += [Document(f"{rel}#{k}", t) for k, t in enumerate(_chunks(text, chunk_chars))]
     if not docs:
-        raise UpcycleError(f"no text found in {path} (text files: {', '.join(sorted(s for s in TEXT_SUFFIXES if s))};"
-                           f" JSON lines: .jsonl)")
+        raise UpcycleError(
+            f"no text found in {path} (text files: {', '.join(sorted(s for s in TEXT_SUFFIXES if s))};"
+            f" JSON lines: .jsonl)"
+        )
     return docs
 
 
@@ -132,8 +164,9 @@ def doc_hash(doc_id: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def split_documents(docs: Sequence[Document], val_fraction: float, seed: int = 0
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: Sequence[Document], val_fraction: float, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
     """(train, validation) by document hash. With val_fraction > 0 and at least two documents, the
     validation side is never empty (the document of lowest hash goes there) and train never either;
     a single document is all train."""
@@ -179,8 +212,9 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer, cache_dir: str | Path | None = None,
-                       batch: int = 256) -> list[list[int]]:
+def tokenize_documents(
+    docs: Sequence[Document], tokenizer, cache_dir: str | Path | None = None, batch: int = 256
+) -> list[list[int]]:
     """Token ids of each document, followed by the separator. Cached on disk (keyed by the texts and the
     tokenizer) when cache_dir is given."""
     sep = separator_id(tokenizer)
@@ -196,18 +230,23 @@ def tokenize_documents(docs: Sequence[Document], tokenizer, cache_dir: str | Pat
             flat = saved["ids"].tolist()
             out, pos = [], 0
             for n in lens:
-                out.append(flat[pos:pos + n])
+                out.append(flat[pos : pos + n])
                 pos += n
             return out
     out = []
     for i in range(0, len(docs), batch):
-        enc = tokenizer([d.text for d in docs[i:i + batch]], add_special_tokens=False)["input_ids"]
+        enc = tokenizer([d.text for d in docs[i : i + batch]], add_special_tokens=False)["input_ids"]
         out += [list(ids) + ([sep] if sep is not None else []) for ids in enc]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp{id(out)}")
-        torch.save({"lengths": torch.tensor([len(x) for x in out]),
-                    "ids": torch.tensor([t for x in out for t in x], dtype=torch.int64)}, tmp)
+        torch.save(
+            {
+                "lengths": torch.tensor([len(x) for x in out]),
+                "ids": torch.tensor([t for x in out for t in x], dtype=torch.int64),
+            },
+            tmp,
+        )
         tmp.replace(cache)
     return out
 
@@ -232,8 +271,15 @@ class PackedData:
         return self.train.shape[1]
 
 
-def pack_documents(docs: Sequence[Document], tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
-                   cache_dir: str | Path | None = None, source: str = "data") -> PackedData:
+def pack_documents(
+    docs: Sequence[Document],
+    tokenizer,
+    seq_len: int,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    source: str = "data",
+) -> PackedData:
     """Split by document, tokenise, shuffle the documents of each side (seeded) and pack."""
     if seq_len < 2:
         raise UpcycleError(f"seq_len must be at least 2, got {seq_len}")
@@ -242,20 +288,38 @@ def pack_documents(docs: Sequence[Document], tokenizer, seq_len: int, val_fracti
     train_docs = [train_docs[i] for i in torch.randperm(len(train_docs), generator=g).tolist()]
     ids = tokenize_documents(list(train_docs) + list(val_docs), tokenizer, cache_dir)
     train = pack(ids[: len(train_docs)], seq_len)
-    val = pack(ids[len(train_docs):], seq_len)
+    val = pack(ids[len(train_docs) :], seq_len)
     if train.shape[0] == 0:
         total = sum(len(x) for x in ids[: len(train_docs)])
-        raise UpcycleError(f"{source}: {total} training tokens, fewer than one sequence of {seq_len}; give more "
-                           "text or a shorter --seq-len")
-    info = {"source": source, "documents": len(docs), "train_documents": len(train_docs),
-            "val_documents": len(val_docs), "train_sequences": int(train.shape[0]),
-            "val_sequences": int(val.shape[0]), "seq_len": seq_len, "seed": seed, "val_fraction": val_fraction,
-            "val_ids_sha256": hashlib.sha256("\n".join(sorted(d.id for d in val_docs)).encode()).hexdigest()}
+        raise UpcycleError(
+            f"{source}: {total} training tokens, fewer than one sequence of {seq_len}; give more "
+            "text or a shorter --seq-len"
+        )
+    info = {
+        "source": source,
+        "documents": len(docs),
+        "train_documents": len(train_docs),
+        "val_documents": len(val_docs),
+        "train_sequences": int(train.shape[0]),
+        "val_sequences": int(val.shape[0]),
+        "seq_len": seq_len,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "val_ids_sha256": hashlib.sha256("\n".join(sorted(d.id for d in val_docs)).encode()).hexdigest(),
+    }
     return PackedData(train, val, info)
 
 
-def load_data(path: str | Path, tokenizer, seq_len: int, val_fraction: float = 0.05, seed: int = 0,
-              text_field: str = "text", chunk_chars: int = 8192, cache_dir: str | Path | None = None) -> PackedData:
+def load_data(
+    path: str | Path,
+    tokenizer,
+    seq_len: int,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+    chunk_chars: int = 8192,
+    cache_dir: str | Path | None = None,
+) -> PackedData:
     """`read_documents` then `pack_documents`: what `upcycle train --data PATH` does."""
     docs = read_documents(path, text_field, chunk_chars)
     return pack_documents(docs, tokenizer, seq_len, val_fraction, seed, cache_dir, source=str(path))
@@ -310,9 +374,11 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         if state["num_sequences"] != self.seqs.shape[0] or state["seed"] != self.seed:
-            raise UpcycleError(f"the checkpoint's data ({state['num_sequences']} sequences, seed {state['seed']}) is "
-                               f"not this data ({self.seqs.shape[0]} sequences, seed {self.seed}); resume with the "
-                               "same --data, --seq-len, --val-fraction and --seed")
+            raise UpcycleError(
+                f"the checkpoint's data ({state['num_sequences']} sequences, seed {state['seed']}) is "
+                f"not this data ({self.seqs.shape[0]} sequences, seed {self.seed}); resume with the "
+                "same --data, --seq-len, --val-fraction and --seed"
+            )
         self.consumed = int(state["consumed"])
 
 
@@ -334,20 +400,53 @@ def python_stdlib_documents(max_files: int | None = None) -> list[Document]:
     return docs
 
 
-_ROFF_ESCAPES = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
-                 (re.compile(r"\\\((em|en)"), "-"), (re.compile(r"\\\(aq"), "'"), (re.compile(r"\\\((lq|rq|dq)"), '"'),
-                 (re.compile(r"\\\(bu"), "*"), (re.compile(r"\\\(..|\\\[[^\]]*\]"), ""), (re.compile(r"\\[-]"), "-"),
-                 (re.compile(r"\\[&|^%c]"), ""), (re.compile(r"\\e"), lambda m: "\\"), (re.compile(r"\\ "), " "),
-                 (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""), (re.compile(r"\\n(\(..|\[[^\]]*\]|.)"), "")]
-_TEXT_MACROS = {".SH", ".SS", ".B", ".I", ".BI", ".BR", ".IR", ".RB", ".RI", ".IB", ".TP", ".IP", ".Nm", ".Nd",
-                ".Sh", ".Ss", ".It", ".Xr", ".Fl", ".Ar", ".Pa", ".Em", ".Sy"}
+_ROFF_ESCAPES = [
+    (re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""),
+    (re.compile(r"\\s[+-]?\d"), ""),
+    (re.compile(r"\\\((em|en)"), "-"),
+    (re.compile(r"\\\(aq"), "'"),
+    (re.compile(r"\\\((lq|rq|dq)"), '"'),
+    (re.compile(r"\\\(bu"), "*"),
+    (re.compile(r"\\\(..|\\\[[^\]]*\]"), ""),
+    (re.compile(r"\\[-]"), "-"),
+    (re.compile(r"\\[&|^%c]"), ""),
+    (re.compile(r"\\e"), lambda m: "\\"),
+    (re.compile(r"\\ "), " "),
+    (re.compile(r"\\\*(\(..|\[[^\]]*\]|.)"), ""),
+    (re.compile(r"\\n(\(..|\[[^\]]*\]|.)"), ""),
+]
+_TEXT_MACROS = {
+    ".SH",
+    ".SS",
+    ".B",
+    ".I",
+    ".BI",
+    ".BR",
+    ".IR",
+    ".RB",
+    ".RI",
+    ".IB",
+    ".TP",
+    ".IP",
+    ".Nm",
+    ".Nd",
+    ".Sh",
+    ".Ss",
+    ".It",
+    ".Xr",
+    ".Fl",
+    ".Ar",
+    ".Pa",
+    ".Em",
+    ".Sy",
+}
 
 
 def roff_to_text(src: str) -> str:
     """Plain text of a manual page source: requests dropped, text-carrying macros kept, escapes removed."""
     out = []
     for line in src.splitlines():
-        if line.startswith((".\\\"", "'\\\"", '.\\"')):
+        if line.startswith(('.\\"', "'\\\"", '.\\"')):
             continue
         if line.startswith((".", "'")):
             macro, _, rest = line.partition(" ")
@@ -368,15 +467,24 @@ def roff_to_text(src: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
 
 
-def man_page_documents(sections: Sequence[str] = ("1", "5", "7", "8"), root: str | Path = "/usr/share/man",
-                       max_chars: int | None = None, seed: int = 0, min_chars: int = 500,
-                       skip_prefixes: Sequence[str] = ("gcloud",)) -> list[Document]:
+def man_page_documents(
+    sections: Sequence[str] = ("1", "5", "7", "8"),
+    root: str | Path = "/usr/share/man",
+    max_chars: int | None = None,
+    seed: int = 0,
+    min_chars: int = 500,
+    skip_prefixes: Sequence[str] = ("gcloud",),
+) -> list[Document]:
     """English manual pages installed on this machine (gzipped roff under /usr/share/man/manN), as text.
     Machine-generated families (gcloud's 16k near-identical pages) are skipped. With max_chars, pages
     are read in a seeded order until about that many characters (reading all takes a while)."""
     root = Path(root)
-    files = [f for s in sections for f in sorted((root / f"man{s}").glob("*"))
-             if f.is_file() and not f.name.startswith(tuple(skip_prefixes))]
+    files = [
+        f
+        for s in sections
+        for f in sorted((root / f"man{s}").glob("*"))
+        if f.is_file() and not f.name.startswith(tuple(skip_prefixes))
+    ]
     if max_chars is not None:
         files.sort(key=lambda f: doc_hash(f.name, seed))
     docs, total = [], 0
@@ -424,8 +532,7 @@ def corpus_documents(name: str, max_chars: int | None = None, seed: int = 0) -> 
     else:
         raise UpcycleError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     if not docs:
-        raise UpcycleError(f"corpus {name!r} is empty on this machine ({sys.platform}); pass your own text with "
-                           "--data")
+        raise UpcycleError(f"corpus {name!r} is empty on this machine ({sys.platform}); pass your own text with --data")
     if max_chars is not None:
         docs = sorted(docs, key=lambda d: doc_hash(d.id, seed + 7919))
         out, total = [], 0
@@ -438,8 +545,15 @@ def corpus_documents(name: str, max_chars: int | None = None, seed: int = 0) -> 
     return docs
 
 
-def corpus_tokens(name: str, tokenizer, seq_len: int = 256, val_fraction: float = 0.05, seed: int = 0,
-                  max_chars: int | None = 2_000_000, cache_dir: str | Path | None = None) -> PackedData:
+def corpus_tokens(
+    name: str,
+    tokenizer,
+    seq_len: int = 256,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    max_chars: int | None = 2_000_000,
+    cache_dir: str | Path | None = None,
+) -> PackedData:
     """Train/validation token tensors of an offline corpus, split by document (see `pack_documents`)."""
     docs = corpus_documents(name, max_chars, seed)
     return pack_documents(docs, tokenizer, seq_len, val_fraction, seed, cache_dir, source=f"corpus:{name}")

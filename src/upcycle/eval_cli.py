@@ -27,8 +27,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="upcycled (native) or dense Hugging Face model directory")
-    p.add_argument("--text", type=Path, action="append",
-                   help="text file to evaluate on; repeat for several (default: Python's textwrap.py source)")
+    p.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        help="text file to evaluate on; repeat for several (default: Python's textwrap.py source)",
+    )
     p.add_argument("--tokens", type=int, default=2048, help="tokens of each text to use (default 2048)")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--tokenizer", type=Path, help="directory with the tokenizer (default: the model directory)")
@@ -88,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
     from .encoders import is_causal_lm
 
     if not is_causal_lm(model.config):
-        raise UpcycleError(f"{args.model}: a {type(model).__name__} has no next-token perplexity; upcycle eval is for "
-                           "causal language models. For encoders, ViT and T5 use `upcycle check DIR --against "
-                           "DENSE_DIR` (outputs and embeddings vs the dense model)")
+        raise UpcycleError(
+            f"{args.model}: a {type(model).__name__} has no next-token perplexity; upcycle eval is for "
+            "causal language models. For encoders, ViT and T5 use `upcycle check DIR --against "
+            "DENSE_DIR` (outputs and embeddings vs the dense model)"
+        )
 
     results, loads = [], []
     for name, text in texts:
@@ -98,21 +104,32 @@ def run(args: argparse.Namespace) -> int:
         if ids.numel() < 2:
             raise UpcycleError(f"{name}: fewer than 2 tokens of text")
         ppl, load = perplexity_and_load(model, ids, args.context)
-        results.append({"text": name, "tokens": int(ids.numel()), "perplexity": ppl,
-                        "expert_load": load.to_dict() if load is not None else None})
+        results.append(
+            {
+                "text": name,
+                "tokens": int(ids.numel()),
+                "perplexity": ppl,
+                "expert_load": load.to_dict() if load is not None else None,
+            }
+        )
         if load is not None:
             loads.append(load)
     total = ExpertLoad.total(loads) if loads else None
 
     print(f"## upcycle eval: {args.model} ({args.dtype}, windows of {args.context} tokens)\n")
-    print(markdown_table(["text", "tokens", "perplexity"],
-                         [[r["text"], str(r["tokens"]), f"{r['perplexity']:.4f}"] for r in results]))
+    print(
+        markdown_table(
+            ["text", "tokens", "perplexity"], [[r["text"], str(r["tokens"]), f"{r['perplexity']:.4f}"] for r in results]
+        )
+    )
     if total is None:
         print("\nno MoE layers: a dense model (perplexity only)")
     else:
         routers = ", ".join(sorted(set(total.routers)))
-        print(f"\nexpert load: {len(total.layers)} MoE layers x {total.num_experts} experts, router {routers}; "
-              f"{total.tokens} tokens; tokens/expert counts token-expert assignments\n")
+        print(
+            f"\nexpert load: {len(total.layers)} MoE layers x {total.num_experts} experts, router {routers}; "
+            f"{total.tokens} tokens; tokens/expert counts token-expert assignments\n"
+        )
         print(total.table())
     png = None
     if args.out is not None:
@@ -121,9 +138,14 @@ def run(args: argparse.Namespace) -> int:
             from .plots import plot_load
 
             png = plot_load(total, args.out / "expert-load.png", title=args.title or f"Expert load: {args.model.name}")
-        summary = {"model": str(args.model), "dtype": args.dtype, "context": args.context, "texts": results,
-                   "expert_load": total.to_dict() if total is not None else None,
-                   "seconds": round(time.time() - t0, 2)}
+        summary = {
+            "model": str(args.model),
+            "dtype": args.dtype,
+            "context": args.context,
+            "texts": results,
+            "expert_load": total.to_dict() if total is not None else None,
+            "seconds": round(time.time() - t0, 2),
+        }
         _write_atomic(args.out / "eval.json", json.dumps(summary, indent=2) + "\n")
         print(f"\nwrote {args.out / 'eval.json'}" + (f" and {png}" if png else ""), file=sys.stderr)
     return 0

@@ -26,14 +26,13 @@ def _windows(ids_N: torch.Tensor, context: int):
     """Disjoint windows of `context` tokens, as (1, n) batches; a last window of one token is dropped
     (it has nothing to score)."""
     for start in range(0, ids_N.numel(), context):
-        window = ids_N[start:start + context].unsqueeze(0)
+        window = ids_N[start : start + context].unsqueeze(0)
         if window.shape[1] >= 2:
             yield window
 
 
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> float:
-    return nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:].to(logits.device),
-                                       reduction="sum").item()
+    return nn.functional.cross_entropy(logits[0, :-1].float(), window[0, 1:].to(logits.device), reduction="sum").item()
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -74,8 +73,9 @@ def compare(moe: nn.Module, dense: nn.Module, ids_N: torch.Tensor, context: int 
         nll_moe += _nll(a, window)
         nll_dense += _nll(b, window)
         scored += window.shape[1] - 1
-    return Preservation(n, max_abs, max_abs / ref_max, agree / n, math.exp(nll_dense / scored),
-                        math.exp(nll_moe / scored))
+    return Preservation(
+        n, max_abs, max_abs / ref_max, agree / n, math.exp(nll_dense / scored), math.exp(nll_moe / scored)
+    )
 
 
 def format_table(rows: list[tuple[str, str]], title: str | None = None) -> str:
@@ -165,8 +165,11 @@ class ExpertLoad:
 
     @property
     def router_entropy_norm(self) -> torch.Tensor:
-        return self.router_entropy / math.log(self.num_experts) if self.num_experts > 1 else \
-            torch.zeros_like(self.router_entropy)
+        return (
+            self.router_entropy / math.log(self.num_experts)
+            if self.num_experts > 1
+            else torch.zeros_like(self.router_entropy)
+        )
 
     @property
     def dropped_token_share(self) -> torch.Tensor:
@@ -182,15 +185,28 @@ class ExpertLoad:
         first = loads[0]
         tokens = sum(x.tokens for x in loads)
         ent = sum(x.router_entropy * x.tokens for x in loads) / max(tokens, 1)
-        return cls(first.layers, first.routers, first.num_experts, tokens,
-                   sum(x.counts for x in loads), sum(x.demand for x in loads),
-                   sum(x.dropped_assignments for x in loads), sum(x.dropped_tokens for x in loads), ent)
+        return cls(
+            first.layers,
+            first.routers,
+            first.num_experts,
+            tokens,
+            sum(x.counts for x in loads),
+            sum(x.demand for x in loads),
+            sum(x.dropped_assignments for x in loads),
+            sum(x.dropped_tokens for x in loads),
+            ent,
+        )
 
     def to_dict(self) -> dict:
         return {
-            "layers": self.layers, "routers": self.routers, "num_experts": self.num_experts, "tokens": self.tokens,
-            "tokens_per_expert": self.counts.tolist(), "router_choices_per_expert": self.demand.tolist(),
-            "dropped_assignments": self.dropped_assignments.tolist(), "dropped_tokens": self.dropped_tokens.tolist(),
+            "layers": self.layers,
+            "routers": self.routers,
+            "num_experts": self.num_experts,
+            "tokens": self.tokens,
+            "tokens_per_expert": self.counts.tolist(),
+            "router_choices_per_expert": self.demand.tolist(),
+            "dropped_assignments": self.dropped_assignments.tolist(),
+            "dropped_tokens": self.dropped_tokens.tolist(),
             "dropped_token_share": self.dropped_token_share.tolist(),
             "dropped_assignment_share": self.dropped_assignment_share.tolist(),
             "router_entropy_nats": self.router_entropy.tolist(),
@@ -201,17 +217,28 @@ class ExpertLoad:
     @classmethod
     def from_dict(cls, d: dict) -> "ExpertLoad":
         """Inverse of `to_dict` (for example the "expert_load" entry of an eval.json)."""
-        return cls(list(d["layers"]), list(d["routers"]), int(d["num_experts"]), int(d["tokens"]),
-                   torch.tensor(d["tokens_per_expert"], dtype=torch.long),
-                   torch.tensor(d["router_choices_per_expert"], dtype=torch.long),
-                   torch.tensor(d["dropped_assignments"], dtype=torch.long),
-                   torch.tensor(d["dropped_tokens"], dtype=torch.long),
-                   torch.tensor(d["router_entropy_nats"], dtype=torch.float64))
+        return cls(
+            list(d["layers"]),
+            list(d["routers"]),
+            int(d["num_experts"]),
+            int(d["tokens"]),
+            torch.tensor(d["tokens_per_expert"], dtype=torch.long),
+            torch.tensor(d["router_choices_per_expert"], dtype=torch.long),
+            torch.tensor(d["dropped_assignments"], dtype=torch.long),
+            torch.tensor(d["dropped_tokens"], dtype=torch.long),
+            torch.tensor(d["router_entropy_nats"], dtype=torch.float64),
+        )
 
     def table(self) -> str:
         """One markdown row per MoE layer."""
-        header = ["layer", "tokens/expert min / mean / max", "max/mean", "dropped", "router entropy / log E",
-                  "load entropy / log E"]
+        header = [
+            "layer",
+            "tokens/expert min / mean / max",
+            "max/mean",
+            "dropped",
+            "router entropy / log E",
+            "load entropy / log E",
+        ]
         ec = any(r.startswith("expert_choice") for r in self.routers)
         header[3] = "tokens no expert took" if ec else "dropped (tokens / assignments)"
         rows = []
@@ -222,9 +249,16 @@ class ExpertLoad:
                 dropped = f"{100 * self.dropped_token_share[i]:.1f}%"
             else:
                 dropped = f"{100 * self.dropped_token_share[i]:.1f}% / {100 * self.dropped_assignment_share[i]:.1f}%"
-            rows.append([str(layer), f"{c.min():.0f} / {c.mean():.1f} / {c.max():.0f}",
-                         f"{d.max() / d.mean().clamp_min(1e-9):.2f}", dropped,
-                         f"{self.router_entropy_norm[i]:.3f}", f"{self.load_entropy[i]:.3f}"])
+            rows.append(
+                [
+                    str(layer),
+                    f"{c.min():.0f} / {c.mean():.1f} / {c.max():.0f}",
+                    f"{d.max() / d.mean().clamp_min(1e-9):.2f}",
+                    dropped,
+                    f"{self.router_entropy_norm[i]:.3f}",
+                    f"{self.load_entropy[i]:.3f}",
+                ]
+            )
         return markdown_table(header, rows)
 
 
@@ -263,9 +297,17 @@ class _LoadRecorder:
 
     def result(self) -> ExpertLoad:
         layers = [_layer_index(n, j) for j, (n, _) in enumerate(self.blocks)]
-        return ExpertLoad(layers, [_router_label(b) for _, b in self.blocks], self.E, self.tokens,
-                          self.counts, self.demand, self.dropped_assignments, self.dropped_tokens,
-                          self.entropy_sum / max(self.tokens, 1))
+        return ExpertLoad(
+            layers,
+            [_router_label(b) for _, b in self.blocks],
+            self.E,
+            self.tokens,
+            self.counts,
+            self.demand,
+            self.dropped_assignments,
+            self.dropped_tokens,
+            self.entropy_sum / max(self.tokens, 1),
+        )
 
 
 @torch.no_grad()

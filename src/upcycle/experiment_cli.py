@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     command = f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
-    res = run_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
-                         command=command)
+    res = run_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), command=command)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.md, results.csv, loss_vs_flops.png ({res['info']['wall_s'] / 60:.1f} min)")
     return 0

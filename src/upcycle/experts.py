@@ -34,10 +34,18 @@ _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 act_fn: Callable[[torch.Tensor], torch.Tensor], gated: bool = True, bias: bool = False,
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        gated: bool = True,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         E, D, Fd = num_experts, hidden_size, intermediate_size
         self.num_experts, self.hidden_size, self.intermediate_size = E, D, Fd
@@ -54,10 +62,12 @@ class Experts(nn.Module):
         self.down_bias = nn.Parameter(torch.empty(E, D, **kw)) if bias else None
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, gated={self.gated}, "
-                f"bias={self.up_bias is not None}, backend={self.backend}"
-                + (f", dropout={self.dropout:g}" if self.dropout else ""))
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, gated={self.gated}, "
+            f"bias={self.up_bias is not None}, backend={self.backend}"
+            + (f", dropout={self.dropout:g}" if self.dropout else "")
+        )
 
     def _use_grouped(self, x: torch.Tensor) -> bool:
         if self.backend != "auto":
@@ -69,8 +79,9 @@ class Experts(nn.Module):
         # CPU: grouped_mm is a C++ loop of mm, free of the Python loop's per-expert overhead, which is what
         # small batches pay for (fwd+bwd at T=64: 1.94x dense vs the loop's 2.12x; at T=4096 the loop wins,
         # 0.92x vs 1.03x; results/moe_layer_cpu.md)
-        return (x.device.type == "cpu" and x.shape[0] <= GROUPED_CPU_MAX_ROWS
-                and not torch.is_autocast_enabled("cpu"))  # autocast casts the loop's linears
+        return (
+            x.device.type == "cpu" and x.shape[0] <= GROUPED_CPU_MAX_ROWS and not torch.is_autocast_enabled("cpu")
+        )  # autocast casts the loop's linears
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         """The matmuls' dtype: autocast's where it is on for this device, else the weights'."""
@@ -90,8 +101,7 @@ class Experts(nn.Module):
             return self._grouped(x_AD, counts_E, mask_AF)
         return self._loop(x_AD, counts_E, mask_AF)
 
-    def _loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None
-              ) -> torch.Tensor:
+    def _loop(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None) -> torch.Tensor:
         sizes = counts_E.tolist()  # the one host sync of this backend
         params = (self.gate_proj, self.up_proj, self.down_proj, self.gate_bias, self.up_bias, self.down_bias)
         if mask_AF is not None or torch.is_autocast_enabled(x_AD.device.type):
@@ -101,8 +111,7 @@ class Experts(nn.Module):
             return _ExpertLoop.apply(x_AD.contiguous(), sizes, self.act_fn, *params)
         return _loop_forward(x_AD, sizes, self.act_fn, *params)[0]
 
-    def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+    def _grouped(self, x_AD: torch.Tensor, counts_E: torch.Tensor, mask_AF: torch.Tensor | None = None) -> torch.Tensor:
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
         dt = self._compute_dtype(x_AD)  # under autocast: cast like autocast casts a linear (differentiably)
         x_AD = x_AD.to(dt)
@@ -113,8 +122,9 @@ class Experts(nn.Module):
             # bias row E, so the garbage gradients of those rows reach no bias
             A, E = x_AD.shape[0], self.num_experts
             rest = (A - counts_E.sum()).reshape(1).to(counts_E.dtype)
-            bias_row = torch.repeat_interleave(torch.arange(E + 1, device=x_AD.device), torch.cat([counts_E, rest]),
-                                               output_size=A)
+            bias_row = torch.repeat_interleave(
+                torch.arange(E + 1, device=x_AD.device), torch.cat([counts_E, rest]), output_size=A
+            )
 
         def proj(x, w_EOI, b_EO):
             y = _grouped_mm(x, w_EOI.to(dt).transpose(1, 2), offs=offs)

@@ -40,10 +40,25 @@ from .stream import Item
 LAYOUTS = ("legacy", "fused")
 
 # Config fields every target shares with the Llama-family source config.
-_COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-           "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
-           "use_cache", "tie_word_embeddings", "rope_parameters", "attention_dropout", "bos_token_id",
-           "eos_token_id", "pad_token_id")
+_COMMON = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 @dataclass(frozen=True)
@@ -61,17 +76,51 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "mixtral": Target("mixtral", "MixtralForCausalLM", ("llama", "mistral"), True, True,
-                      "block_sparse_moe", "gate.weight", ("w1", "w3", "w2")),
-    "qwen2_moe": Target("qwen2_moe", "Qwen2MoeForCausalLM", ("llama", "mistral", "qwen2"), False, False,
-                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj"),
-                        zero_qkv_bias=True, shared_expert=True),
-    "qwen3_moe": Target("qwen3_moe", "Qwen3MoeForCausalLM", ("qwen3",), False, False,
-                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
-    "flex_olmo": Target("flex_olmo", "FlexOlmoForCausalLM", ("olmo2",), True, False,
-                        "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
-    "olmoe": Target("olmoe", "OlmoeForCausalLM", (), True, False,
-                    "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": Target(
+        "mixtral",
+        "MixtralForCausalLM",
+        ("llama", "mistral"),
+        True,
+        True,
+        "block_sparse_moe",
+        "gate.weight",
+        ("w1", "w3", "w2"),
+    ),
+    "qwen2_moe": Target(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        ("llama", "mistral", "qwen2"),
+        False,
+        False,
+        "mlp",
+        "gate.weight",
+        ("gate_proj", "up_proj", "down_proj"),
+        zero_qkv_bias=True,
+        shared_expert=True,
+    ),
+    "qwen3_moe": Target(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        ("qwen3",),
+        False,
+        False,
+        "mlp",
+        "gate.weight",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "flex_olmo": Target(
+        "flex_olmo",
+        "FlexOlmoForCausalLM",
+        ("olmo2",),
+        True,
+        False,
+        "mlp",
+        "gate.weight",
+        ("gate_proj", "up_proj", "down_proj"),
+    ),
+    "olmoe": Target(
+        "olmoe", "OlmoeForCausalLM", (), True, False, "mlp", "gate.weight", ("gate_proj", "up_proj", "down_proj")
+    ),
 }
 # The dense class each stock MoE class is imported into (the attention that class computes).
 _IMPORT_HOST = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "flex_olmo": "olmo2"}
@@ -81,8 +130,9 @@ def _cfg(config: Any) -> dict:
     return config if isinstance(config, dict) else config.to_dict()
 
 
-def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
-            structure: dict | None = None) -> list[str]:
+def why_not(
+    target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int], structure: dict | None = None
+) -> list[str]:
     """Every reason the stock class `target` cannot represent this upcycled model exactly (empty: it can)."""
     if target not in TARGETS:
         raise UpcycleError(f"unknown export target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -90,31 +140,41 @@ def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
     src, L = c.get("model_type"), c.get("num_hidden_layers")
     reasons = []
     if target == "olmoe":
-        reasons.append("OLMoE's block is pre-norm with RMSNorm over the full q and k projections; no dense "
-                       "transformers class computes that attention (OLMo has no q/k norm and a parameter-free "
-                       "LayerNorm, OLMo-2/3 normalise after each sublayer), so no upcycled model maps onto it "
-                       "exactly; OLMo-2 sources export exactly to flex_olmo")
+        reasons.append(
+            "OLMoE's block is pre-norm with RMSNorm over the full q and k projections; no dense "
+            "transformers class computes that attention (OLMo has no q/k norm and a parameter-free "
+            "LayerNorm, OLMo-2/3 normalise after each sublayer), so no upcycled model maps onto it "
+            "exactly; OLMo-2 sources export exactly to flex_olmo"
+        )
         return reasons
     if src not in t.sources:
-        why = {"qwen2": "Qwen2 attention has q/k/v biases, which Mixtral lacks",
-               "qwen3": "Qwen3 attention normalises q and k per head, which only Qwen3-MoE does",
-               "olmo2": "OLMo-2 normalises q, k and each sublayer's output, which only FlexOlmo does"}.get(
-            src, "its attention differs")
-        reasons.append(f"{t.architecture} reproduces the attention of {', '.join(t.sources)} models, not "
-                       f"{src!r} ({why})")
+        why = {
+            "qwen2": "Qwen2 attention has q/k/v biases, which Mixtral lacks",
+            "qwen3": "Qwen3 attention normalises q and k per head, which only Qwen3-MoE does",
+            "olmo2": "OLMo-2 normalises q, k and each sublayer's output, which only FlexOlmo does",
+        }.get(src, "its attention differs")
+        reasons.append(
+            f"{t.architecture} reproduces the attention of {', '.join(t.sources)} models, not {src!r} ({why})"
+        )
     if plan.router not in (None, "topk"):  # None: a decoder's default, top-k
-        reasons.append(f"router {plan.router!r}: stock decoder classes route tokens to their top-k experts "
-                       "only (expert choice and soft routing have no stock class)")
+        reasons.append(
+            f"router {plan.router!r}: stock decoder classes route tokens to their top-k experts "
+            "only (expert choice and soft routing have no stock class)"
+        )
     if plan.capacity_factor is not None:
         reasons.append(f"capacity_factor {plan.capacity_factor}: stock classes never drop tokens")
     normalize = plan.normalize_weights
     if t.always_normalizes and not normalize:
-        reasons.append(f"{t.architecture} always renormalises the top-k weights; this plan does not "
-                       "(use --to qwen2_moe, whose norm_topk_prob can be off)")
+        reasons.append(
+            f"{t.architecture} always renormalises the top-k weights; this plan does not "
+            "(use --to qwen2_moe, whose norm_topk_prob can be off)"
+        )
     if t.every_layer and sorted(moe_layers) != list(range(L)):
         dense = [i for i in range(L) if i not in moe_layers]
-        reasons.append(f"{t.architecture} makes every layer MoE; layers {_short(dense)} are dense here "
-                       "(upcycle with --layers all, or export --to qwen2_moe, which interleaves)")
+        reasons.append(
+            f"{t.architecture} makes every layer MoE; layers {_short(dense)} are dense here "
+            "(upcycle with --layers all, or export --to qwen2_moe, which interleaves)"
+        )
     if c.get("mlp_bias"):
         reasons.append("the MLPs have biases; stock MoE experts have none")
     if c.get("attention_bias") and src not in ("qwen3", "olmo2"):
@@ -122,8 +182,10 @@ def why_not(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
     if (structure or {}).get("shared_expert") and not t.shared_expert:
         reasons.append(f"the MoE layers have a shared expert; {t.architecture} has none (use --to qwen2_moe)")
     if src == "mistral" and c.get("sliding_window") and target != "mixtral":
-        reasons.append(f"sliding_window {c['sliding_window']}: {t.architecture} slides on alternate layers "
-                       "only; Mixtral slides on all, like Mistral")
+        reasons.append(
+            f"sliding_window {c['sliding_window']}: {t.architecture} slides on alternate layers "
+            "only; Mixtral slides on all, like Mistral"
+        )
     return reasons
 
 
@@ -131,23 +193,35 @@ def _short(xs: list[int]) -> str:
     return ", ".join(map(str, xs)) if len(xs) <= 8 else f"{', '.join(map(str, xs[:8]))}, ... ({len(xs)} layers)"
 
 
-def check_exportable(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int],
-                     structure: dict | None = None) -> None:
+def check_exportable(
+    target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int], structure: dict | None = None
+) -> None:
     reasons = why_not(target, config, plan, moe_layers, structure)
     if reasons:
         arch = TARGETS[target].architecture
         raise UpcycleError(f"cannot export to {arch} exactly: " + "; ".join(reasons))
 
 
-def stock_config(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[int], *,
-                 structure: dict | None = None, shared_expert_size: int = 0):
+def stock_config(
+    target: str,
+    config: Any,
+    plan: UpcyclePlan,
+    moe_layers: list[int],
+    *,
+    structure: dict | None = None,
+    shared_expert_size: int = 0,
+):
     """The stock config.json content of the exported model (a transformers config object)."""
     from transformers import AutoConfig
 
     t, c = TARGETS[target], _cfg(config)
     kw = {k: c[k] for k in _COMMON if k in c and c[k] is not None}
-    kw.update(num_experts_per_tok=plan.top_k, router_aux_loss_coef=plan.aux_loss_coef,
-              output_router_logits=False, architectures=[t.architecture])
+    kw.update(
+        num_experts_per_tok=plan.top_k,
+        router_aux_loss_coef=plan.aux_loss_coef,
+        output_router_logits=False,
+        architectures=[t.architecture],
+    )
     if "dtype" in c:
         kw["dtype"] = c["dtype"]
     structure = structure or {}
@@ -156,16 +230,30 @@ def stock_config(target: str, config: Any, plan: UpcyclePlan, moe_layers: list[i
     if shared:
         shared_expert_size = shared["intermediate_size"]
     if target == "mixtral":
-        kw.update(num_local_experts=plan.num_experts, intermediate_size=F, router_jitter_noise=0.0,
-                  sliding_window=c.get("sliding_window"))
+        kw.update(
+            num_local_experts=plan.num_experts,
+            intermediate_size=F,
+            router_jitter_noise=0.0,
+            sliding_window=c.get("sliding_window"),
+        )
     elif target == "flex_olmo":
-        kw.update(num_experts=plan.num_experts, intermediate_size=F, norm_topk_prob=bool(plan.normalize_weights),
-                  attention_bias=bool(c.get("attention_bias", False)))
+        kw.update(
+            num_experts=plan.num_experts,
+            intermediate_size=F,
+            norm_topk_prob=bool(plan.normalize_weights),
+            attention_bias=bool(c.get("attention_bias", False)),
+        )
     else:
         dense = [i for i in range(c["num_hidden_layers"]) if i not in moe_layers]
-        kw.update(num_experts=plan.num_experts, moe_intermediate_size=F, intermediate_size=c["intermediate_size"],
-                  decoder_sparse_step=1, mlp_only_layers=dense, norm_topk_prob=bool(plan.normalize_weights),
-                  use_sliding_window=False)
+        kw.update(
+            num_experts=plan.num_experts,
+            moe_intermediate_size=F,
+            intermediate_size=c["intermediate_size"],
+            decoder_sparse_step=1,
+            mlp_only_layers=dense,
+            norm_topk_prob=bool(plan.normalize_weights),
+            use_sliding_window=False,
+        )
         if target == "qwen2_moe":
             kw.update(shared_expert_intermediate_size=shared_expert_size, qkv_bias=True)
         if target == "qwen3_moe":
@@ -178,8 +266,16 @@ def _layer(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def stock_items(items: Iterable[Item], target: str, config: Any, moe_layers: list[int], *,
-                layout: str = "legacy", structure: dict | None = None, shared_expert_size: int = 0) -> Iterator[Item]:
+def stock_items(
+    items: Iterable[Item],
+    target: str,
+    config: Any,
+    moe_layers: list[int],
+    *,
+    layout: str = "legacy",
+    structure: dict | None = None,
+    shared_expert_size: int = 0,
+) -> Iterator[Item]:
     """Map our tensors to the target's names and shapes, lazily: each output item produces its values
     from the input items' producers when the writer asks for them (in whatever order it writes)."""
     if layout not in LAYOUTS:
@@ -205,8 +301,11 @@ def stock_items(items: Iterable[Item], target: str, config: Any, moe_layers: lis
             if t.shared_expert and not shared:
                 p = f"{base}.mlp.shared_expert."
                 S = shared_expert_size
-                yield from (_zeros(p + "gate_proj.weight", (S, D), it.dtype), _zeros(p + "up_proj.weight", (S, D), it.dtype),
-                            _zeros(p + "down_proj.weight", (D, S), it.dtype))
+                yield from (
+                    _zeros(p + "gate_proj.weight", (S, D), it.dtype),
+                    _zeros(p + "up_proj.weight", (S, D), it.dtype),
+                    _zeros(p + "down_proj.weight", (D, S), it.dtype),
+                )
             if t.shared_expert and (not shared or not shared.get("gated", True)):
                 yield _zeros(f"{base}.mlp.shared_expert_gate.weight", (1, D), it.dtype)  # sigmoid(0) = 1/2
         elif leaf.startswith("shared_expert."):
@@ -223,14 +322,22 @@ def stock_items(items: Iterable[Item], target: str, config: Any, moe_layers: lis
             if layout == "legacy":
                 proj = t.expert_names[("gate_proj", "up_proj", "down_proj").index(which)]
                 for e in range(it.shape[0]):
-                    yield Item(f"{base}.{t.experts_prefix}.experts.{e}.{proj}.weight", it.shape[1:], it.dtype,
-                               lambda it=it, e=e: stacks.get(it)[e])
+                    yield Item(
+                        f"{base}.{t.experts_prefix}.experts.{e}.{proj}.weight",
+                        it.shape[1:],
+                        it.dtype,
+                        lambda it=it, e=e: stacks.get(it)[e],
+                    )
             elif which == "gate_proj":
                 gates[i] = it
             elif which == "up_proj":
                 g = gates.pop(i)
-                yield Item(f"{base}.mlp.experts.gate_up_proj", (g.shape[0], g.shape[1] + it.shape[1], g.shape[2]),
-                           it.dtype, lambda g=g, u=it: torch.cat([g.produce(), u.produce()], dim=1))
+                yield Item(
+                    f"{base}.mlp.experts.gate_up_proj",
+                    (g.shape[0], g.shape[1] + it.shape[1], g.shape[2]),
+                    it.dtype,
+                    lambda g=g, u=it: torch.cat([g.produce(), u.produce()], dim=1),
+                )
             else:
                 yield _renamed(it, f"{base}.mlp.experts.down_proj")
     if gates:
@@ -266,9 +373,19 @@ def tensor_items(tensors: dict[str, torch.Tensor]) -> list[Item]:
 # --------------------------------------------------------------------------------------------- export
 
 
-def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, layout: str = "legacy",
-           plan: UpcyclePlan | None = None, shared_expert_size: int = 0, max_shard_size: str | int = "5GB",
-           overwrite: bool = False, progress: bool = False, source_dir: str | Path | None = None) -> Path:
+def export(
+    source: str | Path | nn.Module,
+    target: str,
+    out_dir: str | Path,
+    *,
+    layout: str = "legacy",
+    plan: UpcyclePlan | None = None,
+    shared_expert_size: int = 0,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+    source_dir: str | Path | None = None,
+) -> Path:
     """Write an upcycled model (a native directory, read tensor by tensor, or a model in memory) as a
     stock transformers MoE checkpoint, atomically. Raises UpcycleError naming every reason it cannot."""
     import time
@@ -286,9 +403,15 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
         structure = structure_of(source)
         reader = nullcontext()
         items = tensor_items(unique_state_dict(source)[0])
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "plan": plan.to_dict(), "moe_layers": moe_layers,
-                **structure, "source": {"path": str(source_dir) if source_dir else None, "weights": {}},
-                "versions": versions()}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "plan": plan.to_dict(),
+            "moe_layers": moe_layers,
+            **structure,
+            "source": {"path": str(source_dir) if source_dir else None, "weights": {}},
+            "versions": versions(),
+        }
     else:
         source_dir = source_dir or source
         config, plan, moe_layers, structure = read_native(source)
@@ -296,12 +419,29 @@ def export(source: str | Path | nn.Module, target: str, out_dir: str | Path, *, 
         reader = s = SafetensorsSource(source)
         items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
     # Provenance, as every output of ours has: what the weights are (plan, layers, source) and what wrote them.
-    meta["exported"] = {"to": target, "layout": layout, "from": str(source) if not isinstance(source, nn.Module)
-                        else None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta["exported"] = {
+        "to": target,
+        "layout": layout,
+        "from": str(source) if not isinstance(source, nn.Module) else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     with reader:
-        write_stock(items, target, out_dir, config, plan, moe_layers, structure=structure, layout=layout,
-                    shared_expert_size=shared_expert_size, max_shard_size=max_shard_size, overwrite=overwrite,
-                    progress=progress, side_files_from=source_dir, meta=meta)
+        write_stock(
+            items,
+            target,
+            out_dir,
+            config,
+            plan,
+            moe_layers,
+            structure=structure,
+            layout=layout,
+            shared_expert_size=shared_expert_size,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            progress=progress,
+            side_files_from=source_dir,
+            meta=meta,
+        )
     return Path(out_dir)
 
 
@@ -316,10 +456,23 @@ def read_native(path: str | Path) -> tuple[dict, UpcyclePlan, list[int], dict]:
     return config, plan_from_meta(meta["plan"]), meta["moe_layers"], structure
 
 
-def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dict, plan: UpcyclePlan,
-                moe_layers: list[int], *, structure: dict | None = None, layout: str = "legacy",
-                shared_expert_size: int = 0, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                progress: bool = False, side_files_from: str | Path | None = None, meta: dict | None = None) -> None:
+def write_stock(
+    items: list[Item],
+    target: str,
+    out_dir: str | Path,
+    config: dict,
+    plan: UpcyclePlan,
+    moe_layers: list[int],
+    *,
+    structure: dict | None = None,
+    layout: str = "legacy",
+    shared_expert_size: int = 0,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+    side_files_from: str | Path | None = None,
+    meta: dict | None = None,
+) -> None:
     """Check, map and write items (ours, lazily produced) as the stock checkpoint, tensor by tensor; `meta`,
     when given, is written as upcycle.json (provenance)."""
     import shutil
@@ -331,14 +484,22 @@ def write_stock(items: list[Item], target: str, out_dir: str | Path, config: dic
 
     check_exportable(target, config, plan, moe_layers, structure)
     cfg = stock_config(target, config, plan, moe_layers, structure=structure, shared_expert_size=shared_expert_size)
-    mapped = list(stock_items(items, target, config, moe_layers, layout=layout, structure=structure,
-                              shared_expert_size=shared_expert_size))
+    mapped = list(
+        stock_items(
+            items, target, config, moe_layers, layout=layout, structure=structure, shared_expert_size=shared_expert_size
+        )
+    )
     limit = parse_size(max_shard_size)
     check_disk_space(Path(out_dir), output_bytes(mapped, limit))
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         cfg.save_pretrained(tmp)
-        with tqdm(total=sum(it.nbytes for it in mapped), unit="B", unit_scale=True, desc=f"writing {target}",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(it.nbytes for it in mapped),
+            unit="B",
+            unit_scale=True,
+            desc=f"writing {target}",
+            disable=not progress,
+        ) as bar:
             write_items(mapped, tmp, limit, bar)
         if meta is not None:
             (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -353,8 +514,10 @@ def plan_from_meta(meta: dict) -> UpcyclePlan:
     import dataclasses
 
     if meta.get("method") == "bam":
-        raise UpcycleError("BAM's attention experts (a soft mixture of N attentions) have no stock transformers "
-                           "class; keep the native format (upcycle.load reads it) or mix with `upcycle btx`")
+        raise UpcycleError(
+            "BAM's attention experts (a soft mixture of N attentions) have no stock transformers "
+            "class; keep the native format (upcycle.load reads it) or mix with `upcycle btx`"
+        )
     names = {f.name for f in dataclasses.fields(UpcyclePlan)}
     return UpcyclePlan.from_dict({k: v for k, v in meta.items() if k in names})
 
@@ -383,8 +546,9 @@ def _num_experts(c: dict) -> int:
 _STOCK_EXPERT = re.compile(r"(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 
 
-def native_items(items: Iterable[tuple[str, torch.Tensor]], c: dict, moe_layers: list[int]
-                 ) -> tuple[dict[str, torch.Tensor], dict]:
+def native_items(
+    items: Iterable[tuple[str, torch.Tensor]], c: dict, moe_layers: list[int]
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Our state dict and structure from a stock checkpoint's tensors (legacy or fused layout)."""
     names = dict(zip(("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")))
     moe = set(moe_layers)
@@ -436,8 +600,9 @@ def host_config(c: dict):
     if host in ("qwen3", "olmo2"):
         kw["attention_bias"] = c.get("attention_bias", False)
     if c.get("use_sliding_window"):
-        raise UpcycleError(f"{c['model_type']} checkpoint uses a sliding window on some layers; importing that "
-                           "is not supported")
+        raise UpcycleError(
+            f"{c['model_type']} checkpoint uses a sliding window on some layers; importing that is not supported"
+        )
     if host == "qwen2" and c.get("qkv_bias") is False:
         raise UpcycleError("qwen2_moe checkpoint without q/k/v biases: import it is not supported yet")
     return AutoConfig.for_model(host, **kw)
@@ -454,20 +619,29 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
     path = Path(path)
     c = json.loads((path / "config.json").read_text())
     if c.get("model_type") not in _IMPORT_HOST:
-        raise UpcycleError(f"{path / 'config.json'}: model_type {c.get('model_type')!r} is not a stock MoE class "
-                           f"upcycle imports ({', '.join(_IMPORT_HOST)})")
+        raise UpcycleError(
+            f"{path / 'config.json'}: model_type {c.get('model_type')!r} is not a stock MoE class "
+            f"upcycle imports ({', '.join(_IMPORT_HOST)})"
+        )
     files = weight_files(path)
     if not files:
-        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or an index); convert the "
-                           "checkpoint to safetensors first")
+        raise UpcycleError(
+            f"{path}: no safetensors weights (model.safetensors or an index); convert the "
+            "checkpoint to safetensors first"
+        )
     layers = stock_moe_layers(c)
     if not layers:
         raise UpcycleError(f"{path / 'config.json'}: no MoE layers (num_experts 0 or every layer in mlp_only_layers)")
     E = _num_experts(c)
     normalize = True if c["model_type"] == "mixtral" else bool(c.get("norm_topk_prob", False))
-    plan = UpcyclePlan(num_experts=E, router="topk", top_k=c["num_experts_per_tok"], normalize=normalize,
-                       layers=tuple(layers) if len(layers) < c["num_hidden_layers"] else "all",
-                       aux_loss_coef=c.get("router_aux_loss_coef", 0.01) or 0.0)
+    plan = UpcyclePlan(
+        num_experts=E,
+        router="topk",
+        top_k=c["num_experts_per_tok"],
+        normalize=normalize,
+        layers=tuple(layers) if len(layers) < c["num_hidden_layers"] else "all",
+        aux_loss_coef=c.get("router_aux_loss_coef", 0.01) or 0.0,
+    )
     from .stream import SafetensorsSource
 
     with SafetensorsSource(path) as src:
@@ -480,11 +654,12 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise UpcycleError(f"{path}: weights do not match a {c['model_type']} model: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise UpcycleError(
+            f"{path}: weights do not match a {c['model_type']} model: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
     if dtype is not None:
         model.to(dtype)
     return model.eval()
-

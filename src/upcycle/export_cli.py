@@ -23,12 +23,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="upcycled model directory (native format)")
     p.add_argument("--to", choices=sorted(TARGETS), help="stock target class")
     p.add_argument("--out", type=Path, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--layout", choices=LAYOUTS, default="legacy",
-                   help="expert tensors one per expert (legacy, read by every engine; default) or fused 3-D "
-                        "(transformers 5's gate_up_proj)")
-    p.add_argument("--shared_expert_size", "--shared-expert-size", type=int, default=0,
-                   help="qwen2_moe only: width of the zero shared expert written when the model has none "
-                        "(default 0; some engines want a non-empty one)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="legacy",
+        help="expert tensors one per expert (legacy, read by every engine; default) or fused 3-D "
+        "(transformers 5's gate_up_proj)",
+    )
+    p.add_argument(
+        "--shared_expert_size",
+        "--shared-expert-size",
+        type=int,
+        default=0,
+        help="qwen2_moe only: width of the zero shared expert written when the model has none "
+        "(default 0; some engines want a non-empty one)",
+    )
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--explain", action="store_true", help="print, for every target, whether it fits and why not")
@@ -60,9 +69,19 @@ def run(args: argparse.Namespace) -> int:
         source = load(source)
     elif not (Path(args.model) / "upcycle.json").is_file():
         read_meta(args.model)  # raises the standard "not an upcycled model" error
-    export(source, args.to, args.out, layout=args.layout, shared_expert_size=args.shared_expert_size,
-           max_shard_size=args.max_shard_size, overwrite=args.overwrite, progress=not args.quiet,
-           source_dir=args.model)
-    print(f"wrote {args.out} ({TARGETS[args.to].architecture}, {args.layout} expert layout) in "
-          f"{time.time() - t0:.1f} s; load it with transformers' AutoModelForCausalLM.from_pretrained")
+    export(
+        source,
+        args.to,
+        args.out,
+        layout=args.layout,
+        shared_expert_size=args.shared_expert_size,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        source_dir=args.model,
+    )
+    print(
+        f"wrote {args.out} ({TARGETS[args.to].architecture}, {args.layout} expert layout) in "
+        f"{time.time() - t0:.1f} s; load it with transformers' AutoModelForCausalLM.from_pretrained"
+    )
     return 0

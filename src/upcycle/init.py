@@ -102,12 +102,15 @@ def init_router(plan, layer: int, hidden_size: int, dtype: torch.dtype) -> torch
     return _expand_groups(w, plan).to(dtype)
 
 
-def router_weight(plan, layer: int, hidden_size: int, dtype: torch.dtype,
-                  data_rows: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def router_weight(
+    plan, layer: int, hidden_size: int, dtype: torch.dtype, data_rows: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
     if plan.router_init == "data":
         if data_rows is None or layer not in data_rows:
-            raise UpcycleError(f"router_init=data: no router rows for layer {layer}; they come from running the "
-                               "dense model on router_prompts (surgery.upcycle with a tokenizer)")
+            raise UpcycleError(
+                f"router_init=data: no router rows for layer {layer}; they come from running the "
+                "dense model on router_prompts (surgery.upcycle with a tokenizer)"
+            )
         return _expand_groups(data_rows[layer].float(), plan).to(dtype)
     return init_router(plan, layer, hidden_size, dtype)
 
@@ -132,18 +135,20 @@ def read_prompts(path: str | Path, expected: int) -> list[list[str]]:
         if isinstance(data, dict) and "experts" in data:
             data = data["experts"]
         if not isinstance(data, list):
-            raise PlanError(f"{path}: expected a list with one prompt set per expert (a string or a list of "
-                            "strings each)")
+            raise PlanError(
+                f"{path}: expected a list with one prompt set per expert (a string or a list of strings each)"
+            )
         sets = [[x] if isinstance(x, str) else x for x in data]
-        if any(not isinstance(s, list) or not s or not all(isinstance(p, str) and p.strip() for p in s)
-               for s in sets):
+        if any(not isinstance(s, list) or not s or not all(isinstance(p, str) and p.strip() for p in s) for s in sets):
             raise PlanError(f"{path}: every prompt set must be a non-empty string or list of non-empty strings")
     else:
         blocks = [b.strip() for b in _split_text(path.read_text())]
         sets = [[b] for b in blocks if b]
     if len(sets) != expected:
-        raise PlanError(f"{path}: {len(sets)} prompt sets, but the router has {expected} rows to initialise "
-                        "(one per expert; one per group of `granularity` experts for granular plans)")
+        raise PlanError(
+            f"{path}: {len(sets)} prompt sets, but the router has {expected} rows to initialise "
+            "(one per expert; one per group of `granularity` experts for granular plans)"
+        )
     return sets
 
 
@@ -183,6 +188,7 @@ def data_router_rows(model, tokenizer, plan, layers: list[int], adapter) -> dict
         def f(module, args):
             x = args[0].detach().reshape(-1, D).double()
             sums[i][current[0]] += x.sum(0).cpu()
+
         return f
 
     handles = [getattr(blocks[i], adapter.mlp).register_forward_pre_hook(hook(i)) for i in layers]
@@ -214,20 +220,23 @@ def expert_intermediate_size(plan, F: int) -> int:
     kind, E = plan.expert_init, plan.num_experts
     if kind == "partition":
         if F % E:
-            raise PlanError(f"expert_init=partition: the intermediate size {F} does not split into "
-                            f"num_experts={E} equal parts; choose num_experts dividing {F}")
+            raise PlanError(
+                f"expert_init=partition: the intermediate size {F} does not split into "
+                f"num_experts={E} equal parts; choose num_experts dividing {F}"
+            )
         return F // E
     if kind == "granular":
         G = plan.granularity
         if F % G:
-            raise PlanError(f"expert_init=granular: the intermediate size {F} is not a multiple of "
-                            f"granularity={G}")
+            raise PlanError(f"expert_init=granular: the intermediate size {F} is not a multiple of granularity={G}")
         return F // G
     if kind == "qwen2":
         h = plan.expert_width or F // plan.granularity
         if plan.expert_width is None and F % plan.granularity:
-            raise PlanError(f"expert_init=qwen2: the intermediate size {F} is not a multiple of granularity="
-                            f"{plan.granularity}; give expert_width")
+            raise PlanError(
+                f"expert_init=qwen2: the intermediate size {F} is not a multiple of granularity="
+                f"{plan.granularity}; give expert_width"
+            )
         if not 1 <= h <= F:
             raise PlanError(f"expert_init=qwen2: expert_width must be between 1 and {F}, got {h}")
         return h
@@ -243,10 +252,10 @@ def _distinct_slices(idx: torch.Tensor, E: int, h: int) -> list[torch.Tensor]:
     flat = idx.tolist()
     out = []
     for e in range(E):
-        chosen = list(dict.fromkeys(flat[e * h:(e + 1) * h]))
+        chosen = list(dict.fromkeys(flat[e * h : (e + 1) * h]))
         if len(chosen) < h:
             have = set(chosen)
-            for i in flat[(e + 1) * h:] + flat[:e * h]:
+            for i in flat[(e + 1) * h :] + flat[: e * h]:
                 if i not in have:
                     have.add(i)
                     chosen.append(i)
@@ -297,8 +306,9 @@ def _stats_normal(ref: torch.Tensor, shape: tuple[int, ...], g: torch.Generator)
     return torch.randn(shape, generator=g) * std + ref.mean().item()
 
 
-def _reinit_neurons(out: dict[str, torch.Tensor], src: dict[str, torch.Tensor], sets: list[torch.Tensor],
-                    plan, layer: int) -> None:
+def _reinit_neurons(
+    out: dict[str, torch.Tensor], src: dict[str, torch.Tensor], sets: list[torch.Tensor], plan, layer: int
+) -> None:
     """In place: neurons sets[e] of expert e get N(mean, std) of the dense tensors in `src` (rows of
     gate/up and their biases, columns of down)."""
     n = len(sets[0]) if sets else 0
@@ -385,8 +395,9 @@ def _gather(dense: dict[str, torch.Tensor], sets: list[torch.Tensor]) -> dict[st
     return out
 
 
-def init_layer(plan, layer: int, dense: dict[str, torch.Tensor], act: str,
-               data_rows: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def init_layer(
+    plan, layer: int, dense: dict[str, torch.Tensor], act: str, data_rows: dict[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One MoE block's tensors (names relative to the block) from one dense MLP. See the module docstring."""
     dtype = dense["up"].dtype
     F, D = dense["up"].shape

@@ -55,8 +55,13 @@ class MoEBlock(nn.Module):
     def __init__(self, experts: Experts, router: RouterConfig, shared_expert: nn.Module | None = None):
         super().__init__()
         self.router_config = router
-        self.router = nn.Linear(experts.hidden_size, experts.num_experts, bias=False,
-                                dtype=experts.up_proj.dtype, device=experts.up_proj.device)
+        self.router = nn.Linear(
+            experts.hidden_size,
+            experts.num_experts,
+            bias=False,
+            dtype=experts.up_proj.dtype,
+            device=experts.up_proj.device,
+        )
         self.experts = experts
         self.shared_expert = shared_expert
         self.last_routing: R.Routing | None = None
@@ -68,8 +73,7 @@ class MoEBlock(nn.Module):
     def num_experts(self) -> int:
         return self.experts.num_experts
 
-    def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size, mask: torch.Tensor | None = None
-              ) -> R.Routing:
+    def route(self, logits_TE: torch.Tensor, lead_shape: torch.Size, mask: torch.Tensor | None = None) -> R.Routing:
         rc = self.router_config
         mask_T = None if mask is None else mask.reshape(-1)
         if rc.kind == "topk":
@@ -89,13 +93,20 @@ class MoEBlock(nn.Module):
         T = x_TD.shape[0]
         logits_TE = R.router_logits(x_TD, self.router.weight)  # router math in fp32, autocast or not
         mask = self.token_mask  # padding is routed to no expert, by every router
-        if mask is not None and len(lead) == 2 and mask.dim() == 2 and mask.shape[0] == lead[0] \
-                and mask.shape[1] > lead[1]:
-            mask = mask[:, -lead[1]:]  # a cached decoder step: the mask covers the past too; these are the newest
+        if (
+            mask is not None
+            and len(lead) == 2
+            and mask.dim() == 2
+            and mask.shape[0] == lead[0]
+            and mask.shape[1] > lead[1]
+        ):
+            mask = mask[:, -lead[1] :]  # a cached decoder step: the mask covers the past too; these are the newest
         if mask is not None:
             if tuple(mask.shape) != tuple(lead):
-                raise ValueError(f"padding mask of shape {tuple(mask.shape)} does not match the hidden states "
-                                 f"{tuple(lead)}: pass a (batch, sequence) attention mask of 0/1")
+                raise ValueError(
+                    f"padding mask of shape {tuple(mask.shape)} does not match the hidden states "
+                    f"{tuple(lead)}: pass a (batch, sequence) attention mask of 0/1"
+                )
             mask = mask.to(device=hidden.device) != 0
         r = self.route(logits_TE, torch.Size(lead), mask)
         self.last_routing = r
@@ -120,8 +131,11 @@ class MoEBlock(nn.Module):
         if r is None:
             raise RuntimeError("aux_loss() needs a forward pass first")
         zero = r.logits_TE.new_zeros(())
-        lb = R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T) if (
-            self.router_config.kind == "topk" and aux_loss_coef) else zero
+        lb = (
+            R.load_balancing_loss(r.probs_TE, r.topk_idx_TK, r.mask_T)
+            if (self.router_config.kind == "topk" and aux_loss_coef)
+            else zero
+        )
         z = R.z_loss(r.logits_TE, r.mask_T) if z_loss_coef else zero
         return {"load_balancing": aux_loss_coef * lb, "z_loss": z_loss_coef * z}
 
@@ -136,8 +150,8 @@ class MoEBlock(nn.Module):
             "dropped_assignments": int(r.dropped_assignments),
             "dropped_tokens": int(r.dropped_tokens),
             # non-padding tokens no expert processed (expert choice leaves some behind when C < E)
-            "tokens_left_behind": float(r.dropped_tokens) / max(
-                int(r.real_tokens) if r.real_tokens is not None else r.num_tokens, 1),
+            "tokens_left_behind": float(r.dropped_tokens)
+            / max(int(r.real_tokens) if r.real_tokens is not None else r.num_tokens, 1),
             "entropy": float(r.entropy()),
         }
 
@@ -146,8 +160,15 @@ class SharedExpert(nn.Module):
     """An always-on gated MLP beside the routed experts (Qwen2-MoE layout): act(x Wg) * (x Wu) Wd, times
     sigmoid(x w) when `gated` (the `gate` row), else times 1."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act_fn, gated: bool = True,
-                 dtype: torch.dtype | None = None, device=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        act_fn,
+        gated: bool = True,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
         super().__init__()
         kw = dict(bias=False, dtype=dtype, device=device)
         self.intermediate_size = intermediate_size

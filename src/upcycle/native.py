@@ -34,8 +34,17 @@ from .plan import UpcyclePlan
 FORMAT = "upcycle-native"
 FORMAT_VERSION = 1
 INDEX = "model.safetensors.index.json"
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json")
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "added_tokens.json",
+)
 
 
 def versions() -> dict[str, str]:
@@ -44,8 +53,12 @@ def versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"upcycle": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__}
+    return {
+        "upcycle": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
 
 
 def parse_size(size: str | int) -> int:
@@ -180,9 +193,17 @@ def write_shards(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: in
     return index
 
 
-def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir: str | Path | None = None,
-         source_hashes: dict[str, str] | None = None, max_shard_size: str | int = "5GB",
-         overwrite: bool = False, progress: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    plan: UpcyclePlan,
+    out_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    source_hashes: dict[str, str] | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
     """Write an upcycled model in the native format (atomically)."""
     from tqdm.auto import tqdm
 
@@ -192,8 +213,9 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
     parent = out_dir.parent if out_dir.parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
     if free < nbytes + (64 << 20):
-        raise UpcycleError(f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, "
-                           f"{free / 1e9:.2f} GB free on {parent}")
+        raise UpcycleError(
+            f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, {free / 1e9:.2f} GB free on {parent}"
+        )
     from .surgery import applied_plan, structure_of
 
     plan = applied_plan(plan, model.config, model)
@@ -207,10 +229,15 @@ def save(model: nn.Module, plan: UpcyclePlan, out_dir: str | Path, *, source_dir
         with bar:
             write_shards(tensors, tmp, parse_size(max_shard_size), bar)
         meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "plan": plan.to_dict(), "moe_layers": layers, "tied_weights": tied, **structure,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "plan": plan.to_dict(),
+            "moe_layers": layers,
+            "tied_weights": tied,
+            **structure,
             "source": {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}},
-            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
         if source_dir is not None:
@@ -226,8 +253,9 @@ def _moe_layer_indices(model: nn.Module) -> list[int] | dict[str, list[int]]:
     from .moe import MoEBlock
 
     stacks = stacks_for(model.config, model=model)
-    found = {a.stack: [i for i, b in enumerate(a.layer_list(model)) if isinstance(a.get_mlp(b), MoEBlock)]
-             for a in stacks}
+    found = {
+        a.stack: [i for i, b in enumerate(a.layer_list(model)) if isinstance(a.get_mlp(b), MoEBlock)] for a in stacks
+    }
     return found[stacks[0].stack] if len(stacks) == 1 else found
 
 
@@ -249,12 +277,15 @@ def read_meta(path: Path) -> dict:
         raise UpcycleError(f"model directory not found: {path}")
     f = path / "upcycle.json"
     if not f.is_file():
-        raise UpcycleError(f"{path} has no upcycle.json: not an upcycled model (for a dense model use "
-                           "transformers' from_pretrained)")
+        raise UpcycleError(
+            f"{path} has no upcycle.json: not an upcycled model (for a dense model use transformers' from_pretrained)"
+        )
     meta = json.loads(f.read_text())
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UpcycleError(f"{f}: format {meta.get('format')!r} v{meta.get('format_version')} is not one this "
-                           f"version of upcycle reads ({FORMAT} v{FORMAT_VERSION})")
+        raise UpcycleError(
+            f"{f}: format {meta.get('format')!r} v{meta.get('format_version')} is not one this "
+            f"version of upcycle reads ({FORMAT} v{FORMAT_VERSION})"
+        )
     return meta
 
 
@@ -293,8 +324,9 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in meta.get("tied_weights", {})]
     if missing or unexpected:
-        raise UpcycleError(f"{path}: weights do not match the model: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}")
+        raise UpcycleError(
+            f"{path}: weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     if dtype is not None:
         model.to(dtype)
@@ -326,8 +358,10 @@ def load_any(path: str | Path, dtype: torch.dtype | None = None, device: str | t
     if not (path / "config.json").is_file():
         raise UpcycleError(f"{path} has no config.json: not a Hugging Face model directory")
     if not weight_files(path):
-        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
-                           "convert the checkpoint to safetensors first")
+        raise UpcycleError(
+            f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
+            "convert the checkpoint to safetensors first"
+        )
     try:
         model = model_class(_config(path)).from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError, KeyError) as e:

@@ -25,9 +25,11 @@ EXPERT_INITS = ("copy", "noise", "drop", "partition", "granular", "qwen2")  # se
 PARTITION_METHODS = ("random", "kmeans")
 SHARED_EXPERTS = ("none", "gated", "ungated")
 EC_GROUPS = ("sequence", "batch")
-EC_CAUSAL = ("Expert choice picks each expert's tokens by comparing all tokens of a group, so a token's "
-             "output would depend on later tokens: that breaks causality, and teacher-forced training would "
-             "not match one-token-at-a-time generation.")
+EC_CAUSAL = (
+    "Expert choice picks each expert's tokens by comparing all tokens of a group, so a token's "
+    "output would depend on later tokens: that breaks causality, and teacher-forced training would "
+    "not match one-token-at-a-time generation."
+)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -43,9 +45,13 @@ class UpcyclePlan:
     layers: str | tuple[int, ...] = _f(
         DEFAULT_LAYERS, "which layers: all | every_k:K[:OFFSET] | first_n:N | last_n:N | middle_n:N | 1,3,5"
     )
-    router: str | None = _f(None, "routing: topk (token choice) | expert_choice | soft; default: the family's, as "
-                            "the paper routes: expert_choice in encoders and ViT (T5: its encoder, the decoder "
-                            "gets topk), topk in decoders", choices=ROUTERS)
+    router: str | None = _f(
+        None,
+        "routing: topk (token choice) | expert_choice | soft; default: the family's, as "
+        "the paper routes: expert_choice in encoders and ViT (T5: its encoder, the decoder "
+        "gets topk), topk in decoders",
+        choices=ROUTERS,
+    )
     top_k: int = _f(2, "experts per token for the topk router")
     normalize: bool | None = _f(
         None,
@@ -59,43 +65,78 @@ class UpcyclePlan:
         "expert (default: no dropping); expert_choice: capacity = ceil(C * tokens / num_experts) tokens per "
         "expert (default C = 2)",
     )
-    ec_group: str = _f("sequence", "expert_choice routes within each sequence (capacity from its real, non-"
-                       "padding tokens; a sequence's output never depends on the rest of the batch) or across the "
-                       "whole batch (one group; capacity from the batch's real tokens)", choices=EC_GROUPS)
-    router_init: str = _f("normal", "router weights: normal (std router_std) | zeros | uniform (std router_std) | "
-                          "data (mean hidden state entering the layer's MLP on each expert's router_prompts)",
-                          choices=ROUTER_INITS)
-    router_prompts: str | None = _f(None, "router_init=data: YAML list of prompt sets, one per expert (per group of "
-                                    "granularity experts for granular), or a text file of sets separated by ---")
+    ec_group: str = _f(
+        "sequence",
+        "expert_choice routes within each sequence (capacity from its real, non-"
+        "padding tokens; a sequence's output never depends on the rest of the batch) or across the "
+        "whole batch (one group; capacity from the batch's real tokens)",
+        choices=EC_GROUPS,
+    )
+    router_init: str = _f(
+        "normal",
+        "router weights: normal (std router_std) | zeros | uniform (std router_std) | "
+        "data (mean hidden state entering the layer's MLP on each expert's router_prompts)",
+        choices=ROUTER_INITS,
+    )
+    router_prompts: str | None = _f(
+        None,
+        "router_init=data: YAML list of prompt sets, one per expert (per group of "
+        "granularity experts for granular), or a text file of sets separated by ---",
+    )
     router_std: float = _f(0.02, "standard deviation of the router initialisation")
-    expert_init: str = _f("copy", "experts: copy (of the dense MLP) | noise (copy plus N(0, noise_std) per weight) | "
-                          "drop (Drop-Upcycling) | partition (LLaMA-MoE neuron split) | granular (virtual groups) "
-                          "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.init",
-                          choices=EXPERT_INITS)
+    expert_init: str = _f(
+        "copy",
+        "experts: copy (of the dense MLP) | noise (copy plus N(0, noise_std) per weight) | "
+        "drop (Drop-Upcycling) | partition (LLaMA-MoE neuron split) | granular (virtual groups) "
+        "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.init",
+        choices=EXPERT_INITS,
+    )
     noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")
-    drop_ratio: float = _f(0.5, "drop / qwen2: share of each expert's intermediate neurons re-initialised from the "
-                                "dense matrix's mean and std (one index set per expert, shared by gate/up/down)")
-    partition_method: str = _f("random", "partition: how the neurons are split into experts: random | kmeans "
-                                         "(size-balanced k-means on the gate rows)", choices=PARTITION_METHODS)
-    partition_scale: float | None = _f(None, "partition: factor folded into the experts' down projections "
-                                             "(default E: each of the top_k active experts gets E/K on average)")
-    granularity: int = _f(1, "granular: G, experts of width d_ff/G in virtual groups of G sharing a router row; "
-                             "qwen2: expert width d_ff/G unless expert_width is given")
+    drop_ratio: float = _f(
+        0.5,
+        "drop / qwen2: share of each expert's intermediate neurons re-initialised from the "
+        "dense matrix's mean and std (one index set per expert, shared by gate/up/down)",
+    )
+    partition_method: str = _f(
+        "random",
+        "partition: how the neurons are split into experts: random | kmeans (size-balanced k-means on the gate rows)",
+        choices=PARTITION_METHODS,
+    )
+    partition_scale: float | None = _f(
+        None,
+        "partition: factor folded into the experts' down projections "
+        "(default E: each of the top_k active experts gets E/K on average)",
+    )
+    granularity: int = _f(
+        1,
+        "granular: G, experts of width d_ff/G in virtual groups of G sharing a router row; "
+        "qwen2: expert width d_ff/G unless expert_width is given",
+    )
     expert_width: int | None = _f(None, "qwen2: width of each fine-grained expert (intermediate size)")
-    shared_mlp: str = _f("none", "the dense MLP also as an always-on shared expert: none | gated (Qwen2-MoE "
-                                    "sigmoid gate, zero at init) | ungated (plain sum, DeepSeek style)",
-                            choices=SHARED_EXPERTS)
-    shared_split: float = _f(0.5, "shared_mlp: share of the dense output the routed experts carry at init "
-                                  "(their down projections are scaled by it, the shared expert carries the rest); "
-                                  "0 starts the routed branch at zero")
+    shared_mlp: str = _f(
+        "none",
+        "the dense MLP also as an always-on shared expert: none | gated (Qwen2-MoE "
+        "sigmoid gate, zero at init) | ungated (plain sum, DeepSeek style)",
+        choices=SHARED_EXPERTS,
+    )
+    shared_split: float = _f(
+        0.5,
+        "shared_mlp: share of the dense output the routed experts carry at init "
+        "(their down projections are scaled by it, the shared expert carries the rest); "
+        "0 starts the routed branch at zero",
+    )
     aux_loss_coef: float = _f(0.01, "load-balancing loss coefficient (alpha)")
     z_loss_coef: float = _f(0.0, "router z-loss coefficient (beta)")
     seed: int = _f(0, "seed for the router and expert initialisations")
     decoder_router: str | None = _f(
-        None, "router of an encoder-decoder model's decoder (T5): topk | soft; default: topk when router is "
-        "expert_choice (a decoder must stay causal), else the same as router", choices=ROUTERS)
+        None,
+        "router of an encoder-decoder model's decoder (T5): topk | soft; default: topk when router is "
+        "expert_choice (a decoder must stay causal), else the same as router",
+        choices=ROUTERS,
+    )
     decoder_normalize: bool | None = _f(
-        None, "renormalise the decoder's top-k weights (T5); default: off, as the paper's T5 decoder")
+        None, "renormalise the decoder's top-k weights (T5); default: off, as the paper's T5 decoder"
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> PlanError:
@@ -137,8 +178,7 @@ class UpcyclePlan:
         for name, allowed in (("partition_method", PARTITION_METHODS), ("shared_mlp", SHARED_EXPERTS)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"choose one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("granularity",) + (("expert_width",) if self.expert_width is not None
-                                        else ()):
+        for name in ("granularity",) + (("expert_width",) if self.expert_width is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, f"expected a positive integer, got {v!r}")
@@ -151,22 +191,35 @@ class UpcyclePlan:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise bad("partition_scale", f"must be a positive number, got {v!r}")
         if self.expert_init == "granular" and self.num_experts % self.granularity:
-            raise bad("granularity", f"num_experts={self.num_experts} must be a multiple of granularity="
-                                     f"{self.granularity} (each virtual group of G experts holds one copy of the MLP)")
+            raise bad(
+                "granularity",
+                f"num_experts={self.num_experts} must be a multiple of granularity="
+                f"{self.granularity} (each virtual group of G experts holds one copy of the MLP)",
+            )
         if self.expert_init == "granular" and self.router in (None, "topk") and self.top_k % self.granularity:
-            warnings.warn(f"granular: top_k={self.top_k} is not a multiple of granularity={self.granularity}: a token "
-                          "can reach part of a virtual group, so even a group-uniform router cannot reproduce the "
-                          f"dense MLP; top_k={self.granularity * max(1, self.top_k // self.granularity)} keeps "
-                          "whole groups", stacklevel=3)
+            warnings.warn(
+                f"granular: top_k={self.top_k} is not a multiple of granularity={self.granularity}: a token "
+                "can reach part of a virtual group, so even a group-uniform router cannot reproduce the "
+                f"dense MLP; top_k={self.granularity * max(1, self.top_k // self.granularity)} keeps "
+                "whole groups",
+                stacklevel=3,
+            )
         if self.granularity != 1 and self.expert_init not in ("granular", "qwen2"):
-            raise bad("granularity", f"only expert_init granular or qwen2 uses it (expert_init is {self.expert_init!r})")
+            raise bad(
+                "granularity", f"only expert_init granular or qwen2 uses it (expert_init is {self.expert_init!r})"
+            )
         if self.expert_width is not None and self.expert_init != "qwen2":
-            raise bad("expert_width", "only expert_init=qwen2 takes an explicit expert width (partition "
-                                                  "and granular derive it: d_ff/E, d_ff/G)")
+            raise bad(
+                "expert_width",
+                "only expert_init=qwen2 takes an explicit expert width (partition "
+                "and granular derive it: d_ff/E, d_ff/G)",
+            )
         if (self.router_init == "data") != (self.router_prompts is not None):
-            raise bad("router_prompts" if self.router_init == "data" else "router_init",
-                      "router_init=data and router_prompts go together (the prompts whose hidden states become the "
-                      "router rows)")
+            raise bad(
+                "router_prompts" if self.router_init == "data" else "router_init",
+                "router_init=data and router_prompts go together (the prompts whose hidden states become the "
+                "router rows)",
+            )
         for name in ("router_std", "noise_std", "aux_loss_coef", "z_loss_coef"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -201,12 +254,20 @@ class UpcyclePlan:
             router = base.decoder_router or ("topk" if base.router == "expert_choice" else base.router)
             normalize = None if router == "soft" else bool(base.decoder_normalize)
             capacity = base.capacity_factor if router == base.router else None
-            plan = dataclasses.replace(base, router=router, normalize=normalize, capacity_factor=capacity,
-                                       decoder_router=None, decoder_normalize=None)
+            plan = dataclasses.replace(
+                base,
+                router=router,
+                normalize=normalize,
+                capacity_factor=capacity,
+                decoder_router=None,
+                decoder_normalize=None,
+            )
         if adapter.causal and plan.router == "expert_choice":
-            raise PlanError(f"router: expert_choice cannot route the {adapter.family} layers. {EC_CAUSAL} "
-                            "Use router: topk for decoders; expert choice is for encoders and ViT "
-                            "(BERT, ViT, the T5 encoder).")
+            raise PlanError(
+                f"router: expert_choice cannot route the {adapter.family} layers. {EC_CAUSAL} "
+                "Use router: topk for decoders; expert choice is for encoders and ViT "
+                "(BERT, ViT, the T5 encoder)."
+            )
         return plan
 
     # Serialisation: YAML keys are the field names.
@@ -243,6 +304,16 @@ class UpcyclePlan:
 
 
 # Fields added after the first release (initialisers of init.py, T5's decoder router): written only when set.
-LATER_FIELDS = ("router_prompts", "drop_ratio", "partition_method", "partition_scale", "granularity",
-                "expert_width", "shared_mlp", "shared_split", "decoder_router", "decoder_normalize")
+LATER_FIELDS = (
+    "router_prompts",
+    "drop_ratio",
+    "partition_method",
+    "partition_scale",
+    "granularity",
+    "expert_width",
+    "shared_mlp",
+    "shared_split",
+    "decoder_router",
+    "decoder_normalize",
+)
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(UpcyclePlan)}

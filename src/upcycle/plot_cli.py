@@ -23,12 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--label", action="append", help="legend label per run, in order (default: run directory name)")
     p.add_argument("--x", choices=("flops", "tokens", "step"), help="x axis column (default: flops if present)")
-    p.add_argument("--budget", type=float, help="compute budget in FLOPs (e.g. the dense pretraining compute): "
-                                                 "adds a top axis in %% of it")
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="compute budget in FLOPs (e.g. the dense pretraining compute): adds a top axis in %% of it",
+    )
     p.add_argument("--budget_label", "--budget-label", default="dense pretraining", help="name of the budget")
     p.add_argument("--title", default=None, help="figure title")
-    p.add_argument("--no-train", "--no_train", dest="train", action="store_false",
-                   help="draw only the validation loss")
+    p.add_argument("--no-train", "--no_train", dest="train", action="store_false", help="draw only the validation loss")
     p.add_argument("--linear-x", "--linear_x", dest="logx", action="store_false", help="linear x axis")
 
 
@@ -66,8 +68,16 @@ def run(args: argparse.Namespace) -> int:
     budget = args.budget if xc == "flops" else None
     if args.budget is not None and budget is None:
         print(f"upcycle: note: --budget ignored, the x axis is {xc}", file=sys.stderr)
-    out = plot_loss_vs_flops(val, args.out, train=train, title=title, xlabel=X_LABELS[xc],
-                             ylabel="validation loss" if has_val else "training loss", budget=budget,
-                             budget_label=args.budget_label, logx=args.logx and xc != "step")
+    out = plot_loss_vs_flops(
+        val,
+        args.out,
+        train=train,
+        title=title,
+        xlabel=X_LABELS[xc],
+        ylabel="validation loss" if has_val else "training loss",
+        budget=budget,
+        budget_label=args.budget_label,
+        logx=args.logx and xc != "step",
+    )
     print(f"wrote {out} ({len(labels)} runs, x = {xc})")
     return 0

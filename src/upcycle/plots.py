@@ -32,8 +32,16 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 11, "axes.titlesize": 13, "axes.labelsize": 12, "legend.fontsize": 10,
-                         "axes.spines.top": False, "axes.spines.right": False})
+    plt.rcParams.update(
+        {
+            "font.size": 11,
+            "axes.titlesize": 13,
+            "axes.labelsize": 12,
+            "legend.fontsize": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+        }
+    )
     return plt
 
 
@@ -81,8 +89,9 @@ def _float(cell) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def metrics_curves(cols: Mapping[str, list[float | None]], x: str | None = None, source: str = "metrics.csv"
-                   ) -> tuple[str, list[tuple[float, float]], list[tuple[float, float]]]:
+def metrics_curves(
+    cols: Mapping[str, list[float | None]], x: str | None = None, source: str = "metrics.csv"
+) -> tuple[str, list[tuple[float, float]], list[tuple[float, float]]]:
     """(x column used, training-loss curve, validation-loss curve) from read_metrics' columns. x defaults to
     the first of flops, tokens, step the file has values for; rows missing x or the loss are skipped."""
     candidates = [x] if x else [c for c in X_COLUMNS if any(v is not None for v in cols.get(c, []))]
@@ -110,12 +119,20 @@ def _si(v: float) -> str:
     return f"{v:.3g}"
 
 
-def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train: Mapping[str, Curve] | None = None,
-                       title: str = "Loss vs training compute", xlabel: str = "training FLOPs",
-                       ylabel: str = "validation loss", budget: float | None = None,
-                       budget_label: str = "dense pretraining", logx: bool = True,
-                       reference: Mapping[str, float] | None = None,
-                       ylim: tuple[float, float] | str | None = "auto") -> Path:
+def plot_loss_vs_flops(
+    runs: Mapping[str, Curve],
+    out_png: str | Path,
+    *,
+    train: Mapping[str, Curve] | None = None,
+    title: str = "Loss vs training compute",
+    xlabel: str = "training FLOPs",
+    ylabel: str = "validation loss",
+    budget: float | None = None,
+    budget_label: str = "dense pretraining",
+    logx: bool = True,
+    reference: Mapping[str, float] | None = None,
+    ylim: tuple[float, float] | str | None = "auto",
+) -> Path:
     """Several runs on one figure: one curve per label, x = compute (log scale), y = loss.
 
     runs: {label: [(x, loss), ...]} drawn as lines with markers; train: optional {label: [(x, loss)]} drawn
@@ -140,12 +157,25 @@ def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train:
         t = sorted((x, y) for x, y in train.get(label, []) if not logx or x > 0)
         v = sorted((x, y) for x, y in runs.get(label, []) if not logx or x > 0)
         if t:
-            ax.plot([p[0] for p in t], [p[1] for p in t], color=colour, alpha=0.3, lw=1.0,
-                    label=None if v else f"{label}  ({t[-1][1]:.3f})")
+            ax.plot(
+                [p[0] for p in t],
+                [p[1] for p in t],
+                color=colour,
+                alpha=0.3,
+                lw=1.0,
+                label=None if v else f"{label}  ({t[-1][1]:.3f})",
+            )
         if v:
             many = len(v) > 40
-            ax.plot([p[0] for p in v], [p[1] for p in v], color=colour, lw=2.0, marker=None if many else "o",
-                    ms=4.5, label=f"{label}  ({v[-1][1]:.3f})")
+            ax.plot(
+                [p[0] for p in v],
+                [p[1] for p in v],
+                color=colour,
+                lw=2.0,
+                marker=None if many else "o",
+                ms=4.5,
+                label=f"{label}  ({v[-1][1]:.3f})",
+            )
         xs_all += [p[0] for p in t + v]
         ys_all += [p[1] for p in t + v]
         lasts.append((v or t)[-1][1] if (v or t) else None)
@@ -155,9 +185,16 @@ def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train:
     if reference:
         for name, y in reference.items():
             ax.axhline(y, color="0.35", ls=":", lw=1.2)
-            ax.annotate(name, (0.005, y), xycoords=("axes fraction", "data"), xytext=(2, 3),
-                        textcoords="offset points", fontsize=9, color="0.3",
-                        bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8))
+            ax.annotate(
+                name,
+                (0.005, y),
+                xycoords=("axes fraction", "data"),
+                xytext=(2, 3),
+                textcoords="offset points",
+                fontsize=9,
+                color="0.3",
+                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8),
+            )
     if ylim == "auto":
         ylim = _auto_ylim(ys_all, [y for y in lasts if y is not None], list((reference or {}).values()))
     if ylim is not None:
@@ -165,13 +202,26 @@ def plot_loss_vs_flops(runs: Mapping[str, Curve], out_png: str | Path, *, train:
     if budget:
         if lo <= budget <= hi * 1.05:
             ax.axvline(budget, color="0.3", ls="--", lw=1.2)
-            ax.annotate(budget_label, (budget, 0.97), xycoords=("data", "axes fraction"), rotation=90,
-                        ha="right", va="top", fontsize=9, color="0.3", xytext=(-3, 0), textcoords="offset points")
+            ax.annotate(
+                budget_label,
+                (budget, 0.97),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                ha="right",
+                va="top",
+                fontsize=9,
+                color="0.3",
+                xytext=(-3, 0),
+                textcoords="offset points",
+            )
         from matplotlib.ticker import FuncFormatter
 
         top = ax.secondary_xaxis("top", functions=(lambda x: 100 * x / budget, lambda p: p * budget / 100))
-        top.set_xlabel(f"% of {budget_label} compute ({_si(budget)}FLOPs)" if "FLOP" in xlabel
-                       else f"% of {budget_label}", fontsize=10, color="0.3")
+        top.set_xlabel(
+            f"% of {budget_label} compute ({_si(budget)}FLOPs)" if "FLOP" in xlabel else f"% of {budget_label}",
+            fontsize=10,
+            color="0.3",
+        )
         if logx:
             top.set_xscale("log")
         top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
@@ -202,9 +252,17 @@ def _auto_ylim(ys: list[float], lasts: list[float], refs: list[float]) -> tuple[
 # -------------------------------------------------------------------------------------------- expert load
 
 
-def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | None = None, *,
-                     dropped: Sequence[float] | None = None, entropy: Sequence[float] | None = None,
-                     title: str = "Expert load", subtitle: str | None = None, annotate: bool | None = None) -> Path:
+def plot_expert_load(
+    matrix,
+    out_png: str | Path,
+    layer_ids: Sequence[int] | None = None,
+    *,
+    dropped: Sequence[float] | None = None,
+    entropy: Sequence[float] | None = None,
+    title: str = "Expert load",
+    subtitle: str | None = None,
+    annotate: bool | None = None,
+) -> Path:
     """Heatmap of layers x experts. `matrix` holds token counts (or shares) per expert; each row is
     normalised to share x E, so a balanced layer is 1.0 everywhere (white), over-used experts are red and
     under-used blue. dropped: per-layer share of tokens dropped (or left unprocessed), shown on the right
@@ -253,17 +311,38 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
                 v = rel[i, e]
                 dark = abs(float(norm(max(v, 1e-9))) - 0.5) > 0.3
                 ax.text(e, i, f"{v:.2f}", ha="center", va="center", fontsize=fs, color="white" if dark else "0.15")
-    columns = ([("dropped", [f"{100 * x:.1f}%" for x in dropped])] if dropped is not None else []) + \
-        ([("H/log E", [f"{x:.2f}" for x in entropy])] if entropy is not None else [])
+    columns = ([("dropped", [f"{100 * x:.1f}%" for x in dropped])] if dropped is not None else []) + (
+        [("H/log E", [f"{x:.2f}" for x in entropy])] if entropy is not None else []
+    )
     for k, (head, cells) in enumerate(columns):  # small tables right of the heatmap, one column each
         dx = 8 + 54 * k
-        ax.annotate(head, (1.0, -0.5), xycoords=("axes fraction", "data"), xytext=(dx, 4),
-                    textcoords="offset points", va="bottom", fontsize=9, fontweight="bold", color="0.2")
+        ax.annotate(
+            head,
+            (1.0, -0.5),
+            xycoords=("axes fraction", "data"),
+            xytext=(dx, 4),
+            textcoords="offset points",
+            va="bottom",
+            fontsize=9,
+            fontweight="bold",
+            color="0.2",
+        )
         for i, cell in enumerate(cells):
-            ax.annotate(cell, (1.0, i), xycoords=("axes fraction", "data"), xytext=(dx, 0),
-                        textcoords="offset points", va="center", fontsize=9, family="monospace", color="0.2")
-    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=(0.15 + 0.55 * len(columns)) / (width - 2.2), aspect=25, extend="both")
-    ticks = [2.0 ** k for k in range(-int(math.log2(vmax)), int(math.log2(vmax)) + 1)]
+            ax.annotate(
+                cell,
+                (1.0, i),
+                xycoords=("axes fraction", "data"),
+                xytext=(dx, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+                family="monospace",
+                color="0.2",
+            )
+    cbar = fig.colorbar(
+        im, ax=ax, fraction=0.04, pad=(0.15 + 0.55 * len(columns)) / (width - 2.2), aspect=25, extend="both"
+    )
+    ticks = [2.0**k for k in range(-int(math.log2(vmax)), int(math.log2(vmax)) + 1)]
     cbar.set_ticks(ticks, labels=[f"{t:g}" if t >= 1 else f"1/{1 / t:g}" for t in ticks])
     cbar.minorticks_off()
     cbar.set_label("share of tokens × E   (1 = balanced, log scale)")
@@ -275,8 +354,16 @@ def plot_expert_load(matrix, out_png: str | Path, layer_ids: Sequence[int] | Non
     lines = subtitle.count("\n") + 1 if subtitle else 0
     ax.set_title(title, loc="left", fontweight="bold", pad=8 + 14 * lines)
     if subtitle:
-        ax.annotate(subtitle, (0, 1), xycoords="axes fraction", xytext=(0, 6), textcoords="offset points",
-                    fontsize=9.5, color="0.35", va="bottom")
+        ax.annotate(
+            subtitle,
+            (0, 1),
+            xycoords="axes fraction",
+            xytext=(0, 6),
+            textcoords="offset points",
+            fontsize=9.5,
+            color="0.35",
+            va="bottom",
+        )
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -288,7 +375,12 @@ def plot_load(load, out_png: str | Path, title: str = "Expert load", subtitle: s
     can_drop = any("C=" in r for r in load.routers)
     right = (["tokens no expert took" if ec else "tokens dropped"] if can_drop else []) + ["load entropy / log E"]
     routers = ", ".join(sorted(set(load.routers)))
-    return plot_expert_load(load.demand, out_png, load.layers,
-                            dropped=load.dropped_token_share.tolist() if can_drop else None,
-                            entropy=load.load_entropy.tolist(), title=title,
-                            subtitle=subtitle or f"{load.tokens} tokens, router {routers}; right: {', '.join(right)}")
+    return plot_expert_load(
+        load.demand,
+        out_png,
+        load.layers,
+        dropped=load.dropped_token_share.tolist() if can_drop else None,
+        entropy=load.load_entropy.tolist(),
+        title=title,
+        subtitle=subtitle or f"{load.tokens} tokens, router {routers}; right: {', '.join(right)}",
+    )

@@ -188,9 +188,24 @@ def topk_route(
         expert_A = torch.where(keep_A, expert_A, E)  # not computed: after every expert, in no count
 
     expert_A, token_A, slot_A, weight_A, keep_A, counts_E = _sorted_by_expert(
-        expert_A, token_A, slot_A, weight_A, keep_A, num_experts=E)
-    return Routing(expert_A, token_A, slot_A, weight_A, counts_E, k, logits_TE, probs_TE, idx_TK,
-                   dropped_assignments, dropped_tokens, real_tokens, mask_T, keep_A)
+        expert_A, token_A, slot_A, weight_A, keep_A, num_experts=E
+    )
+    return Routing(
+        expert_A,
+        token_A,
+        slot_A,
+        weight_A,
+        counts_E,
+        k,
+        logits_TE,
+        probs_TE,
+        idx_TK,
+        dropped_assignments,
+        dropped_tokens,
+        real_tokens,
+        mask_T,
+        keep_A,
+    )
 
 
 def soft_route(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> Routing:
@@ -228,8 +243,9 @@ def expert_choice_route(
     gate_GEc = torch.gather(probs_GNE.transpose(1, 2), -1, tok_GEc)
     if mask_GN is not None:  # per-group capacity from the real tokens; padding sorts last and is cut
         cap_G = _ceil_capacity_t(capacity_factor, mask_GN.sum(-1), E).clamp(max=N)
-        keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & \
-            torch.gather(mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc)
+        keep_GEc = (torch.arange(c, device=device).view(1, 1, c) < cap_G.view(G, 1, 1)) & torch.gather(
+            mask_GN[:, None, :].expand(G, E, N), -1, tok_GEc
+        )
 
     expert_GEc = torch.arange(E, device=device).view(1, E, 1).expand(G, E, c)
     token_GEc = tok_GEc + (torch.arange(G, device=device) * N).view(G, 1, 1)
@@ -250,16 +266,29 @@ def expert_choice_route(
         weight_A = weight_A / total_T[token_A]
     real_T = mask_GN.reshape(-1) if mask_GN is not None else torch.ones_like(picked_T)
     dropped_tokens = (real_T & ~picked_T).sum()
-    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(expert_A, token_A, slot_A, weight_A,
-                                                                      num_experts=E)
-    return Routing(expert_A, token_A, slot_A, weight_A, counts_E, E, logits_GNE.reshape(T, E),
-                   probs_GNE.reshape(T, E), None, torch.zeros((), dtype=torch.long, device=device),
-                   dropped_tokens, None if mask_GN is None else real_T.sum(),
-                   None if mask_GN is None else real_T)
+    expert_A, token_A, slot_A, weight_A, counts_E = _sorted_by_expert(
+        expert_A, token_A, slot_A, weight_A, num_experts=E
+    )
+    return Routing(
+        expert_A,
+        token_A,
+        slot_A,
+        weight_A,
+        counts_E,
+        E,
+        logits_GNE.reshape(T, E),
+        probs_GNE.reshape(T, E),
+        None,
+        torch.zeros((), dtype=torch.long, device=device),
+        dropped_tokens,
+        None if mask_GN is None else real_T.sum(),
+        None if mask_GN is None else real_T,
+    )
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+def load_balancing_loss(
+    probs_TE: torch.Tensor, idx_TK: torch.Tensor, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer load-balancing loss (Fedus et al. 2021, eqs. 4-6) as flaxformer computes it
     for top-k: L = E * sum_e f_e * P_e, where f_e is the fraction of tokens whose top-k set contains
     expert e (so sum_e f_e = K) and P_e the mean router probability of e. Perfect balance gives K;

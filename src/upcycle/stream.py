@@ -58,14 +58,45 @@ from .plan import UpcyclePlan
 # safetensors dtype names <-> torch dtypes. RANK is safetensors' own dtype order: within a file,
 # tensors are laid out by descending rank, then by name (what `safetensors.torch.save_file` does).
 DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
-    "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "U64": torch.uint64,
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-RANK = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
-        "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+RANK = (
+    "BOOL",
+    "F4",
+    "F6_E2M3",
+    "F6_E3M2",
+    "U8",
+    "I8",
+    "F8_E5M2",
+    "F8_E4M3",
+    "F8_E8M0",
+    "I16",
+    "U16",
+    "F16",
+    "BF16",
+    "I32",
+    "U32",
+    "F32",
+    "C64",
+    "F64",
+    "I64",
+    "U64",
+)
 HEADER_LIMIT = 100 << 20  # safetensors refuses larger headers too
 
 
@@ -108,8 +139,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         for d in shape:
             numel *= d
         if b - a != numel * dtype.itemsize or base + b > size:
-            raise UpcycleError(f"{path}: tensor {name!r} ({h['dtype']} {list(shape)}) has byte range [{a}, {b}) "
-                               f"that does not match its shape or the file size; the file is truncated or corrupt")
+            raise UpcycleError(
+                f"{path}: tensor {name!r} ({h['dtype']} {list(shape)}) has byte range [{a}, {b}) "
+                f"that does not match its shape or the file size; the file is truncated or corrupt"
+            )
         out[name] = TensorInfo(path, dtype, shape, base + a, base + b)
     return out, meta
 
@@ -125,11 +158,14 @@ class SafetensorsSource:
             self.files = weight_files(self.dir)
             index = json.loads((self.dir / INDEX).read_text()) if (self.dir / INDEX).is_file() else {}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UpcycleError(f"{self.dir / INDEX}: not a valid safetensors index ({e}); re-download or re-save "
-                               "the checkpoint") from None
+            raise UpcycleError(
+                f"{self.dir / INDEX}: not a valid safetensors index ({e}); re-download or re-save the checkpoint"
+            ) from None
         if not self.files:
-            raise UpcycleError(f"{self.dir}: no safetensors weights (model.safetensors or {INDEX}); convert the "
-                               "checkpoint to safetensors first")
+            raise UpcycleError(
+                f"{self.dir}: no safetensors weights (model.safetensors or {INDEX}); convert the "
+                "checkpoint to safetensors first"
+            )
         self.tensors: dict[str, TensorInfo] = {}
         self.index_metadata: dict[str, Any] = index.get("metadata") or {}
         for f in self.files:
@@ -183,8 +219,9 @@ class SafetensorsSource:
             while done < len(buf):
                 n = os.preadv(f.fileno(), [buf[done:]], t.start + done)
                 if n <= 0:
-                    raise UpcycleError(f"{t.file}: unexpected end of file reading {name!r}; the file changed or "
-                                       "is truncated")
+                    raise UpcycleError(
+                        f"{t.file}: unexpected end of file reading {name!r}; the file changed or is truncated"
+                    )
                 done += n
         return out
 
@@ -260,8 +297,9 @@ def resolve_dtype(config: Any, source: SafetensorsSource, dtype: torch.dtype | N
     return d or torch.float32
 
 
-def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
-                  dtype: torch.dtype | None = None) -> tuple[list[Item], dict[str, str], list[int]]:
+def upcycle_items(
+    source: SafetensorsSource, plan: UpcyclePlan, config: Any, dtype: torch.dtype | None = None
+) -> tuple[list[Item], dict[str, str], list[int]]:
     """The native output of `plan` applied to `source`, as (items in state-dict order, {dropped tied
     key: key it is tied to}, MoE layer indices). Floating tensors are cast to the output dtype (see
     `resolve_dtype`) before experts and routers are built, as the in-memory path does."""
@@ -270,8 +308,10 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
     from .surgery import _EXPERT_PARAMS, convert_structure, dense_mlp_keys
 
     if plan.router_init == "data":
-        raise UpcycleError("router_init=data runs the dense model on router_prompts, which the streaming converter "
-                           "never loads; convert in memory (upcycle sparse --stream false)")
+        raise UpcycleError(
+            "router_init=data runs the dense model on router_prompts, which the streaming converter "
+            "never loads; convert in memory (upcycle sparse --stream false)"
+        )
     out_dtype = resolve_dtype(config, source, dtype)
     adapter = adapter_for(config)
     model = meta_model(config, out_dtype)
@@ -307,6 +347,7 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
             if plan.expert_init == "noise" and plan.noise_std > 0:
                 return init_experts(plan, i, dense, n)
             return dense.unsqueeze(0).expand(plan.num_experts, *dense.shape)  # = init_experts' copies, no copy
+
         return produce
 
     built: dict[int, dict[str, torch.Tensor]] = {}
@@ -320,13 +361,21 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
             del built[i]
         return t
 
-    dense_shapes = {"gate": (Fd, D), "up": (Fd, D), "down": (D, Fd), "gate_bias": (Fd,), "up_bias": (Fd,),
-                    "down_bias": (D,)}
+    dense_shapes = {
+        "gate": (Fd, D),
+        "up": (Fd, D),
+        "down": (D, Fd),
+        "gate_bias": (Fd,),
+        "up_bias": (Fd,),
+        "down_bias": (D,),
+    }
     for i in layers:
         for n, key in dense_keys[i].items():
             if key in source and source.info(key).shape != dense_shapes[n]:
-                raise UpcycleError(f"{source.info(key).file}: tensor {key!r} has shape {list(source.info(key).shape)}, "
-                                   f"but config.json implies {list(dense_shapes[n])}")
+                raise UpcycleError(
+                    f"{source.info(key).file}: tensor {key!r} has shape {list(source.info(key).shape)}, "
+                    f"but config.json implies {list(dense_shapes[n])}"
+                )
 
     items, tied, seen = [], {}, {}
     for name, p in model.state_dict(keep_vars=True).items():
@@ -339,21 +388,27 @@ def upcycle_items(source: SafetensorsSource, plan: UpcyclePlan, config: Any,
             i, inner = layer_keys[name]
             key = moe_keys.get(name, (0, 0, dense_keys[i]["up"]))[2]
             if key not in source:
-                raise UpcycleError(f"{source.dir}: the checkpoint has no tensor {key!r}, which a "
-                                   f"{config.model_type} model with this config.json needs; is it the right "
-                                   "config for these weights?")
+                raise UpcycleError(
+                    f"{source.dir}: the checkpoint has no tensor {key!r}, which a "
+                    f"{config.model_type} model with this config.json needs; is it the right "
+                    "config for these weights?"
+                )
             produce = partial(from_layer, i, inner, want)
         elif name in routers:
             produce = partial(init_router, plan, routers[name], shape[1], want)
         else:
             key = moe_keys[name][2] if name in moe_keys else name
             if key not in source:
-                raise UpcycleError(f"{source.dir}: the checkpoint has no tensor {key!r}, which a "
-                                   f"{config.model_type} model with this config.json needs; is it the right "
-                                   "config for these weights?")
+                raise UpcycleError(
+                    f"{source.dir}: the checkpoint has no tensor {key!r}, which a "
+                    f"{config.model_type} model with this config.json needs; is it the right "
+                    "config for these weights?"
+                )
             if name not in moe_keys and source.info(key).shape != shape:
-                raise UpcycleError(f"{source.info(key).file}: tensor {key!r} has shape {list(source.info(key).shape)}, "
-                                   f"but config.json implies {list(shape)}")
+                raise UpcycleError(
+                    f"{source.info(key).file}: tensor {key!r} has shape {list(source.info(key).shape)}, "
+                    f"but config.json implies {list(shape)}"
+                )
             if not source.info(key).dtype.is_floating_point:
                 want = source.info(key).dtype
             produce = experts(*moe_keys[name], want) if name in moe_keys else partial(load, key, want)
@@ -378,7 +433,11 @@ def safetensors_header(items: list[Item], metadata: dict[str, str] | None = None
     head: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for it in order:
-        head[it.name] = {"dtype": NAMES[it.dtype], "shape": list(it.shape), "data_offsets": [offset, offset + it.nbytes]}
+        head[it.name] = {
+            "dtype": NAMES[it.dtype],
+            "shape": list(it.shape),
+            "data_offsets": [offset, offset + it.nbytes],
+        }
         offset += it.nbytes
     text = json.dumps(head, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
@@ -411,7 +470,7 @@ def output_bytes(items: list[Item], max_shard_size: int) -> int:
 
 def _write_all(fd: int, data: memoryview) -> None:
     while len(data):
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 class SequentialWriter:
@@ -451,7 +510,7 @@ class SequentialWriter:
         data = data.cast("B")
         while len(data):
             k = min(len(data), self.block - self.fill)
-            self.bufs[self.cur][self.fill:self.fill + k] = data[:k]
+            self.bufs[self.cur][self.fill : self.fill + k] = data[:k]
             self.fill += k
             data = data[k:]
             if self.fill == self.block:
@@ -468,7 +527,7 @@ class SequentialWriter:
     def close(self, fsync: bool = True) -> None:
         try:
             if self.direct:
-                tail = self.bufs[self.cur][:self.fill]
+                tail = self.bufs[self.cur][: self.fill]
                 aligned = self.fill - self.fill % self.ALIGN
                 if aligned:
                     self._submit(aligned)
@@ -505,8 +564,9 @@ def _write_tensor(f: SequentialWriter, t: torch.Tensor) -> None:
             _write_tensor(f, sub)
 
 
-def write_items(items: Iterable[Item], out: Path, max_shard_size: int, progress: Any = None,
-                fsync: bool = True, direct: bool = True) -> dict:
+def write_items(
+    items: Iterable[Item], out: Path, max_shard_size: int, progress: Any = None, fsync: bool = True, direct: bool = True
+) -> dict:
     """Write items as `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`
     into `out`, producing and writing one tensor at a time (see `SequentialWriter` for `direct`).
     Returns the index."""
@@ -526,8 +586,10 @@ def write_items(items: Iterable[Item], out: Path, max_shard_size: int, progress:
             for it in order:
                 t = it.produce()
                 if tuple(t.shape) != it.shape or t.dtype != it.dtype:
-                    raise UpcycleError(f"{it.name}: produced {t.dtype} {list(t.shape)}, announced {it.dtype} "
-                                       f"{list(it.shape)} (a bug in the item's producer)")
+                    raise UpcycleError(
+                        f"{it.name}: produced {t.dtype} {list(t.shape)}, announced {it.dtype} "
+                        f"{list(it.shape)} (a bug in the item's producer)"
+                    )
                 _write_tensor(f, t)
                 del t
                 if progress is not None:
@@ -558,8 +620,10 @@ def check_disk_space(out_dir: Path, nbytes: int, margin: int = 64 << 20) -> None
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     if free < nbytes + margin:
-        raise UpcycleError(f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, only "
-                           f"{free / 1e9:.2f} GB free on {parent}; free some space or choose another --out")
+        raise UpcycleError(
+            f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, only "
+            f"{free / 1e9:.2f} GB free on {parent}; free some space or choose another --out"
+        )
 
 
 # ------------------------------------------------------------------------------------------ front door
@@ -567,10 +631,19 @@ Transform = Callable[[Iterator[Item]], Iterable[Item]]
 ConfigWriter = Callable[[Any, Path], None]
 
 
-def stream_upcycle(model_dir: str | Path, plan: UpcyclePlan, out_dir: str | Path, *,
-                   dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                   progress: bool = True, fsync: bool = True, transform: Transform | None = None,
-                   write_config: ConfigWriter | None = None) -> Path:
+def stream_upcycle(
+    model_dir: str | Path,
+    plan: UpcyclePlan,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    fsync: bool = True,
+    transform: Transform | None = None,
+    write_config: ConfigWriter | None = None,
+) -> Path:
     """Upcycle a safetensors checkpoint directory to `out_dir` without loading the model.
 
     Peak memory is about one source tensor (plus its cast, or the (E, ...) stack with noise init).
@@ -611,10 +684,15 @@ def stream_upcycle(model_dir: str | Path, plan: UpcyclePlan, out_dir: str | Path
             with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
                 write_items(items, tmp, limit, bar, fsync=fsync)
             meta = {
-                "format": FORMAT, "format_version": FORMAT_VERSION,
-                "plan": plan.to_dict(), "moe_layers": layers, "tied_weights": tied, **structure,
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "plan": plan.to_dict(),
+                "moe_layers": layers,
+                "tied_weights": tied,
+                **structure,
                 "source": {"path": str(model_dir), "weights": hashing.result()},
-                "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "versions": versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
             for f in side:

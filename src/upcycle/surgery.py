@@ -22,8 +22,14 @@ from .moe import MoEBlock, RouterConfig, SharedExpert
 from .plan import UpcyclePlan
 
 # MoE tensor names inside a block, and the dense projection they come from.
-_EXPERT_PARAMS = (("gate_proj", "gate", "weight"), ("up_proj", "up", "weight"), ("down_proj", "down", "weight"),
-                  ("gate_bias", "gate", "bias"), ("up_bias", "up", "bias"), ("down_bias", "down", "bias"))
+_EXPERT_PARAMS = (
+    ("gate_proj", "gate", "weight"),
+    ("up_proj", "up", "weight"),
+    ("down_proj", "down", "weight"),
+    ("gate_bias", "gate", "bias"),
+    ("up_bias", "up", "bias"),
+    ("down_bias", "down", "bias"),
+)
 
 
 def applied_plan(plan: UpcyclePlan, config, model: nn.Module | None = None) -> UpcyclePlan:
@@ -39,8 +45,9 @@ def moe_layers(plan: UpcyclePlan, config) -> list[int] | dict[str, list[int]]:
     return layers_record(plan_stacks(plan, config))
 
 
-def plan_stacks(plan: UpcyclePlan, config, model: nn.Module | None = None, keys=None,
-                layers=None) -> list[tuple[MLPAdapter, UpcyclePlan, list[int]]]:
+def plan_stacks(
+    plan: UpcyclePlan, config, model: nn.Module | None = None, keys=None, layers=None
+) -> list[tuple[MLPAdapter, UpcyclePlan, list[int]]]:
     """(adapter, plan of that stack, MoE layer indices) for every stack of the model: one for decoders,
     encoders and ViT, encoder then decoder for T5 (the layer selection applies to each stack). `layers`:
     given indices instead of the plan's (a list for one stack, {stack: list} for several). Expert choice
@@ -70,8 +77,9 @@ def dense_mlp_keys(adapter: MLPAdapter, i: int) -> dict[str, str]:
     return out
 
 
-def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config,
-                       data_rows: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def upcycle_state_dict(
+    dense: dict[str, torch.Tensor], plan: UpcyclePlan, config, data_rows: dict[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The MoE state dict of `plan` applied to a dense state dict (`init.init_layer` per layer, every stack
     of the model). Tensors that are not touched are shared with the input (no copy). `data_rows`: router
     rows of router_init=data (`init.data_router_rows`)."""
@@ -81,8 +89,14 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], plan: UpcyclePlan, config
     return out
 
 
-def _upcycle_stack(out: dict, adapter: MLPAdapter, plan: UpcyclePlan, layers: list[int], act: str,
-                   data_rows: dict[int, torch.Tensor] | None = None) -> None:
+def _upcycle_stack(
+    out: dict,
+    adapter: MLPAdapter,
+    plan: UpcyclePlan,
+    layers: list[int],
+    act: str,
+    data_rows: dict[int, torch.Tensor] | None = None,
+) -> None:
     for i in layers:
         prefix = adapter.mlp_prefix(i)
         mlp = {}
@@ -96,8 +110,14 @@ def _upcycle_stack(out: dict, adapter: MLPAdapter, plan: UpcyclePlan, layers: li
             out[f"{prefix}.{k}"] = v
 
 
-def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.dtype,
-                   device: torch.device | str | None = None, structure: dict | None = None) -> MoEBlock:
+def make_moe_block(
+    config,
+    plan: UpcyclePlan,
+    adapter: MLPAdapter,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    structure: dict | None = None,
+) -> MoEBlock:
     """An uninitialised MoE block. `structure` overrides the shape where it differs from a copy of the
     dense MLP: {"expert_intermediate_size": F, "shared_expert": {"intermediate_size": S, "gated": bool}}
     (models imported from stock checkpoints)."""
@@ -105,12 +125,23 @@ def make_moe_block(config, plan: UpcyclePlan, adapter: MLPAdapter, dtype: torch.
     structure = {**plan_structure(plan, Fd), **(structure or {})}
     act = ACT2FN[getattr(config, adapter.act_key)]
     dropout = float(getattr(config, adapter.inner_dropout_key, 0.0) or 0.0) if adapter.inner_dropout_key else 0.0
-    experts = Experts(plan.num_experts, D, structure.get("expert_intermediate_size") or Fd, act,
-                      gated=adapter.gate is not None, bias=adapter.has_bias(config), dtype=dtype, device=device,
-                      dropout=dropout)
+    experts = Experts(
+        plan.num_experts,
+        D,
+        structure.get("expert_intermediate_size") or Fd,
+        act,
+        gated=adapter.gate is not None,
+        bias=adapter.has_bias(config),
+        dtype=dtype,
+        device=device,
+        dropout=dropout,
+    )
     shared = structure.get("shared_expert")
-    shared_mlp = SharedExpert(D, shared["intermediate_size"], act, shared.get("gated", True), dtype=dtype,
-                              device=device) if shared else None
+    shared_mlp = (
+        SharedExpert(D, shared["intermediate_size"], act, shared.get("gated", True), dtype=dtype, device=device)
+        if shared
+        else None
+    )
     return MoEBlock(experts, RouterConfig.from_plan(plan), shared_mlp)
 
 
@@ -127,13 +158,16 @@ def structure_of(model: nn.Module) -> dict:
     if b.experts.intermediate_size != Fd:
         out["expert_intermediate_size"] = b.experts.intermediate_size
     if isinstance(b.shared_expert, SharedExpert):
-        out["shared_expert"] = {"intermediate_size": b.shared_expert.intermediate_size,
-                                "gated": b.shared_expert.gate is not None}
+        out["shared_expert"] = {
+            "intermediate_size": b.shared_expert.intermediate_size,
+            "gated": b.shared_expert.gate is not None,
+        }
     return out
 
 
-def convert_structure(model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None,
-                      structure: dict | None = None) -> list[int]:
+def convert_structure(
+    model: nn.Module, plan: UpcyclePlan, layers: Iterable[int] | None = None, structure: dict | None = None
+) -> list[int]:
     """Replace the MLP of each chosen layer by an (uninitialised) MoE block, in place. Returns the MoE
     layers (`layers_record`: a list, or {stack: list} for T5)."""
     config = model.config
@@ -199,8 +233,7 @@ def wire_padding_mask(model: nn.Module, adapters: list[MLPAdapter]) -> None:
 
 
 @torch.no_grad()
-def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress=None,
-            tokenizer=None) -> nn.Module:
+def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress=None, tokenizer=None) -> nn.Module:
     """Sparse upcycling of a transformers model: the chosen MLPs become MoE blocks whose experts are
     initialised from the dense MLP (plan.expert_init, see init.py), routers new. Everything else is
     untouched. router_init=data runs the dense model on plan.router_prompts first (needs `tokenizer`)."""
@@ -216,8 +249,10 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
         if tokenizer is None:
             raise PlanError("router_init=data runs the dense model on router_prompts: give a tokenizer")
         if len(stacks) != 1 or not stacks[0][0].causal:
-            raise PlanError("router_init=data: supported for decoder language models only (it runs the dense "
-                            "model on text prompts); use router_init normal for encoders, ViT and T5")
+            raise PlanError(
+                "router_init=data: supported for decoder language models only (it runs the dense "
+                "model on text prompts); use router_init normal for encoders, ViT and T5"
+            )
         adapter, _, layers = stacks[0]
         was_training = model.training
         data_rows = data_router_rows(model.eval(), tokenizer, plan, layers, adapter)
@@ -232,7 +267,7 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
             _upcycle_stack(moe_sd, adapter, stack_plan, [i], act, data_rows)
             up = adapter.dense_up(blocks[i]).weight
             block = make_moe_block(config, stack_plan, adapter, up.dtype, up.device)
-            block.load_state_dict({k[len(prefix):]: v for k, v in moe_sd.items()}, strict=True)
+            block.load_state_dict({k[len(prefix) :]: v for k, v in moe_sd.items()}, strict=True)
             adapter.set_mlp(blocks[i], block)
             if progress is not None:
                 progress.update(1)

@@ -34,19 +34,25 @@ class DepthTilingPlan:
 
     num_layers: int | None = field(default=None, metadata={"help": "layers of the deeper model"})
     factor: float | None = field(default=None, metadata={"help": "or: new depth = round(factor x layers)"})
-    mode: str = field(default="stack", metadata={"help": "stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])",
-                                                 "choices": MODES})
+    mode: str = field(
+        default="stack", metadata={"help": "stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])", "choices": MODES}
+    )
 
     def __post_init__(self) -> None:
         from .errors import PlanError
 
         if (self.num_layers is None) == (self.factor is None):
             raise PlanError("depth tiling: give exactly one of num_layers or factor")
-        if self.num_layers is not None and (isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int)
-                                            or self.num_layers < 1):
+        if self.num_layers is not None and (
+            isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1
+        ):
             raise PlanError(f"num_layers: expected a positive integer, got {self.num_layers!r}")
-        if self.factor is not None and (isinstance(self.factor, bool) or not isinstance(self.factor, (int, float))
-                                        or not math.isfinite(self.factor) or self.factor < 1):
+        if self.factor is not None and (
+            isinstance(self.factor, bool)
+            or not isinstance(self.factor, (int, float))
+            or not math.isfinite(self.factor)
+            or self.factor < 1
+        ):
             raise PlanError(f"factor: expected a number of at least 1, got {self.factor!r}")
         if self.mode not in MODES:
             raise PlanError(f"mode: choose one of {', '.join(MODES)}, got {self.mode!r}")
@@ -96,8 +102,9 @@ def resolve(args: argparse.Namespace) -> DepthTilingPlan:
         base.pop("factor", None)
     if "factor" in over:
         base.pop("num_layers", None)
-    return DepthTilingPlan.from_dict({"method": "depth_tiling", **base, **over},
-                                     str(args.plan) if args.plan else "flags")
+    return DepthTilingPlan.from_dict(
+        {"method": "depth_tiling", **base, **over}, str(args.plan) if args.plan else "flags"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     load_dense_config(model_dir)
     if not weight_files(model_dir):
-        raise UpcycleError(f"{model_dir}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
-                           "convert the checkpoint to safetensors first")
+        raise UpcycleError(
+            f"{model_dir}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
+            "convert the checkpoint to safetensors first"
+        )
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     deep = depth_tile(dense, num_layers=plan.num_layers, factor=plan.factor, mode=plan.mode)
@@ -131,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             if (model_dir / name).is_file() and not (tmp / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
     L, T = len(deep.config.depth_tiling["source_of_layer"]), deep.config.depth_tiling["source_layers"]
-    print(f"tiled {model_dir.name}: {T} -> {L} layers ({plan.mode}); parameters {num_params(dense) / 1e6:.1f}M -> "
-          f"{num_params(deep) / 1e6:.1f}M; wrote {args.out} in {time.time() - t0:.1f} s")
+    print(
+        f"tiled {model_dir.name}: {T} -> {L} layers ({plan.mode}); parameters {num_params(dense) / 1e6:.1f}M -> "
+        f"{num_params(deep) / 1e6:.1f}M; wrote {args.out} in {time.time() - t0:.1f} s"
+    )
     return 0

@@ -68,9 +68,12 @@ class TrainConfig:
     lr: float = _f(3e-4, "peak learning rate")
     min_lr: float = _f(3e-5, "learning rate at the end of the decay")
     warmup: int = _f(100, "linear warmup steps (from lr/warmup to lr)")
-    schedule: str = _f("cosine", "after the warmup: cosine (to min_lr at the last step) | wsd (warmup-stable-decay: "
-                                 "lr until the last decay_fraction of the steps, then linear to min_lr)",
-                       choices=SCHEDULES)
+    schedule: str = _f(
+        "cosine",
+        "after the warmup: cosine (to min_lr at the last step) | wsd (warmup-stable-decay: "
+        "lr until the last decay_fraction of the steps, then linear to min_lr)",
+        choices=SCHEDULES,
+    )
     decay_fraction: float = _f(0.2, "wsd: share of the steps spent decaying from lr to min_lr")
     steps: int = _f(1000, "optimizer steps (ignored when tokens is set)")
     tokens: int | None = _f(None, "token budget: steps = ceil(tokens / tokens per step)")
@@ -99,8 +102,19 @@ class TrainConfig:
         def bad(name: str, why: str) -> UpcycleError:
             return UpcycleError(f"{name}: {why}")
 
-        for name in ("warmup", "steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints", "seed", "log_every"):
+        for name in (
+            "warmup",
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "seed",
+            "log_every",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, f"expected a non-negative integer, got {v!r}")
@@ -113,8 +127,17 @@ class TrainConfig:
             raise bad("steps", "must be at least 1 (or give a tokens budget)")
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens < 1):
             raise bad("tokens", f"expected a positive integer, got {self.tokens!r}")
-        for name in ("lr", "min_lr", "clip", "weight_decay", "eps", "aux_loss_coef", "z_loss_coef",
-                     "pretrain_tokens", "pretrain_flops"):
+        for name in (
+            "lr",
+            "min_lr",
+            "clip",
+            "weight_decay",
+            "eps",
+            "aux_loss_coef",
+            "z_loss_coef",
+            "pretrain_tokens",
+            "pretrain_flops",
+        ):
             v = getattr(self, name)
             if v is None and name in ("aux_loss_coef", "z_loss_coef", "pretrain_tokens", "pretrain_flops"):
                 continue
@@ -128,8 +151,11 @@ class TrainConfig:
             raise bad("min_lr", f"{self.min_lr} is above lr {self.lr}")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"choose one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if isinstance(self.decay_fraction, bool) or not isinstance(self.decay_fraction, (int, float)) or not (
-                0 < self.decay_fraction <= 1):
+        if (
+            isinstance(self.decay_fraction, bool)
+            or not isinstance(self.decay_fraction, (int, float))
+            or not (0 < self.decay_fraction <= 1)
+        ):
             raise bad("decay_fraction", f"must be in (0, 1], got {self.decay_fraction!r}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"choose one of {', '.join(DTYPES)}, got {self.dtype!r}")
@@ -191,8 +217,20 @@ class TrainConfig:
 
 
 # YAML reads 3e-4 as a string (YAML 1.1 floats need a dot); accept it for float fields.
-_FLOAT_FIELDS = {"lr", "min_lr", "decay_fraction", "clip", "weight_decay", "beta1", "beta2", "eps", "aux_loss_coef", "z_loss_coef",
-                 "pretrain_tokens", "pretrain_flops"}
+_FLOAT_FIELDS = {
+    "lr",
+    "min_lr",
+    "decay_fraction",
+    "clip",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "eps",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "pretrain_tokens",
+    "pretrain_flops",
+}
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
@@ -287,9 +325,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig, names_model: nn.Modul
     names_model = names_model or model
     params = dict(model.named_parameters())
     groups = named_param_groups(names_model, config.weight_decay)
-    opt = torch.optim.AdamW([{"params": [params[n] for n in g["params"]], "weight_decay": g["weight_decay"]}
-                             for g in groups], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-                            **_adamw_impl(params.values()))
+    opt = torch.optim.AdamW(
+        [{"params": [params[n] for n in g["params"]], "weight_decay": g["weight_decay"]} for g in groups],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        eps=config.eps,
+        **_adamw_impl(params.values()),
+    )
     opt._upcycle_names = [g["params"] for g in groups]  # parameter names per group, for name-keyed states
     return opt
 
@@ -318,8 +360,9 @@ def load_named_optimizer_state(opt, named: dict, config: TrainConfig | None = No
         merged = {k: v for k, v in opts.items() if k not in ("params", "weight_decay")}
         groups.append(dict(cur, **merged, params=[index[n] for n in g]))
     # Copies: torch's load_state_dict keeps the given tensors, and steps would then change the caller's dict.
-    state = {index[n]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
-             for n, s in named["state"].items()}
+    state = {
+        index[n]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for n, s in named["state"].items()
+    }
     opt.load_state_dict({"state": state, "param_groups": groups})
     if config is not None:
         for g, wd in zip(opt.param_groups, (config.weight_decay, 0.0)):
@@ -354,20 +397,25 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
     dense_names = {n for n, _ in dense_model.named_parameters()}
     unknown = sorted(set(state) - dense_names)
     if unknown:
-        raise UpcycleError(f"the dense optimizer state has parameters the dense model lacks: {unknown[:3]}; "
-                           "is it the state of this model?")
+        raise UpcycleError(
+            f"the dense optimizer state has parameters the dense model lacks: {unknown[:3]}; "
+            "is it the state of this model?"
+        )
     if plan.expert_init in ("partition", "granular", "qwen2") or plan.shared_mlp != "none":
         what = f"expert_init={plan.expert_init}" if plan.shared_mlp == "none" else f"shared_mlp={plan.shared_mlp}"
-        raise UpcycleError(f"optimizer carry-over copies the dense MLP's AdamW moments onto every expert; {what} "
-                           "slices, rescales or splits the MLP, so those moments would not belong to the new "
-                           "parameters. Carry-over works with expert_init copy, noise and drop; otherwise start "
-                           "from a fresh optimizer (the paper's language recipe)")
+        raise UpcycleError(
+            f"optimizer carry-over copies the dense MLP's AdamW moments onto every expert; {what} "
+            "slices, rescales or splits the MLP, so those moments would not belong to the new "
+            "parameters. Carry-over works with expert_init copy, noise and drop; otherwise start "
+            "from a fresh optimizer (the paper's language recipe)"
+        )
     moment_plan = plan.replace(expert_init="copy", router_init="zeros")
     keys = sorted({k for s in state.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
     mapped: dict[str, dict[str, torch.Tensor]] = {}
     for k in keys:
-        for name, t in upcycle_state_dict({n: s[k] for n, s in state.items() if k in s},
-                                          moment_plan, moe_model.config).items():
+        for name, t in upcycle_state_dict(
+            {n: s[k] for n, s in state.items() if k in s}, moment_plan, moe_model.config
+        ).items():
             mapped.setdefault(name, {})[k] = t.clone()
     if plan.expert_init == "drop":
         _zero_dropped_moments(mapped, plan, moe_model.config)
@@ -398,7 +446,7 @@ def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, conf
             for name, s in mapped.items():
                 if not name.startswith(prefix):
                     continue
-                proj = name[len(prefix):]
+                proj = name[len(prefix) :]
                 for t in s.values():
                     E, width = t.shape[0], t.shape[2] if proj == "down_proj" else t.shape[1]
                     for e, S in enumerate(_drop_sets(stack_plan, i, E, width)):
@@ -461,12 +509,16 @@ class EventWriter:
 
     def _write(self, event: bytes) -> None:
         header = struct.pack("<Q", len(event))
-        self.fh.write(header + struct.pack("<I", _masked_crc32c(header)) + event
-                      + struct.pack("<I", _masked_crc32c(event)))
+        self.fh.write(
+            header + struct.pack("<I", _masked_crc32c(header)) + event + struct.pack("<I", _masked_crc32c(event))
+        )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        summary = b"".join(_bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", float(v)))
-                           for tag, v in values.items() if v is not None and math.isfinite(v))
+        summary = b"".join(
+            _bytes_field(1, _bytes_field(1, tag.encode()) + b"\x15" + struct.pack("<f", float(v)))
+            for tag, v in values.items()
+            if v is not None and math.isfinite(v)
+        )
         self._write(b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step) + _bytes_field(5, summary))
         self.fh.flush()
 
@@ -474,8 +526,22 @@ class EventWriter:
         self.fh.close()
 
 
-METRICS = ("step", "tokens", "flops", "loss", "lm_loss", "load_balancing", "z_loss", "val_loss", "lr", "grad_norm",
-           "tokens_per_s", "expert_load_max_over_mean", "router_entropy", "compute_share")
+METRICS = (
+    "step",
+    "tokens",
+    "flops",
+    "loss",
+    "lm_loss",
+    "load_balancing",
+    "z_loss",
+    "val_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "expert_load_max_over_mean",
+    "router_entropy",
+    "compute_share",
+)
 
 
 # ---------------------------------------------------------------------------------- distributed
@@ -499,8 +565,9 @@ def _setup_dist(config: TrainConfig, device_type: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 and not dist.is_initialized():
         if config.parallel in ("ddp", "fsdp"):
-            raise UpcycleError(f"parallel={config.parallel} needs several processes: launch with torchrun "
-                               "--nproc_per_node N")
+            raise UpcycleError(
+                f"parallel={config.parallel} needs several processes: launch with torchrun --nproc_per_node N"
+            )
         return _Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
@@ -567,8 +634,7 @@ def _optimizer_state(model: nn.Module, opt, d: _Dist) -> dict:
     if d.mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                             cpu_offload=True))
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return named_optimizer_state(opt)
 
 
@@ -595,18 +661,24 @@ def _load_full_state_fsdp(model: nn.Module, opt, named: dict) -> None:
 
 def _rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-            "numpy_gauss": [int(np_state[3]), float(np_state[4])],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0],
-                         s["numpy_gauss"][1]))
+    np.random.set_state(
+        ("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_gauss"][0], s["numpy_gauss"][1])
+    )
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -620,8 +692,9 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, raw, opt, batches: Batches, state: dict, config: TrainConfig,
-                     d: _Dist) -> None:
+def _save_checkpoint(
+    out_dir: Path, step: int, model, raw, opt, batches: Batches, state: dict, config: TrainConfig, d: _Dist
+) -> None:
     from safetensors.torch import save_file
 
     from .native import atomic_dir
@@ -634,9 +707,13 @@ def _save_checkpoint(out_dir: Path, step: int, model, raw, opt, batches: Batches
             save_file(model_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             torch.save(opt_sd, tmp / "optimizer.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "state.json").write_text(json.dumps(dict(state, step=step, data=batches.state_dict(),
-                                                            config=config.to_dict(), world_size=d.world),
-                                                       indent=1) + "\n")
+            (tmp / "state.json").write_text(
+                json.dumps(
+                    dict(state, step=step, data=batches.state_dict(), config=config.to_dict(), world_size=d.world),
+                    indent=1,
+                )
+                + "\n"
+            )
         for old in checkpoints(out_dir)[: -config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(d)
@@ -650,8 +727,10 @@ def _load_model_weights(raw: nn.Module, path: Path) -> None:
     tied = set(raw.state_dict()) - {n for n, _ in raw.named_parameters()} - {n for n, _ in raw.named_buffers()}
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise UpcycleError(f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}; resume with the model the run started from")
+        raise UpcycleError(
+            f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}; resume with the model the run started from"
+        )
 
 
 # ------------------------------------------------------------------------------------------- loop
@@ -689,8 +768,15 @@ def _router_summary(raw: nn.Module) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int, max_batches: int, device,
-                  autocast=nullcontext, d: _Dist | None = None) -> float | None:
+def evaluate_loss(
+    model: nn.Module,
+    seqs: torch.Tensor,
+    batch_size: int,
+    max_batches: int,
+    device,
+    autocast=nullcontext,
+    d: _Dist | None = None,
+) -> float | None:
     """Mean LM loss over the first max_batches * batch_size validation sequences, whatever the number
     of processes: each rank scores every world-th of them (the count rounded down to a multiple of the
     world size, so every rank runs as many forward passes, which FSDP needs)."""
@@ -699,12 +785,12 @@ def evaluate_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int, max_bat
     n -= n % d.world
     if n == 0:
         return None
-    mine = seqs[:n][d.rank::d.world]
+    mine = seqs[:n][d.rank :: d.world]
     was = model.training
     model.eval()
     total = 0.0
     for i in range(0, mine.shape[0], batch_size):
-        x = mine[i:i + batch_size].to(device)
+        x = mine[i : i + batch_size].to(device)
         with autocast():
             loss = model(input_ids=x, labels=x).loss  # every sequence has seq_len tokens: mean of means
         total += float(loss) * x.shape[0]
@@ -721,11 +807,14 @@ def _devices(config: TrainConfig, d_local_rank: int):
         device = torch.device("cpu")
     use_bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
     if use_bf16:
+
         def autocast():
             return torch.autocast(device.type, dtype=torch.bfloat16)
     else:
+
         def autocast():
             return nullcontext()
+
     return device, autocast
 
 
@@ -743,16 +832,29 @@ def _prepare_out(out_dir: Path, resume, overwrite: bool) -> Path | None:
         return ckpt
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise UpcycleError(f"output directory already exists and is not empty: {out_dir} (pass --resume to "
-                               "continue its run, --overwrite to start over, or choose another --out)")
+            raise UpcycleError(
+                f"output directory already exists and is not empty: {out_dir} (pass --resume to "
+                "continue its run, --overwrite to start over, or choose another --out)"
+            )
         shutil.rmtree(out_dir)
     return None
 
 
-def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str | Path, *,
-          resume: bool | str | Path = False, overwrite: bool = False, init_optimizer_state: dict | None = None,
-          tokenizer=None, source_dir: str | Path | None = None, progress: bool = True,
-          save_model: bool = True, stop_at: int | None = None) -> list[dict]:
+def train(
+    model: nn.Module,
+    data: PackedData,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    init_optimizer_state: dict | None = None,
+    tokenizer=None,
+    source_dir: str | Path | None = None,
+    progress: bool = True,
+    save_model: bool = True,
+    stop_at: int | None = None,
+) -> list[dict]:
     """Train `model` (dense or upcycled transformers causal LM) on `data.train`, validating on `data.val`.
 
     resume: True picks the newest checkpoint under out_dir/checkpoints, a path picks that one; the run
@@ -767,8 +869,10 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
 
     out_dir = Path(out_dir)
     if data.seq_len != config.seq_len:
-        raise UpcycleError(f"the data is packed into sequences of {data.seq_len} tokens but seq_len is "
-                           f"{config.seq_len}; pack it with the same seq_len")
+        raise UpcycleError(
+            f"the data is packed into sequences of {data.seq_len} tokens but seq_len is "
+            f"{config.seq_len}; pack it with the same seq_len"
+        )
     device, autocast = _devices(config, int(os.environ.get("LOCAL_RANK", "0")))
     d = _setup_dist(config, device.type)
     ckpt = _prepare_out(out_dir, resume, overwrite) if d.main else None
@@ -800,8 +904,10 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
     if ckpt is not None:
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("world_size", 1) != d.world:
-            raise UpcycleError(f"{ckpt} was written by a run of {state.get('world_size')} processes; resume it "
-                               f"with the same number (this run has {d.world})")
+            raise UpcycleError(
+                f"{ckpt} was written by a run of {state.get('world_size')} processes; resume it "
+                f"with the same number (this run has {d.world})"
+            )
         _load_model_weights(raw, ckpt / "model.safetensors")
     model = _wrap(raw, d, device)
     raw.train()
@@ -850,7 +956,7 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
                 sync = d.mode == "none" or m == len(micro) - 1
                 if d.mode == "fsdp":  # accumulate unsharded gradients; reduce-scatter once, on the last one
                     model.set_requires_gradient_sync(sync)
-                with (nullcontext() if sync or d.mode != "ddp" else model.no_sync()):
+                with nullcontext() if sync or d.mode != "ddp" else model.no_sync():
                     with autocast():
                         lm = model(input_ids=x, labels=x).loss
                         aux = aux_losses(raw, alpha, beta)
@@ -879,11 +985,22 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
             if step == total_steps or (config.eval_every and step % config.eval_every == 0):
                 val = evaluate_loss(model, data.val, config.batch_size, config.eval_batches, device, autocast, d)
                 last_val = val
-            row = {"step": step, "tokens": state["tokens"], "flops": state["flops"], "loss": loss_v, "lm_loss": lm_v,
-                   "load_balancing": lb_v, "z_loss": z_v, "val_loss": val, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens_per_step / dt, "expert_load_max_over_mean": balance,
-                   "router_entropy": entropy,
-                   "compute_share": state["flops"] / pretrain_flops if pretrain_flops else None}
+            row = {
+                "step": step,
+                "tokens": state["tokens"],
+                "flops": state["flops"],
+                "loss": loss_v,
+                "lm_loss": lm_v,
+                "load_balancing": lb_v,
+                "z_loss": z_v,
+                "val_loss": val,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_step / dt,
+                "expert_load_max_over_mean": balance,
+                "router_entropy": entropy,
+                "compute_share": state["flops"] / pretrain_flops if pretrain_flops else None,
+            }
             if step % config.log_every == 0 or val is not None or step == total_steps:
                 history.append(row)
                 if d.main:
@@ -907,13 +1024,24 @@ def train(model: nn.Module, data: PackedData, config: TrainConfig, out_dir: str 
     if step < total_steps:  # stopped early: the checkpoint is the output
         _barrier(d)
         return history
-    summary = {"steps": step, "tokens": state["tokens"], "flops": state["flops"], "flops_per_token": fpt,
-               "dense_flops_per_token": fpt_dense, "active_params": active_params(raw),
-               "pretrain_flops": pretrain_flops,
-               "compute_share": state["flops"] / pretrain_flops if pretrain_flops else None,
-               "final_train_loss": history[-1]["loss"] if history else None, "final_val_loss": last_val,
-               "train_time_s": state["train_time_s"], "world_size": d.world, "parallel": d.mode,
-               "aux_loss_coef": alpha, "z_loss_coef": beta, "data": data.info}
+    summary = {
+        "steps": step,
+        "tokens": state["tokens"],
+        "flops": state["flops"],
+        "flops_per_token": fpt,
+        "dense_flops_per_token": fpt_dense,
+        "active_params": active_params(raw),
+        "pretrain_flops": pretrain_flops,
+        "compute_share": state["flops"] / pretrain_flops if pretrain_flops else None,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "final_val_loss": last_val,
+        "train_time_s": state["train_time_s"],
+        "world_size": d.world,
+        "parallel": d.mode,
+        "aux_loss_coef": alpha,
+        "z_loss_coef": beta,
+        "data": data.info,
+    }
     if save_model:
         _save_final(model, raw, out_dir / "model", d, tokenizer, source_dir)
     if d.main:

@@ -30,8 +30,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from .cli import add_dataclass_flags
     from .train import TrainConfig
 
-    add_dataclass_flags(p, TrainConfig, "training fields (same names as the YAML keys; override --config)",
-                        dest_prefix="cfg_", types_={"tokens": lambda s: int(float(s))})  # accept 1e6
+    add_dataclass_flags(
+        p,
+        TrainConfig,
+        "training fields (same names as the YAML keys; override --config)",
+        dest_prefix="cfg_",
+        types_={"tokens": lambda s: int(float(s))},
+    )  # accept 1e6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,13 +47,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start over")
     p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model's)")
-    p.add_argument("--val-fraction", "--val_fraction", type=float, default=0.05,
-                   help="share of documents held out for validation (default 0.05)")
+    p.add_argument(
+        "--val-fraction",
+        "--val_fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation (default 0.05)",
+    )
     p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument("--chunk-chars", "--chunk_chars", type=int, default=8192,
-                   help="text files are cut at blank lines into documents of about this many characters")
-    p.add_argument("--dense-optimizer-state", "--dense_optimizer_state", type=Path,
-                   help="dense run's checkpoint directory (or its optimizer.pt) to carry the AdamW state over from")
+    p.add_argument(
+        "--chunk-chars",
+        "--chunk_chars",
+        type=int,
+        default=8192,
+        help="text files are cut at blank lines into documents of about this many characters",
+    )
+    p.add_argument(
+        "--dense-optimizer-state",
+        "--dense_optimizer_state",
+        type=Path,
+        help="dense run's checkpoint directory (or its optimizer.pt) to carry the AdamW state over from",
+    )
     p.add_argument("--stop-at", "--stop_at", type=int, help="stop after this step with a checkpoint (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p)
@@ -63,8 +82,11 @@ def resolve_config(args: argparse.Namespace):
         base = TrainConfig.from_yaml(args.out / "train_config.yaml")  # the run's own settings
     else:
         base = TrainConfig()
-    overrides = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(TrainConfig)
-                 if hasattr(args, f"cfg_{f.name}")}
+    overrides = {
+        f.name: getattr(args, f"cfg_{f.name}")
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f"cfg_{f.name}")
+    }
     try:
         return dataclasses.replace(base, **overrides) if overrides else base
     except UpcycleError as e:
@@ -76,8 +98,10 @@ def _dense_state(path: Path) -> dict:
 
     f = path / "optimizer.pt" if path.is_dir() else path
     if not f.is_file():
-        raise UpcycleError(f"dense optimizer state not found: {f} (give a checkpoints/step-N directory of a "
-                           "dense `upcycle train` run, or its optimizer.pt)")
+        raise UpcycleError(
+            f"dense optimizer state not found: {f} (give a checkpoints/step-N directory of a "
+            "dense `upcycle train` run, or its optimizer.pt)"
+        )
     try:
         return torch.load(f, weights_only=True, map_location="cpu")
     except Exception as e:  # pickle errors of several kinds
@@ -102,8 +126,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not (out / "checkpoints").is_dir():
         raise UpcycleError(f"nothing to resume: {out}/checkpoints does not exist")
     if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UpcycleError(f"output directory already exists and is not empty: {out} (pass --resume to continue "
-                           "its run, --overwrite to start over, or choose another --out)")
+        raise UpcycleError(
+            f"output directory already exists and is not empty: {out} (pass --resume to continue "
+            "its run, --overwrite to start over, or choose another --out)"
+        )
     dense_state = _dense_state(args.dense_optimizer_state) if args.dense_optimizer_state else None
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     if not model_dir.is_dir():
@@ -116,21 +142,44 @@ def run(args: argparse.Namespace) -> int:
 
         hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    data = load_data(args.data, tokenizer, config.seq_len, args.val_fraction, config.seed, args.text_field,
-                     args.chunk_chars, cache_dir=cache_root() / "tokens")
+    data = load_data(
+        args.data,
+        tokenizer,
+        config.seq_len,
+        args.val_fraction,
+        config.seed,
+        args.text_field,
+        args.chunk_chars,
+        cache_dir=cache_root() / "tokens",
+    )
     model = load_any(model_dir, dtype=torch.float32)
     init_state = None
     if dense_state is not None and not args.resume:
         if not getattr(model.config, "upcycle", None):
-            raise UpcycleError("--dense-optimizer-state needs an upcycled --model (the state is carried from the "
-                               "dense model it came from)")
+            raise UpcycleError(
+                "--dense-optimizer-state needs an upcycled --model (the state is carried from the "
+                "dense model it came from)"
+            )
         dense = model_on_meta(model.config)
         init_state = carry_over_optimizer_state(dense_state, dense, model)
-    print(f"data: {data.info['train_documents']} train / {data.info['val_documents']} validation documents, "
-          f"{data.info['train_sequences']} x {config.seq_len} train tokens", file=sys.stderr)
-    history = train(model, data, config, out, resume=args.resume, overwrite=args.overwrite,
-                    init_optimizer_state=init_state, tokenizer=tokenizer, source_dir=model_dir,
-                    progress=not args.quiet, stop_at=args.stop_at)
+    print(
+        f"data: {data.info['train_documents']} train / {data.info['val_documents']} validation documents, "
+        f"{data.info['train_sequences']} x {config.seq_len} train tokens",
+        file=sys.stderr,
+    )
+    history = train(
+        model,
+        data,
+        config,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        init_optimizer_state=init_state,
+        tokenizer=tokenizer,
+        source_dir=model_dir,
+        progress=not args.quiet,
+        stop_at=args.stop_at,
+    )
     import json
     import os
 
@@ -141,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
         s = json.loads(summary_file.read_text())
         share = f", {100 * s['compute_share']:.4g}% of the dense pretraining compute" if s["compute_share"] else ""
         val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "n/a"
-        print(f"trained {s['steps']} steps, {s['tokens']:,} tokens, {s['flops']:.3g} FLOPs{share}; "
-              f"final train loss {s['final_train_loss']:.4f}, validation loss {val}; model in {out / 'model'}")
+        print(
+            f"trained {s['steps']} steps, {s['tokens']:,} tokens, {s['flops']:.3g} FLOPs{share}; "
+            f"final train loss {s['final_train_loss']:.4f}, validation loss {val}; model in {out / 'model'}"
+        )
     elif history:
         print(f"stopped at step {history[-1]['step']}; continue with --resume")
     return 0

@@ -59,8 +59,9 @@ class VitRecipe:
     seed: int = _f(0, "seed of the split, the dense pretraining and the routers")
     seeds: int = _f(1, "continuation seeds per arm (data order, augmentation, router initialisation)")
     test_size: int = _f(497, "held-out test images (of 1,797)")
-    model: dict = _f(dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, patch_size=2),
-                     "the dense ViT")
+    model: dict = _f(
+        dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, patch_size=2), "the dense ViT"
+    )
     batch_size: int = _f(128, "images per step")
     pretrain_steps: int = _f(2000, "dense pretraining steps (budget B)")
     lr: float = _f(1e-3, "peak learning rate")
@@ -68,8 +69,10 @@ class VitRecipe:
     weight_decay: float = _f(0.05, "AdamW weight decay")
     extra: list = _f([0.1, 0.25, 0.5, 1.0], "extra compute budgets, as shares of the pretraining FLOPs")
     arms: list = _f(list(ARMS), "arms to run")
-    plan: dict = _f(dict(num_experts=8, router="expert_choice", capacity_factor=2.0, layers="every_k:2:1"),
-                    "the upcycling plan (upcycled_nonorm sets normalize: false)")
+    plan: dict = _f(
+        dict(num_experts=8, router="expert_choice", capacity_factor=2.0, layers="every_k:2:1"),
+        "the upcycling plan (upcycled_nonorm sets normalize: false)",
+    )
     shots: int = _f(10, "images per class for the linear probe")
     probe_draws: int = _f(5, "random draws of the few-shot training set")
     ridge: float = _f(1e-2, "ridge regularisation of the linear probe (times the feature dimension)")
@@ -91,8 +94,7 @@ class VitRecipe:
         """The recipe's plan; routers seeded by recipe seed + `seed` (the continuation seed)."""
         from .plan import UpcyclePlan
 
-        return UpcyclePlan.from_dict(dict(self.plan, normalize=normalize, seed=self.seed + seed),
-                                     source="recipe plan")
+        return UpcyclePlan.from_dict(dict(self.plan, normalize=normalize, seed=self.seed + seed), source="recipe plan")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "VitRecipe":
@@ -117,8 +119,9 @@ def digits(seed: int, test_size: int) -> dict[str, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UpcycleError("the ViT experiment reads scikit-learn's digits: pip install scikit-learn "
-                           "(in the dev extra)") from None
+        raise UpcycleError(
+            "the ViT experiment reads scikit-learn's digits: pip install scikit-learn (in the dev extra)"
+        ) from None
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)
@@ -146,10 +149,18 @@ def dense_vit(recipe: VitRecipe) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     m = recipe.model
-    config = ViTConfig(image_size=8, patch_size=m.get("patch_size", 2), num_channels=1,
-                       hidden_size=m["hidden_size"], intermediate_size=m["intermediate_size"],
-                       num_hidden_layers=m["num_layers"], num_attention_heads=m["num_heads"], num_labels=10,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=m.get("patch_size", 2),
+        num_channels=1,
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"],
+        num_labels=10,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(recipe.seed)
     return ViTForImageClassification(config)
 
@@ -192,8 +203,19 @@ def lr_at(step: int, recipe: VitRecipe) -> float:
     return recipe.lr * min(s / recipe.warmup, math.sqrt(recipe.warmup / s))
 
 
-def train_steps(model: nn.Module, opt, data: dict, recipe: VitRecipe, start: int, steps: int, seed: int,
-                aux_coef: float = 0.0, on_step=None, progress: bool = False, desc: str = "") -> list[float]:
+def train_steps(
+    model: nn.Module,
+    opt,
+    data: dict,
+    recipe: VitRecipe,
+    start: int,
+    steps: int,
+    seed: int,
+    aux_coef: float = 0.0,
+    on_step=None,
+    progress: bool = False,
+    desc: str = "",
+) -> list[float]:
     """`steps` AdamW steps from global step `start` (the schedule's position); returns the losses."""
     from tqdm.auto import tqdm
 
@@ -208,7 +230,7 @@ def train_steps(model: nn.Module, opt, data: dict, recipe: VitRecipe, start: int
     for i in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
         if pos + recipe.batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos:pos + recipe.batch_size]
+        idx = perm[pos : pos + recipe.batch_size]
         pos += recipe.batch_size
         for group in opt.param_groups:
             group["lr"] = lr_at(start + i, recipe)
@@ -232,22 +254,34 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 512) -> 
     model.eval()
     feats, logits = [], []
     for i in range(0, len(x), batch):
-        h = model.vit(pixel_values=x[i:i + batch]).last_hidden_state[:, 0]
+        h = model.vit(pixel_values=x[i : i + batch]).last_hidden_state[:, 0]
         feats.append(h)
         logits.append(model.classifier(h))
     return torch.cat(feats), torch.cat(logits)
 
 
-def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
-                 shots: int, draws: int, ridge: float, seed: int) -> float:
+def linear_probe(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_test: torch.Tensor,
+    y_test: torch.Tensor,
+    shots: int,
+    draws: int,
+    ridge: float,
+    seed: int,
+) -> float:
     """Mean test accuracy of closed-form ridge classifiers (one-hot targets, bias, standardised features)
     fit on `shots` training images per class, over `draws` draws."""
     g = torch.Generator().manual_seed(seed)
     accs = []
     classes = int(y_train.max()) + 1
     for _ in range(draws):
-        idx = torch.cat([c_idx[torch.randperm(len(c_idx), generator=g)[:shots]]
-                         for c_idx in (torch.nonzero(y_train == c).flatten() for c in range(classes))])
+        idx = torch.cat(
+            [
+                c_idx[torch.randperm(len(c_idx), generator=g)[:shots]]
+                for c_idx in (torch.nonzero(y_train == c).flatten() for c in range(classes))
+            ]
+        )
         a = f_train[idx].double()
         mu, sd = a.mean(0), a.std(0).clamp_min(1e-6)
         a = torch.cat([(a - mu) / sd, torch.ones(len(idx), 1, dtype=a.dtype)], 1)
@@ -267,8 +301,9 @@ def evaluate(model: nn.Module, data: dict, recipe: VitRecipe) -> dict[str, float
     return {
         "accuracy": float((logits.argmax(1) == data["y_test"]).double().mean()),
         "test_loss": float(F.cross_entropy(logits, data["y_test"])),
-        "probe_accuracy": linear_probe(f_tr, data["y_train"], f_te, data["y_test"], recipe.shots,
-                                       recipe.probe_draws, recipe.ridge, recipe.seed),
+        "probe_accuracy": linear_probe(
+            f_tr, data["y_train"], f_te, data["y_test"], recipe.shots, recipe.probe_draws, recipe.ridge, recipe.seed
+        ),
         "tokens_left_behind": float(np.mean(left)) if left else 0.0,
     }
 
@@ -282,8 +317,9 @@ def make_optimizer(model: nn.Module, recipe: VitRecipe):
 # ---------------------------------------------------------------------------------------- driver
 
 
-def run_vit_experiment(recipe: VitRecipe, out_dir: str | Path, progress: bool = True, log=print,
-                       command: str = "") -> dict:
+def run_vit_experiment(
+    recipe: VitRecipe, out_dir: str | Path, progress: bool = True, log=print, command: str = ""
+) -> dict:
     from .experiment import machine
     from .native import atomic_dir
     from .surgery import upcycle
@@ -296,10 +332,13 @@ def run_vit_experiment(recipe: VitRecipe, out_dir: str | Path, progress: bool = 
     dense = dense_vit(recipe)
     opt = make_optimizer(dense, recipe)
     fpi_dense = flops_per_image(dense)
-    log(f"[vit] dense pretraining: {recipe.pretrain_steps} steps of {recipe.batch_size} images "
-        f"({sum(p.numel() for p in dense.parameters()) / 1e3:.0f}k parameters)")
-    pre_losses = train_steps(dense, opt, data, recipe, 0, recipe.pretrain_steps, recipe.seed, progress=progress,
-                             desc="dense pretraining")
+    log(
+        f"[vit] dense pretraining: {recipe.pretrain_steps} steps of {recipe.batch_size} images "
+        f"({sum(p.numel() for p in dense.parameters()) / 1e3:.0f}k parameters)"
+    )
+    pre_losses = train_steps(
+        dense, opt, data, recipe, 0, recipe.pretrain_steps, recipe.seed, progress=progress, desc="dense pretraining"
+    )
     pretrain_flops = fpi_dense * recipe.batch_size * recipe.pretrain_steps
     start = evaluate(dense, data, recipe)
     log(f"[vit] pretrained: accuracy {start['accuracy']:.4f}, 10-shot probe {start['probe_accuracy']:.4f}")
@@ -330,25 +369,47 @@ def run_vit_experiment(recipe: VitRecipe, out_dir: str | Path, progress: bool = 
             rows.append(_row(arm, s, 0.0, 0, 0.0, init))
             t_arm = time.time()
 
-            def on_step(global_step: int, k: int, arm=arm, s=s, model=model, fpi=fpi, steps_at=steps_at,
-                        t_arm=t_arm) -> None:
+            def on_step(
+                global_step: int, k: int, arm=arm, s=s, model=model, fpi=fpi, steps_at=steps_at, t_arm=t_arm
+            ) -> None:
                 for b, n in steps_at.items():
                     if n == k:
                         r = evaluate(model, data, recipe)
                         model.train()
-                        rows.append(_row(arm, s, b, k, k * fpi * recipe.batch_size / pretrain_flops, r,
-                                         time.time() - t_arm))
-                        log(f"[vit] {arm} seed {s} +{b:.0%}: {k} steps, accuracy {r['accuracy']:.4f}, "
-                            f"probe {r['probe_accuracy']:.4f}, left behind {r['tokens_left_behind']:.3f}")
+                        rows.append(
+                            _row(arm, s, b, k, k * fpi * recipe.batch_size / pretrain_flops, r, time.time() - t_arm)
+                        )
+                        log(
+                            f"[vit] {arm} seed {s} +{b:.0%}: {k} steps, accuracy {r['accuracy']:.4f}, "
+                            f"probe {r['probe_accuracy']:.4f}, left behind {r['tokens_left_behind']:.3f}"
+                        )
 
-            losses = train_steps(model, o, data, recipe, recipe.pretrain_steps, max(steps_at.values()),
-                                 recipe.seed + 1000 * (s + 1), aux_coef=0.0, on_step=on_step, progress=progress,
-                                 desc=f"{arm} seed {s}")
+            losses = train_steps(
+                model,
+                o,
+                data,
+                recipe,
+                recipe.pretrain_steps,
+                max(steps_at.values()),
+                recipe.seed + 1000 * (s + 1),
+                aux_coef=0.0,
+                on_step=on_step,
+                progress=progress,
+                desc=f"{arm} seed {s}",
+            )
             curves[f"{arm}/{s}"] = {"flops_per_image": fpi, "losses": losses}
-    info = {"recipe": dataclasses.asdict(recipe), "machine": machine(), "command": command,
-            "pretrain_flops": pretrain_flops, "dense_flops_per_image": fpi_dense, "flops_per_image": fpis,
-            "pretrained": start, "pretrain_losses": pre_losses, "wall_s": time.time() - t0,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = {
+        "recipe": dataclasses.asdict(recipe),
+        "machine": machine(),
+        "command": command,
+        "pretrain_flops": pretrain_flops,
+        "dense_flops_per_image": fpi_dense,
+        "flops_per_image": fpis,
+        "pretrained": start,
+        "pretrain_losses": pre_losses,
+        "wall_s": time.time() - t0,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     with atomic_dir(out_dir, overwrite=True) as tmp:
         write_csv(rows, tmp / "results.csv")
         (tmp / "results.json").write_text(json.dumps({"rows": rows, "curves": curves, "info": info}, indent=1))
@@ -358,8 +419,15 @@ def run_vit_experiment(recipe: VitRecipe, out_dir: str | Path, progress: bool = 
 
 
 def _row(arm: str, seed: int, budget: float, steps: int, extra: float, r: dict, wall: float = 0.0) -> dict:
-    return {"arm": arm, "seed": seed, "budget": budget, "steps": steps, "extra_compute": round(extra, 4),
-            **{k: round(v, 5) for k, v in r.items()}, "wall_s": round(wall, 1)}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "budget": budget,
+        "steps": steps,
+        "extra_compute": round(extra, 4),
+        **{k: round(v, 5) for k, v in r.items()},
+        "wall_s": round(wall, 1),
+    }
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -375,8 +443,10 @@ def _summary(rows: list[dict]) -> dict[tuple[str, float], dict[str, tuple[float,
         groups.setdefault((r["arm"], r["budget"]), []).append(r)
     out = {}
     for key, rs in groups.items():
-        out[key] = {m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])), len(rs))
-                    for m in ("accuracy", "probe_accuracy", "test_loss", "tokens_left_behind", "steps")}
+        out[key] = {
+            m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])), len(rs))
+            for m in ("accuracy", "probe_accuracy", "test_loss", "tokens_left_behind", "steps")
+        }
     return out
 
 
@@ -394,19 +464,25 @@ def results_markdown(rows: list[dict], info: dict) -> str:
         mean, sd, n = summ[(arm, b)][m]
         return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else "")
 
-    lines = [f"# {rec['name']}: sparse upcycling of a small ViT (digits 8x8)", "",
-             f"{info['date']}, {info['machine'].get('cpu', '?')}; `{info['command']}`; "
-             f"{info['wall_s'] / 60:.1f} min.", "",
-             f"Dense ViT ({rec['model']}) pretrained {rec['pretrain_steps']} steps of {rec['batch_size']} images: "
-             f"test accuracy {100 * info['pretrained']['accuracy']:.1f}%, {rec['shots']}-shot linear probe "
-             f"{100 * info['pretrained']['probe_accuracy']:.1f}%. Plan: {rec['plan']}. "
-             f"Means over {rec['seeds']} continuation seed(s) (± one standard deviation); test set "
-             f"{rec['test_size']} images, so one image is {100 / rec['test_size']:.2f} points.", ""]
-    for m, title in (("accuracy", "Test accuracy (%)"), ("probe_accuracy", f"{rec['shots']}-shot linear probe (%)"),
-                     ("tokens_left_behind", "Tokens no expert picked (%, mean over MoE layers)")):
+    lines = [
+        f"# {rec['name']}: sparse upcycling of a small ViT (digits 8x8)",
+        "",
+        f"{info['date']}, {info['machine'].get('cpu', '?')}; `{info['command']}`; {info['wall_s'] / 60:.1f} min.",
+        "",
+        f"Dense ViT ({rec['model']}) pretrained {rec['pretrain_steps']} steps of {rec['batch_size']} images: "
+        f"test accuracy {100 * info['pretrained']['accuracy']:.1f}%, {rec['shots']}-shot linear probe "
+        f"{100 * info['pretrained']['probe_accuracy']:.1f}%. Plan: {rec['plan']}. "
+        f"Means over {rec['seeds']} continuation seed(s) (± one standard deviation); test set "
+        f"{rec['test_size']} images, so one image is {100 / rec['test_size']:.2f} points.",
+        "",
+    ]
+    for m, title in (
+        ("accuracy", "Test accuracy (%)"),
+        ("probe_accuracy", f"{rec['shots']}-shot linear probe (%)"),
+        ("tokens_left_behind", "Tokens no expert picked (%, mean over MoE layers)"),
+    ):
         header = ["arm"] + [("start" if b == 0 else f"+{b:.0%} of B") for b in budgets]
-        lines += [f"## {title}", "", markdown_table(header, [[a] + [cell(a, b, m) for b in budgets] for a in arms]),
-                  ""]
+        lines += [f"## {title}", "", markdown_table(header, [[a] + [cell(a, b, m) for b in budgets] for a in arms]), ""]
     header = ["arm", "FLOPs / image", "steps at the largest budget"]
     steps_rows = []
     for a in arms:
@@ -426,8 +502,10 @@ def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, m, title in ((axes[0], "accuracy", "test accuracy"),
-                         (axes[1], "probe_accuracy", f"{info['recipe']['shots']}-shot linear probe")):
+    for ax, m, title in (
+        (axes[0], "accuracy", "test accuracy"),
+        (axes[1], "probe_accuracy", f"{info['recipe']['shots']}-shot linear probe"),
+    ):
         for a in arms:
             xs = [b for b in budgets if (a, b) in summ]
             ys = [100 * summ[(a, b)][m][0] for b in xs]

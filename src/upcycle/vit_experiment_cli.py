@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out {out} is a file")
     command = f"upcycle vit-experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
-    run_vit_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
-                       command=command)
+    run_vit_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), command=command)
     print((out / "results.md").read_text())
     return 0

@@ -79,8 +79,11 @@ class MLPAdapter:
             proj = getattr(self, attr)
             if proj is None:
                 continue
-            mod = block.get_submodule(proj) if (self.down_in_block and attr == "down") else \
-                self.get_mlp(block).get_submodule(proj)
+            mod = (
+                block.get_submodule(proj)
+                if (self.down_in_block and attr == "down")
+                else self.get_mlp(block).get_submodule(proj)
+            )
             for kind in ("weight", "bias"):
                 t = getattr(mod, kind, None)
                 if t is not None:
@@ -102,41 +105,98 @@ class MLPAdapter:
         if not (prefixed and self.base_prefix):
             return self
         p = self.base_prefix + "."
-        return dataclasses.replace(self, layers=p + self.layers,
-                                   mask_module=None if self.mask_module is None else (p + self.mask_module).rstrip("."))
+        return dataclasses.replace(
+            self,
+            layers=p + self.layers,
+            mask_module=None if self.mask_module is None else (p + self.mask_module).rstrip("."),
+        )
 
     def dims(self, config: Any) -> tuple[int, int, int]:
         """(num_layers, hidden_size, intermediate_size) of a config."""
-        return (getattr(config, self.layers_key), getattr(config, self.hidden_key),
-                getattr(config, self.intermediate_key))
+        return (
+            getattr(config, self.layers_key),
+            getattr(config, self.hidden_key),
+            getattr(config, self.intermediate_key),
+        )
 
 
 LLAMA_LIKE = MLPAdapter(
     family="llama-like decoder",
     model_types=("llama", "mistral", "qwen2", "qwen3", "olmo2", "cohere"),
-    layers="model.layers", mlp="mlp", up="up_proj", down="down_proj", gate="gate_proj",
-    act_key="hidden_act", bias_key="mlp_bias",
+    layers="model.layers",
+    mlp="mlp",
+    up="up_proj",
+    down="down_proj",
+    gate="gate_proj",
+    act_key="hidden_act",
+    bias_key="mlp_bias",
 )
 
 BERT = MLPAdapter(
-    family="BERT encoder", model_types=("bert",), causal=False,
-    layers="encoder.layer", mlp="intermediate", up="dense", down="output.dense", gate=None, down_in_block=True,
-    act_key="hidden_act", bias_key=None, bias=True, base_prefix="bert", mask_module="",
+    family="BERT encoder",
+    model_types=("bert",),
+    causal=False,
+    layers="encoder.layer",
+    mlp="intermediate",
+    up="dense",
+    down="output.dense",
+    gate=None,
+    down_in_block=True,
+    act_key="hidden_act",
+    bias_key=None,
+    bias=True,
+    base_prefix="bert",
+    mask_module="",
 )
 
 VIT = MLPAdapter(
-    family="ViT encoder", model_types=("vit",), causal=False,
-    layers="layers", mlp="mlp", up="fc1", down="fc2", gate=None,
-    act_key="hidden_act", bias_key=None, bias=True, base_prefix="vit",  # no padding: every patch is real
+    family="ViT encoder",
+    model_types=("vit",),
+    causal=False,
+    layers="layers",
+    mlp="mlp",
+    up="fc1",
+    down="fc2",
+    gate=None,
+    act_key="hidden_act",
+    bias_key=None,
+    bias=True,
+    base_prefix="vit",  # no padding: every patch is real
 )
 
-_T5 = dict(model_types=("t5", "mt5"), up="wi", down="wo", gate=None, act_key="dense_act_fn", bias_key=None,
-           hidden_key="d_model", intermediate_key="d_ff", gated_key="is_gated_act", gated_names=("wi_0", "wi_1"),
-           inner_dropout_key="dropout_rate")
-T5_ENCODER = MLPAdapter(family="T5 encoder", stack="encoder", causal=False, layers="encoder.block",
-                        mlp="layer.1.DenseReluDense", layers_key="num_layers", mask_module="encoder", **_T5)
-T5_DECODER = MLPAdapter(family="T5 decoder", stack="decoder", causal=True, layers="decoder.block",
-                        mlp="layer.2.DenseReluDense", layers_key="num_decoder_layers", mask_module="decoder", **_T5)
+_T5 = dict(
+    model_types=("t5", "mt5"),
+    up="wi",
+    down="wo",
+    gate=None,
+    act_key="dense_act_fn",
+    bias_key=None,
+    hidden_key="d_model",
+    intermediate_key="d_ff",
+    gated_key="is_gated_act",
+    gated_names=("wi_0", "wi_1"),
+    inner_dropout_key="dropout_rate",
+)
+T5_ENCODER = MLPAdapter(
+    family="T5 encoder",
+    stack="encoder",
+    causal=False,
+    layers="encoder.block",
+    mlp="layer.1.DenseReluDense",
+    layers_key="num_layers",
+    mask_module="encoder",
+    **_T5,
+)
+T5_DECODER = MLPAdapter(
+    family="T5 decoder",
+    stack="decoder",
+    causal=True,
+    layers="decoder.block",
+    mlp="layer.2.DenseReluDense",
+    layers_key="num_decoder_layers",
+    mask_module="decoder",
+    **_T5,
+)
 
 ADAPTERS: tuple[MLPAdapter, ...] = (LLAMA_LIKE, BERT, VIT, T5_ENCODER, T5_DECODER)
 
@@ -160,8 +220,9 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def stacks_for(config: Any, model: nn.Module | None = None, keys: Iterable[str] | None = None,
-               source: str = "config.json") -> list[MLPAdapter]:
+def stacks_for(
+    config: Any, model: nn.Module | None = None, keys: Iterable[str] | None = None, source: str = "config.json"
+) -> list[MLPAdapter]:
     """The adapters of every stack of this model, paths resolved against `model` (a live model) or `keys`
     (state-dict keys); with neither, as declared. A stack the model lacks (T5EncoderModel's decoder) is
     left out."""
@@ -173,8 +234,10 @@ def stacks_for(config: Any, model: nn.Module | None = None, keys: Iterable[str] 
         found = [a.with_base(base is not model) for a in found]
         out = [a for a in found if _has_module(model, a.layers)]
         if not out:
-            raise UpcycleError(f"{type(model).__name__} has no {found[0].layers!r} module: the {first.family} "
-                               "adapter does not fit this class (a different transformers version?)")
+            raise UpcycleError(
+                f"{type(model).__name__} has no {found[0].layers!r} module: the {first.family} "
+                "adapter does not fit this class (a different transformers version?)"
+            )
         return out
     if keys is not None:
         keys = list(keys)
@@ -185,8 +248,7 @@ def stacks_for(config: Any, model: nn.Module | None = None, keys: Iterable[str] 
                     out.append(cand)
                     break
         if not out:
-            raise UpcycleError(f"{source}: no weights under {found[0].layers!r}: is this checkpoint a "
-                               f"{first.family}?")
+            raise UpcycleError(f"{source}: no weights under {found[0].layers!r}: is this checkpoint a {first.family}?")
         return out
     return found
 
