@@ -83,8 +83,10 @@ def build_checkpoint(path: Path, size_gb: float, seed: int = 0) -> Path:
     from transformers import LlamaConfig
 
     from upcycle.default_model import default_model_dir
-    from upcycle.native import INDEX, atomic_dir
-    from upcycle.stream import Item, meta_model, write_items
+    from upcycle.io.dirs import atomic_dir
+    from upcycle.io.models import meta_model
+    from upcycle.io.safetensors import INDEX
+    from upcycle.io.writer import Item, write_items
 
     spec = dict(SHAPE, num_hidden_layers=layer_count(size_gb), seed=seed, dtype="float32")
     if (path / "spec.json").is_file() and json.loads((path / "spec.json").read_text()) == spec:

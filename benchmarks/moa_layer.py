@@ -9,7 +9,7 @@ the question is how close it gets to that floor. The reference is one dense atte
 a Llama attention with N*H query heads and N*Hkv key/value heads (kv=experts) or Hkv (kv=shared), the same
 head size, output projection from all N*H heads. Variants, same input, same causal mask, same kernel (sdpa):
 - dense (N*H heads)        the reference (ratio 1.00)
-- ours, kv=experts         `upcycle.attention.MoAttention`: the N experts' heads stacked into one attention
+- ours, kv=experts         `upcycle.moe.attention.MoAttention`: the N experts' heads stacked into one attention
                            call, the router weights applied before one stacked output projection
 - ours, kv=shared          the same with one shared set of keys and values (the reference then has Hkv kv heads)
 - loop over N experts      the direct reading of the paper: N stock attention modules, each output weighted
@@ -40,7 +40,7 @@ from transformers import LlamaConfig  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding  # noqa: E402
 
 import moe_layer as ML  # noqa: E402
-from upcycle.attention import MoAttention  # noqa: E402
+from upcycle.moe.attention import MoAttention  # noqa: E402
 
 
 def llama_attention(d, heads, kv_heads, head_dim, impl):

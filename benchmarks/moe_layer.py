@@ -59,9 +59,9 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
 
-from upcycle.experts import Experts  # noqa: E402
-from upcycle.moe import MoEBlock, RouterConfig  # noqa: E402
-from upcycle.routing import ec_tokens_per_expert  # noqa: E402
+from upcycle.moe.block import MoEBlock, RouterConfig  # noqa: E402
+from upcycle.moe.experts import Experts  # noqa: E402
+from upcycle.moe.routing import ec_tokens_per_expert  # noqa: E402
 
 
 class DenseSwiGLU(nn.Module):

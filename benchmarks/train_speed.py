@@ -11,7 +11,7 @@ untimed steps; the figure is the median of --steps timed steps. Variants:
 - dense_eq           the same dense model with the MLPs of the default plan's layers widened to K * d_ff = 3072
                      (fresh random weights there): a dense model with ours' active FLOPs per token
 - ours (<layers>)    upcycle(dense, UpcyclePlan(layers=...)): 8 experts, top-2, our MoEBlock (CPU "loop" backend)
-- qwen2_moe          the default-plan model exported with upcycle.export and loaded by AutoModelForCausalLM
+- qwen2_moe          the default-plan model exported with upcycle.formats.stock and loaded by AutoModelForCausalLM
                      (stock Qwen2MoeForCausalLM; it carries a zero-width shared expert and zero q/k/v biases)
 - ours (all)         every layer upcycled
 - mixtral            the all-layers model exported to stock MixtralForCausalLM
@@ -57,7 +57,7 @@ VARIANTS = ("dense", "dense_eq", "ours", "qwen2_moe", "ours_all", "mixtral")
 
 
 def _plan(layers):
-    from upcycle.plan import UpcyclePlan
+    from upcycle.methods.plan import UpcyclePlan
 
     return UpcyclePlan() if layers is None else UpcyclePlan(layers=layers)
 
@@ -156,8 +156,8 @@ def prepare(work: Path, args) -> None:
     (or --pair) that are stock classes (a child process)."""
     import torch
 
-    from upcycle.export import export
-    from upcycle.surgery import upcycle
+    from upcycle.formats.stock import export
+    from upcycle.methods.surgery import upcycle
 
     torch.manual_seed(0)
     dense = _dense(argparse.Namespace(**{**vars(args), "device": "cpu"}))  # exported from the CPU
@@ -177,7 +177,7 @@ def _widened(dense, args):
     import torch
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from upcycle.layers import select_layers
+    from upcycle.methods.layers import select_layers
 
     plan = _plan(None)
     cfg = copy.deepcopy(dense.config)
@@ -192,7 +192,7 @@ def build(variant: str, work: Path, args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from upcycle.surgery import upcycle
+    from upcycle.methods.surgery import upcycle
 
     dense = _dense(args)
     if variant == "dense":

@@ -42,7 +42,7 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
 def with_router(model, kind: str, **kw):
     """Give every MoE block of `model` another router (moe.RouterConfig fields): for tests of routing
     mechanics on tiny decoders, where a plan would refuse expert choice (it breaks causality)."""
-    from upcycle.moe import RouterConfig, moe_blocks
+    from upcycle.moe.block import RouterConfig, moe_blocks
 
     for _, b in moe_blocks(model):
         b.router_config = RouterConfig(kind, **kw)

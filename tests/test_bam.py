@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import rel_diff, tiny_model
-from upcycle import native
-from upcycle.attention import MoAttention, moa_modules
-from upcycle.bam import BamPlan, check_compatible, mix, mix_state_dicts, plan_from_dict
 from upcycle.errors import PlanError, UpcycleError
-from upcycle.moe import MoEBlock, aux_losses, moe_blocks
+from upcycle.formats import native
+from upcycle.formats.load import load
+from upcycle.methods.bam import BamPlan, check_compatible, mix, mix_state_dicts
+from upcycle.methods.registry import plan_from_dict
+from upcycle.moe.attention import MoAttention, moa_modules
+from upcycle.moe.block import MoEBlock, aux_losses, moe_blocks
 from upcycle.train import flops_per_token
 
 FAMILIES = [("llama", {}), ("cohere", {}), ("cohere", {"use_qk_norm": True})]
@@ -170,7 +172,7 @@ def test_save_load_round_trip(tmp_path, ids, method, kv):
     meta = native.read_meta(tmp_path / "m")
     assert meta["plan"]["method"] == method and meta["plan"]["kv"] == kv and meta["plan"]["num_experts"] == 2
     assert meta["moe_layers"] == [0, 1, 2, 3]
-    back = native.load(tmp_path / "m")
+    back = load(tmp_path / "m")
     a, b = mixed.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(mixed(ids).logits, back(ids).logits)
@@ -254,8 +256,8 @@ def test_sparse_upcycling_works_on_cohere(ids, tmp_path):
     """The llama-like adapter covers Cohere (parallel block): copy experts + top-2 renormalised is the model,
     in memory and through `upcycle sparse` (the streaming converter)."""
     from upcycle.cli import main
-    from upcycle.plan import UpcyclePlan
-    from upcycle.surgery import upcycle
+    from upcycle.methods.plan import UpcyclePlan
+    from upcycle.methods.surgery import upcycle
 
     m = tiny_model("cohere")
     moe = upcycle(m, UpcyclePlan(num_experts=4, top_k=2, layers="all"))
@@ -279,7 +281,7 @@ def test_sparse_upcycling_works_on_cohere(ids, tmp_path):
         )
         == 0
     )
-    assert rel_diff(native.load(tmp_path / "s")(ids).logits, m(ids).logits) < 1e-5
+    assert rel_diff(load(tmp_path / "s")(ids).logits, m(ids).logits) < 1e-5
 
 
 def _domain_file(path, words, seed):
@@ -361,9 +363,9 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
     out = capsys.readouterr().out
     assert "BAM of 3 models, attention experts (kv experts), FFN top-1 not renormalised" in out
     assert "BTX of 3 models, averaged attention, FFN top-2 renormalised" in out
-    m = native.load(tmp_path / "bams")
+    m = load(tmp_path / "bams")
     assert len(moa_modules(m)) == 4 and moa_modules(m)[0][1].kv == "shared"
-    assert len(moa_modules(native.load(tmp_path / "btx"))) == 0
+    assert len(moa_modules(load(tmp_path / "btx"))) == 0
     # The mixed model trains (FFN aux losses included) and is saved back in the native format.
     assert (
         main(
@@ -384,7 +386,7 @@ def test_cli_branch_bam_btx_train_eval(tmp_path, tiny_dir_tok, capsys):
     )
     rows = list(__import__("csv").DictReader(open(tmp_path / "t" / "metrics.csv")))
     assert float(rows[0]["load_balancing"]) > 0 and float(rows[0]["z_loss"]) > 0
-    back = native.load(tmp_path / "t" / "model")
+    back = load(tmp_path / "t" / "model")
     assert back.config.upcycle["method"] == "bam" and len(moa_modules(back)) == 4
     ppl = []
     for name in ("bam", "t/model"):
@@ -476,7 +478,7 @@ def test_btx_exports_to_mixtral_bam_is_refused(tmp_path, ids, capsys):
     assert main(["export", str(tmp_path / "btx"), "--to", "mixtral", "--out", str(tmp_path / "mx"), "--quiet"]) == 0
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mx", dtype=torch.float32).eval()
     assert type(stock).__name__ == "MixtralForCausalLM"
-    assert rel_diff(stock(ids).logits, native.load(tmp_path / "btx")(ids).logits) < 1e-5
+    assert rel_diff(stock(ids).logits, load(tmp_path / "btx")(ids).logits) < 1e-5
     capsys.readouterr()
     assert main(["export", str(tmp_path / "bam"), "--to", "qwen2_moe", "--out", str(tmp_path / "q")]) == 2
     assert "BAM's attention experts" in capsys.readouterr().err and not (tmp_path / "q").exists()

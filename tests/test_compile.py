@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from upcycle.experts import Experts
-from upcycle.moe import MoEBlock, RouterConfig
+from upcycle.moe.block import MoEBlock, RouterConfig
+from upcycle.moe.experts import Experts
 
 E, D, FF = 4, 16, 24
 ROUTERS = [

@@ -15,7 +15,7 @@ from conftest import rel_diff, save_tiny_tokenizer, tiny_model
 from upcycle import UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
 from upcycle.errors import PlanError, UpcycleError
-from upcycle.moe import moe_blocks
+from upcycle.moe.block import moe_blocks
 
 EC_FULL = dict(num_experts=4, router="expert_choice", capacity_factor=4.0)  # C >= E: every expert, every token
 

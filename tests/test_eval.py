@@ -11,6 +11,7 @@ from conftest import TINY, tiny_model, with_router
 from upcycle import UpcycleError, UpcyclePlan, upcycle
 from upcycle.cli import main
 from upcycle.evaluate import ExpertLoad, expert_load, perplexity, perplexity_and_load
+from upcycle.moe.block import moe_blocks
 from upcycle.plots import metrics_curves, plot_expert_load, plot_loss_vs_flops, read_metrics
 
 T = 60  # tokens
@@ -46,7 +47,7 @@ def test_topk_counts_add_up(tokens):
     with torch.no_grad():
         for s in range(0, T, CTX):
             model(tokens[s : s + CTX].unsqueeze(0))
-            for i, (_, b) in enumerate(sorted(__import__("upcycle.moe").moe.moe_blocks(model))):
+            for i, (_, b) in enumerate(sorted(moe_blocks(model))):
                 by_hand[i] += torch.tensor(b.router_stats()["tokens_per_expert"])
     assert torch.equal(load.counts, by_hand)
     ppl, load2 = perplexity_and_load(model, tokens, CTX)

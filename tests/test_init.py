@@ -12,18 +12,11 @@ from test_export import _logits, _stock
 from test_stream import assert_same_output, in_memory
 from upcycle import PlanError, UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
-from upcycle.export import export, why_not
-from upcycle.init import (
-    _balanced_kmeans,
-    data_router_rows,
-    granular_scale,
-    init_layer,
-    partition_sets,
-    plan_structure,
-    read_prompts,
-)
-from upcycle.moe import moe_blocks
-from upcycle.stream import stream_upcycle
+from upcycle.formats.native import stream_upcycle
+from upcycle.formats.stock import export, why_not
+from upcycle.methods.init import _balanced_kmeans, granular_scale, init_layer, partition_sets, plan_structure
+from upcycle.methods.routers import data_router_rows, read_prompts
+from upcycle.moe.block import moe_blocks
 
 TOL = 1e-5
 

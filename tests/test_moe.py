@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from upcycle.experts import Experts
-from upcycle.moe import MoEBlock, RouterConfig, aux_losses
+from upcycle.moe.block import MoEBlock, RouterConfig, aux_losses
+from upcycle.moe.experts import Experts
 
 E, D, FF = 4, 16, 24
 
@@ -146,7 +146,7 @@ def test_experts_per_token_for_active_parameter_counts():
 
 
 def test_auto_backend_on_cpu_takes_grouped_for_small_batches_and_loop_for_large():
-    from upcycle import experts as X
+    from upcycle.moe import experts as X
 
     ex = make_block(backend="auto").experts
     small = torch.empty(X.GROUPED_CPU_MAX_ROWS, D)

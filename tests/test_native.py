@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-import upcycle.native as native
+import upcycle.formats.native as native
 from conftest import tiny_model
 from upcycle import UpcycleError, UpcyclePlan, load, save, upcycle
 
@@ -71,7 +71,7 @@ def test_interrupted_save_leaves_nothing(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(native, "write_shards", crash)
+    monkeypatch.setattr(native, "write_items", crash)
     with pytest.raises(KeyboardInterrupt):
         save(moe, plan, tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

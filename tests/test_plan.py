@@ -1,7 +1,7 @@
 import pytest
 
 from upcycle import PlanError, UpcyclePlan
-from upcycle.layers import select_layers
+from upcycle.methods.layers import select_layers
 
 
 def test_defaults_follow_the_paper():

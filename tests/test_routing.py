@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from upcycle import routing as R
+from upcycle.moe import routing as R
 
 
 def logits_of(probs):
@@ -168,7 +168,7 @@ def test_router_math_is_fp32():
 
 
 def test_fixed_size_expert_counts_equal_bincount():
-    from upcycle.routing import _counts_sorted
+    from upcycle.moe.routing import _counts_sorted
 
     g = torch.Generator().manual_seed(0)
     for n, E in ((0, 4), (1, 4), (37, 8), (500, 64)):
@@ -179,7 +179,7 @@ def test_fixed_size_expert_counts_equal_bincount():
 
 def test_capacity_is_the_exact_ceiling():
     """ceil(C * N / E) of the real numbers, not of their float product (1.1 * 100 / 2 = 55.000000000000007)."""
-    from upcycle.routing import ceil_capacity, ec_tokens_per_expert
+    from upcycle.moe.routing import ceil_capacity, ec_tokens_per_expert
 
     assert ceil_capacity(1.1, 100, 2) == 55 and ceil_capacity(1.1, 101, 2) == 56
     assert ceil_capacity(2.0, 17, 8) == 5 and ec_tokens_per_expert(2.0, 17, 8) == 5

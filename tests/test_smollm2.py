@@ -83,7 +83,7 @@ def test_save_load_round_trip_is_bit_exact(smol, tmp_path):
 def test_stock_export_of_smollm2_matches_ours_and_dense(smol, tmp_path, target, plan):
     from transformers import AutoModelForCausalLM
 
-    from upcycle.export import export
+    from upcycle.formats.stock import export
 
     dense, tok, ids, ref = smol
     moe = upcycle(dense, plan)

@@ -13,12 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import upcycle.stream as stream
+import upcycle.io.dirs as dirs
 from conftest import tiny_config, tiny_model
 from upcycle import UpcycleError, UpcyclePlan, save, upcycle
 from upcycle.cli import main
-from upcycle.native import sha256_files, weight_files
-from upcycle.stream import Item, SafetensorsSource, safetensors_header, stream_upcycle, write_items
+from upcycle.formats.native import stream_upcycle
+from upcycle.io.dirs import sha256_files
+from upcycle.io.models import meta_model
+from upcycle.io.safetensors import SafetensorsSource, weight_files
+from upcycle.io.writer import Item, SequentialWriter, safetensors_header, write_items
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +117,7 @@ def test_sequential_writer_keeps_every_byte(tmp_path, direct):
     """Buffers fill, swap and flush across block boundaries; the unaligned tail is written plainly."""
     data = os.urandom(5 * 8192 + 123)
     for n, parts in enumerate([[data], [data[:1], data[1:8192], data[8192:9000], data[9000:]], [b"", data[:100]]]):
-        w = stream.SequentialWriter(tmp_path / f"f{n}", block=8192, direct=direct)
+        w = SequentialWriter(tmp_path / f"f{n}", block=8192, direct=direct)
         for part in parts:
             w.write(memoryview(part))
         w.close()
@@ -152,7 +155,7 @@ def test_not_enough_disk_space(tmp_path, tiny_dir, monkeypatch):
     class Usage:
         total, used, free = 10**12, 10**12, 1000
 
-    monkeypatch.setattr(stream.shutil, "disk_usage", lambda p: Usage)
+    monkeypatch.setattr(dirs.shutil, "disk_usage", lambda p: Usage)
     with pytest.raises(UpcycleError, match=r"not enough disk space for .*out: need 0\.\d\d GB, only 0\.00 GB free"):
         stream_upcycle(tiny_dir, UpcyclePlan(), tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
@@ -197,7 +200,7 @@ def big_dir(tmp_path_factory):
     d.mkdir()
     config = tiny_config(**BIG)
     config.save_pretrained(d)
-    model = stream.meta_model(config)
+    model = meta_model(config)
     items = [
         Item(k, tuple(v.shape), v.dtype, lambda v=v: torch.zeros(v.shape, dtype=v.dtype))
         for k, v in model.state_dict().items()
@@ -210,7 +213,8 @@ def big_dir(tmp_path_factory):
 MEASURE = """
 import json, sys, torch
 from upcycle import UpcyclePlan
-from upcycle.stream import meta_model, stream_upcycle
+from upcycle.formats.native import stream_upcycle
+from upcycle.io.models import meta_model
 from transformers import AutoConfig
 meta_model(AutoConfig.from_pretrained(sys.argv[1]))  # imports the model class: part of the baseline
 status = lambda k: int(next(l for l in open("/proc/self/status") if l.startswith(k)).split()[1]) << 10

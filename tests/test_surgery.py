@@ -9,7 +9,7 @@ import torch.nn as nn
 from conftest import FAMILIES, rel_diff, tiny_model
 from upcycle import UpcycleError, UpcyclePlan, upcycle, upcycle_state_dict
 from upcycle.errors import PlanError
-from upcycle.moe import MoEBlock, moe_blocks
+from upcycle.moe.block import MoEBlock, moe_blocks
 
 
 def logits(model, ids):

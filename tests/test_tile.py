@@ -9,8 +9,8 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM
 
 from conftest import rel_diff
-from upcycle.baselines import tile_order
 from upcycle.cli import main
+from upcycle.methods.baselines import tile_order
 
 
 def _logits(model, ids):

@@ -21,7 +21,7 @@ from upcycle import UpcyclePlan, upcycle
 from upcycle.cli import main
 from upcycle.data import Document, pack_documents
 from upcycle.errors import UpcycleError
-from upcycle.moe import moe_blocks
+from upcycle.moe.block import moe_blocks
 from upcycle.train import (
     TrainConfig,
     active_params,
@@ -298,7 +298,7 @@ def test_carry_over_round_trip(data):
 def test_carry_over_with_drop_upcycling_zeroes_the_redrawn_neurons(data):
     """Drop-Upcycling: each expert keeps the dense moments on the neurons it keeps; the neurons it re-draws
     start at zero, as new parameters do. Initialisers that slice or rescale the MLP are refused."""
-    from upcycle.init import _drop_sets
+    from upcycle.methods.init import _drop_sets
 
     dense, opt = dense_run_state(data)
     dense_state = named_optimizer_state(opt)

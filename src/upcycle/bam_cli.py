@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "mix a seed and its branches into one MoE with attention experts (BAM)"
 METHOD = "bam"
@@ -74,8 +74,9 @@ def model_dir(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace, method: str = METHOD) -> int:
-    from .bam import BamPlan, check_compatible, load_dense, mix, tokenizer_hash
-    from .native import save
+    from upcycle.formats.load import load_dense
+    from upcycle.formats.native import save
+    from upcycle.methods.bam import BamPlan, check_compatible, mix, tokenizer_hash
 
     t0 = time.time()
     dirs = [model_dir(args.seed)] + [model_dir(p) for p in args.experts]

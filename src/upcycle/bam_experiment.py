@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import yamlio
-from .errors import UpcycleError
+from upcycle import yamlio
+from upcycle.errors import UpcycleError
 
 HELP = "BAM vs BTX in miniature: seed, domain specialists, mixtures at matched data and compute"
 MIXES = ("btx", "bam", "bam_shared")
@@ -201,9 +201,9 @@ class BamExperiment:
     def prepare(self) -> _Data:
         import torch
 
-        from .branch import documents
-        from .data import PackedData, pack_documents, split_documents
-        from .experiment import train_bpe
+        from upcycle.branch import documents
+        from upcycle.data import PackedData, pack_documents, split_documents
+        from upcycle.experiment import train_bpe
 
         r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +269,7 @@ class BamExperiment:
         return _Data(domain, union, mix)
 
     def tconfig(self, steps: int, lr: float, min_lr: float, eval_every: int):
-        from .train import TrainConfig
+        from upcycle.train import TrainConfig
 
         r = self.r
         return TrainConfig(
@@ -289,7 +289,7 @@ class BamExperiment:
 
     def _train(self, name: str, model, data, config, stops: tuple[int, ...] = (), at_stop=None) -> dict:
         """One training run into runs/NAME (kept when it finished before: returns its summary)."""
-        from .train import checkpoints, train
+        from upcycle.train import checkpoints, train
 
         d = self.runs / name
         if (d / "summary.json").is_file() and (d / "model").is_dir():
@@ -318,7 +318,7 @@ class BamExperiment:
         return s
 
     def ppl(self, model, data: _Data) -> dict[str, float]:
-        from .train import TrainConfig, _devices, evaluate_loss
+        from upcycle.train import TrainConfig, _devices, evaluate_loss
 
         device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
         model.to(device)
@@ -333,11 +333,11 @@ class BamExperiment:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .bam import BamPlan, load_dense, mix
-        from .branch import with_general
-        from .experiment import machine
-        from .native import load
-        from .train import active_params, flops_per_token
+        from upcycle.branch import with_general
+        from upcycle.experiment import machine
+        from upcycle.formats.load import load, load_dense
+        from upcycle.methods.bam import BamPlan, mix
+        from upcycle.train import active_params, flops_per_token
 
         r = self.r
         torch.set_num_threads(r.threads)
@@ -622,7 +622,7 @@ def _findings(rows: list[dict]) -> list[str]:
 def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
     """Left: the mixtures' equal-mix validation loss vs training FLOPs (BTX's total marked: the compute
     match). Right: per-domain perplexity of every model."""
-    from .plots import PALETTE, _plt, _save
+    from upcycle.plots import PALETTE, _plt, _save
 
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.6), gridspec_kw={"width_ratios": [1, 1.3]})

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .data import CORPORA, Document, PackedData, corpus_documents, pack_documents, read_documents
-from .errors import UpcycleError
+from upcycle.data import CORPORA, Document, PackedData, corpus_documents, pack_documents, read_documents
+from upcycle.errors import UpcycleError
 
 
 def parse_domain(spec: str) -> tuple[str, str]:
@@ -113,7 +113,7 @@ def branch(
 ) -> dict[str, Path]:
     """Train one copy of the seed per domain into OUT/NAME (a `train` run; the model in OUT/NAME/model).
     A domain whose run finished before (summary.json) is kept. Returns {name: model directory}."""
-    from .native import load_any
+    from upcycle.formats.load import load_any
 
     out_dir = Path(out_dir)
     out: dict[str, Path] = {}
@@ -127,7 +127,7 @@ def branch(
                 f"general) x {config.seq_len} tokens, {config.total_steps()} steps"
             )
             model = load_any(seed_dir, dtype=torch.float32)
-            from .train import train
+            from upcycle.train import train
 
             train(model, d, config, run, overwrite=True, tokenizer=tokenizer, source_dir=seed_dir, progress=progress)
         out[name] = run / "model"

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "train N copies of a seed dense model, one per domain (BAM / BTX step 1)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .train_cli import _add_config_flags
+    from upcycle.train_cli import _add_config_flags
 
     _add_config_flags(p)
     p.conflict_handler = p._optionals.conflict_handler = "resolve"  # --seed: the seed model; training: --train-seed
@@ -75,9 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from .branch import branch, branch_data, log_stderr, parse_domain
-    from .default_model import cache_root
-    from .train_cli import resolve_config
+    from upcycle.branch import branch, branch_data, log_stderr, parse_domain
+    from upcycle.default_model import cache_root
+    from upcycle.train_cli import resolve_config
 
     args.resume = False
     config = resolve_config(args)

@@ -19,8 +19,8 @@ import types
 import typing
 from pathlib import Path
 
-from .errors import UpcycleError
-from .plan import UpcyclePlan
+from upcycle.errors import UpcycleError
+from upcycle.methods.plan import UpcyclePlan
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -94,7 +94,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from upcycle._version import __version__
 
     p = argparse.ArgumentParser(prog="upcycle", description="Turn dense Transformer checkpoints into MoE models.")
     p.add_argument("--version", action="version", version=f"upcycle {__version__}")
@@ -172,7 +172,7 @@ def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
 def family_plan(plan: UpcyclePlan, config, adapter) -> UpcyclePlan:
     """The plan with the paper's routing for this family where the user named no router (surgery.applied_plan),
     saying so on stderr for encoders and ViT, whose default (expert choice) differs from the decoders' top-k."""
-    from .surgery import applied_plan
+    from upcycle.methods.surgery import applied_plan
 
     out = applied_plan(plan, config)
     if plan.router is None and out.router == "expert_choice":
@@ -198,14 +198,14 @@ def load_dense_config(model_dir: Path):
 
 
 def _num_params(model) -> int:
-    from .baselines import num_params
+    from upcycle.methods.baselines import num_params
 
     return num_params(model)
 
 
 def _count(model) -> tuple[int, int]:
     """(total parameters, parameters active per token)."""
-    from .moe import moe_blocks
+    from upcycle.moe.block import moe_blocks
 
     total = _num_params(model)
     active = total
@@ -219,11 +219,14 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .adapters import adapter_for
-    from .default_model import default_model_dir
-    from .layers import select_layers
-    from .native import model_class, save, sha256_files, weight_files
-    from .surgery import upcycle
+    from upcycle.adapters import adapter_for
+    from upcycle.default_model import default_model_dir
+    from upcycle.formats.native import save
+    from upcycle.io.dirs import sha256_files
+    from upcycle.io.models import model_class
+    from upcycle.io.safetensors import weight_files
+    from upcycle.methods.layers import select_layers
+    from upcycle.methods.surgery import upcycle
 
     t0 = time.time()
     plan = resolve_plan(args)
@@ -242,8 +245,8 @@ def cmd_sparse(args: argparse.Namespace) -> int:
         )
 
     if args.format != "native":
-        from .export import check_exportable
-        from .stream import upcycled_structure
+        from upcycle.formats.stock import check_exportable
+        from upcycle.methods.streaming import upcycled_structure
 
         check_exportable(args.format, config, plan, layers, upcycled_structure(plan, config))  # before any work
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -263,7 +266,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
             tok = AutoTokenizer.from_pretrained(model_dir)
         model = upcycle(dense, plan, inplace=True, progress=bar, tokenizer=tok)
     if args.format != "native":
-        from .export import export
+        from upcycle.formats.stock import export
 
         export(
             model,
@@ -295,13 +298,14 @@ def _sparse_streaming(
     args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int], dtype, t0: float
 ) -> None:
     """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
-    from .stream import meta_model, stream_upcycle
-    from .surgery import convert_structure
+    from upcycle.formats.native import stream_upcycle
+    from upcycle.io.models import meta_model
+    from upcycle.methods.surgery import convert_structure
 
     transform = write_config = None
     if args.format != "native":
-        from .export import stock_config, stock_items
-        from .stream import upcycled_structure
+        from upcycle.formats.stock import stock_config, stock_items
+        from upcycle.methods.streaming import upcycled_structure
 
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
         st = upcycled_structure(plan, config)
@@ -336,8 +340,8 @@ def _sparse_streaming(
 def _report(
     args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int, t0: float
 ) -> None:
-    from .adapters import adapter_for
-    from .layers import select_layers
+    from upcycle.adapters import adapter_for
+    from upcycle.methods.layers import select_layers
 
     num_layers = adapter_for(config).dims(config)[0]
     print(
@@ -356,14 +360,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import compare, format_table, held_out_text
-    from .export import is_stock_moe
-    from .native import load, read_meta
+    from upcycle.evaluate import compare, format_table, held_out_text
+    from upcycle.formats.load import load
+    from upcycle.formats.native import read_meta
+    from upcycle.formats.stock_import import is_stock_moe
 
     if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
         read_meta(args.model)
-    from .encoders import cmd_check as encoder_check
-    from .encoders import is_causal_lm
+    from upcycle.encoders import cmd_check as encoder_check
+    from upcycle.encoders import is_causal_lm
 
     if not is_causal_lm(load_dense_config(args.against)):  # encoders, ViT, T5: outputs, not perplexity
         return encoder_check(args)

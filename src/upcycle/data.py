@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 TEXT_SUFFIXES = {
     ".txt",

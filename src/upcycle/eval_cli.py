@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "perplexity and per-layer expert load of a model directory, with a heatmap"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _texts(files: list[Path] | None) -> list[tuple[str, str]]:
-    from .evaluate import held_out_text
+    from upcycle.evaluate import held_out_text
 
     if not files:
         text, name = held_out_text()
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .evaluate import ExpertLoad, markdown_table, perplexity_and_load
-    from .native import load_any
+    from upcycle.evaluate import ExpertLoad, markdown_table, perplexity_and_load
+    from upcycle.formats.load import load_any
 
     t0 = time.time()
     if args.tokens < 2 or args.context < 2:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
     dtype = getattr(torch, args.dtype)
     model = load_any(args.model, dtype=dtype, device=args.device)
-    from .encoders import is_causal_lm
+    from upcycle.encoders import is_causal_lm
 
     if not is_causal_lm(model.config):
         raise UpcycleError(
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         if total is not None:
-            from .plots import plot_load
+            from upcycle.plots import plot_load
 
             png = plot_load(total, args.out / "expert-load.png", title=args.title or f"Expert load: {args.model.name}")
         summary = {

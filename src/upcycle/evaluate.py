@@ -266,7 +266,7 @@ class _LoadRecorder:
     """Adds up each MoE block's routing after every forward pass."""
 
     def __init__(self, model: nn.Module):
-        from .moe import moe_blocks
+        from upcycle.moe.block import moe_blocks
 
         self.blocks = moe_blocks(model)
         E = {b.num_experts for _, b in self.blocks}

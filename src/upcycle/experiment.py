@@ -43,8 +43,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from . import yamlio
-from .errors import UpcycleError
+from upcycle import yamlio
+from upcycle.errors import UpcycleError
 
 ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
 LABELS = {
@@ -175,13 +175,13 @@ class Recipe:
 
     @property
     def plan_obj(self):
-        from .plan import UpcyclePlan
+        from upcycle.methods.plan import UpcyclePlan
 
         return UpcyclePlan.from_dict(dict(self.plan or {}), source=f"recipe {self.name!r} plan")
 
     def variant_plan(self, arm: str):
         """The plan of an upcycled arm: `plan`, with the variant's overrides for a variant arm."""
-        from .plan import UpcyclePlan
+        from upcycle.methods.plan import UpcyclePlan
 
         over = (self.variants or {}).get(arm, {})
         return UpcyclePlan.from_dict(dict(self.plan or {}) | dict(over), source=f"recipe {self.name!r} variant {arm!r}")
@@ -324,7 +324,7 @@ def _split_seen(data, recipe: Recipe, pretrain_steps: int):
     """The training sequences the dense pretraining did not read (for the continued arms)."""
     import torch
 
-    from .data import Batches, PackedData
+    from upcycle.data import Batches, PackedData
 
     if not pretrain_steps:
         return data
@@ -360,7 +360,7 @@ def _cumulative_time(rows: list[dict]) -> dict[int, float]:
 
 
 def _read_rows(path: Path) -> list[dict]:
-    from .plots import read_metrics
+    from upcycle.plots import read_metrics
 
     cols = read_metrics(path)
     n = len(cols["step"])
@@ -381,8 +381,8 @@ class Experiment:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .data import CORPORA, corpus_documents, pack_documents, read_documents, split_documents
-        from .default_model import default_model_dir
+        from upcycle.data import CORPORA, corpus_documents, pack_documents, read_documents, split_documents
+        from upcycle.default_model import default_model_dir
 
         r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
@@ -436,7 +436,7 @@ class Experiment:
             self.config = dense_config(r, len(self.tokenizer), self.tokenizer.eos_token_id)
 
     def train_config(self, steps: int, every: int, lr: float, warmup: int):
-        from .train import TrainConfig
+        from upcycle.train import TrainConfig
 
         r = self.r
         return TrainConfig(
@@ -462,7 +462,7 @@ class Experiment:
         """Train one run (or read it back when it finished before); returns (rows, summary, {step: val loss}).
         The run stops at each step of `stops` (a checkpoint), is evaluated there, and goes on exactly
         (`train`'s resume), so every budget is measured at its own step."""
-        from .train import checkpoints, train
+        from upcycle.train import checkpoints, train
 
         d = self.out / name
         f_budgets = d / "budgets.json"
@@ -510,7 +510,7 @@ class Experiment:
         return rows, summary, vals
 
     def _eval(self, model) -> float:
-        from .train import TrainConfig, _devices, evaluate_loss
+        from upcycle.train import TrainConfig, _devices, evaluate_loss
 
         device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
         model.to(device)
@@ -530,9 +530,9 @@ class Experiment:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .baselines import depth_tile, moe_from_scratch
-        from .surgery import upcycle
-        from .train import carry_over_optimizer_state, checkpoints, flops_per_token
+        from upcycle.methods.baselines import depth_tile, moe_from_scratch
+        from upcycle.methods.surgery import upcycle
+        from upcycle.train import carry_over_optimizer_state, checkpoints, flops_per_token
 
         r = self.r
         t_start = time.perf_counter()
@@ -824,7 +824,7 @@ def results_markdown(rows: list[dict], info: dict) -> str:
 
 
 def _colour(arm: str) -> str:
-    from .plots import PALETTE
+    from upcycle.plots import PALETTE
 
     if arm not in ARMS and arm != "pretrain":  # a plan variant: a colour of its own, by its first use
         import matplotlib
@@ -845,7 +845,7 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
     """Left: validation loss vs extra compute (% of B), one curve per arm, the budgets marked. Right (a
     model pretrained here): the same runs against all their training FLOPs, the dense pretraining included,
     so MoE-from-scratch is seen from its start."""
-    from .plots import _plt, _save
+    from upcycle.plots import _plt, _save
 
     plt = _plt()
     B = info["B_flops"]

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "the paper's core comparison at small scale: dense / upcycled / depth-tiled / MoE-from-scratch vs FLOPs"
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .experiment import Recipe, run_experiment
+    from upcycle.experiment import Recipe, run_experiment
 
     recipe = Recipe.from_yaml(args.recipe, tiny=args.tiny)
     if args.threads is not None:

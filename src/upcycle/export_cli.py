@@ -18,7 +18,7 @@ HELP = "write an upcycled model as a stock Mixtral / Qwen2-MoE / Qwen3-MoE check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .export import LAYOUTS, TARGETS
+    from upcycle.formats.stock import LAYOUTS, TARGETS
 
     p.add_argument("model", type=Path, help="upcycled model directory (native format)")
     p.add_argument("--to", choices=sorted(TARGETS), help="stock target class")
@@ -45,9 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import UpcycleError
-    from .export import TARGETS, export, is_stock_moe, read_native, why_not
-    from .native import read_meta
+    from upcycle.errors import UpcycleError
+    from upcycle.formats.native import read_meta
+    from upcycle.formats.stock import TARGETS, export, read_native, why_not
+    from upcycle.formats.stock_import import is_stock_moe
 
     if args.explain:
         if is_stock_moe(args.model):
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     source = args.model
     if is_stock_moe(source):
-        from .native import load
+        from upcycle.formats.load import load
 
         source = load(source)
     elif not (Path(args.model) / "upcycle.json").is_file():

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 DPI = 150
 X_COLUMNS = ("flops", "tokens", "step")

@@ -39,7 +39,7 @@ class DepthTilingPlan:
     )
 
     def __post_init__(self) -> None:
-        from .errors import PlanError
+        from upcycle.errors import PlanError
 
         if (self.num_layers is None) == (self.factor is None):
             raise PlanError("depth tiling: give exactly one of num_layers or factor")
@@ -62,8 +62,8 @@ class DepthTilingPlan:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "DepthTilingPlan":
-        from . import yamlio
-        from .errors import PlanError
+        from upcycle import yamlio
+        from upcycle.errors import PlanError
 
         d = dict(d) if isinstance(d, dict) else d
         method = d.pop("method", None) if isinstance(d, dict) else None
@@ -77,7 +77,7 @@ class DepthTilingPlan:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DTYPES, add_dataclass_flags
+    from upcycle.cli import DTYPES, add_dataclass_flags
 
     p.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--plan", type=Path, help="YAML with method: depth_tiling and the fields below")
@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> DepthTilingPlan:
-    from . import yamlio
-    from .errors import PlanError
+    from upcycle import yamlio
+    from upcycle.errors import PlanError
 
     base = {}
     if args.plan is not None:
@@ -113,11 +113,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .baselines import depth_tile, num_params
-    from .cli import load_dense_config
-    from .default_model import default_model_dir
-    from .errors import UpcycleError
-    from .native import SIDE_FILES, atomic_dir, weight_files
+    from upcycle.cli import load_dense_config
+    from upcycle.default_model import default_model_dir
+    from upcycle.errors import UpcycleError
+    from upcycle.io.dirs import SIDE_FILES, atomic_dir
+    from upcycle.io.safetensors import weight_files
+    from upcycle.methods.baselines import depth_tile, num_params
 
     t0 = time.time()
     plan = resolve(args)

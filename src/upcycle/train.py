@@ -46,11 +46,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import yamlio
-from .attention import moa_modules
-from .data import Batches, PackedData
-from .errors import UpcycleError
-from .moe import aux_losses, moe_blocks
+from upcycle import yamlio
+from upcycle.data import Batches, PackedData
+from upcycle.errors import UpcycleError
+from upcycle.moe.attention import moa_modules
+from upcycle.moe.block import aux_losses, moe_blocks
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -286,7 +286,7 @@ def model_on_meta(config, plan=None) -> nn.Module:
     """A model of this config (upcycled by plan) with no storage: for counting parameters and FLOPs."""
     from transformers import AutoModelForCausalLM
 
-    from .surgery import convert_structure
+    from upcycle.methods.surgery import convert_structure
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -381,8 +381,8 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
     `dense_state` is name-keyed (`optimizer.pt` of an `upcycle train` checkpoint) or torch's
     index-keyed `optimizer.state_dict()` of `build_optimizer(dense_model)`. Returns a name-keyed state.
     """
-    from .plan import UpcyclePlan
-    from .surgery import upcycle_state_dict
+    from upcycle.methods.plan import UpcyclePlan
+    from upcycle.methods.surgery import upcycle_state_dict
 
     if plan is None:
         info = getattr(moe_model.config, "upcycle", None)
@@ -437,8 +437,8 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
 def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, config) -> None:
     """Drop-Upcycling re-draws a share of each expert's neurons: their moments start at zero (Adam's state
     of a new parameter), the kept neurons keep the dense moments (research/algorithms.md F.5)."""
-    from .init import _drop_sets
-    from .surgery import plan_stacks
+    from upcycle.methods.init import _drop_sets
+    from upcycle.methods.surgery import plan_stacks
 
     for adapter, stack_plan, layers in plan_stacks(plan, config):
         for i in layers:
@@ -606,7 +606,7 @@ def _wrap(model: nn.Module, d: _Dist, device: torch.device) -> nn.Module:
     if d.mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from .adapters import stacks_for
+        from upcycle.adapters import stacks_for
 
         for stack in stacks_for(model.config, model=model):  # T5: encoder and decoder blocks
             for block in stack.layer_list(model):
@@ -697,7 +697,7 @@ def _save_checkpoint(
 ) -> None:
     from safetensors.torch import save_file
 
-    from .native import atomic_dir
+    from upcycle.io.dirs import atomic_dir
 
     model_sd = _model_state(model, raw, d)
     opt_sd = _optimizer_state(model, opt, d)
@@ -1052,9 +1052,9 @@ def train(
 
 def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source_dir) -> None:
     """Native format for upcycled models, a transformers directory for dense ones (atomic)."""
-    from .bam import plan_from_dict
-    from .native import SIDE_FILES, atomic_dir
-    from .native import save as native_save
+    from upcycle.formats.native import save as native_save
+    from upcycle.io.dirs import SIDE_FILES, atomic_dir
+    from upcycle.methods.registry import plan_from_dict
 
     sd = _model_state(model, raw, d) if d.mode == "fsdp" else None
     if not d.main:
@@ -1085,10 +1085,11 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
 def _replica(raw: nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    from .bam import BamPlan, plan_from_dict
-    from .bam import convert_structure as bam_structure
-    from .native import _empty_model
-    from .surgery import convert_structure
+    from upcycle.io.models import _empty_model
+    from upcycle.methods.bam import BamPlan
+    from upcycle.methods.bam import convert_structure as bam_structure
+    from upcycle.methods.registry import plan_from_dict
+    from upcycle.methods.surgery import convert_structure
 
     dtype = next(iter(raw.state_dict().values())).dtype
     rep = _empty_model(AutoModelForCausalLM, raw.config, dtype)

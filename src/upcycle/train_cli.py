@@ -21,14 +21,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FSDP)"
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from .cli import add_dataclass_flags
-    from .train import TrainConfig
+    from upcycle.cli import add_dataclass_flags
+    from upcycle.train import TrainConfig
 
     add_dataclass_flags(
         p,
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from upcycle.train import TrainConfig
 
     if args.config:
         base = TrainConfig.from_yaml(args.config)
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .data import load_data
-    from .default_model import cache_root, default_model_dir
-    from .native import load_any
-    from .train import carry_over_optimizer_state, model_on_meta, train
+    from upcycle.data import load_data
+    from upcycle.default_model import cache_root, default_model_dir
+    from upcycle.formats.load import load_any
+    from upcycle.train import carry_over_optimizer_state, model_on_meta, train
 
     config = resolve_config(args)
     if not args.data.exists():

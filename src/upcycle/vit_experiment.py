@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import yamlio
-from .errors import UpcycleError
+from upcycle import yamlio
+from upcycle.errors import UpcycleError
 
 ARMS = ("dense", "upcycled", "upcycled_nonorm", "upcycled_fresh")
 
@@ -92,7 +92,7 @@ class VitRecipe:
 
     def plan_obj(self, normalize: bool = True, seed: int = 0):
         """The recipe's plan; routers seeded by recipe seed + `seed` (the continuation seed)."""
-        from .plan import UpcyclePlan
+        from upcycle.methods.plan import UpcyclePlan
 
         return UpcyclePlan.from_dict(dict(self.plan, normalize=normalize, seed=self.seed + seed), source="recipe plan")
 
@@ -171,7 +171,7 @@ def tokens_per_image(config) -> int:
 
 def flops_per_image(model: nn.Module, dense: bool = False) -> int:
     """Training FLOPs per image (module docstring). dense=True: the dense model this one came from."""
-    from .moe import moe_blocks
+    from upcycle.moe.block import moe_blocks
 
     scale: dict[int, float] = {}
     routers: set[int] = set()
@@ -219,7 +219,7 @@ def train_steps(
     """`steps` AdamW steps from global step `start` (the schedule's position); returns the losses."""
     from tqdm.auto import tqdm
 
-    from .moe import aux_losses
+    from upcycle.moe.block import aux_losses
 
     g = torch.Generator().manual_seed(seed)
     x, y = data["x_train"], data["y_train"]
@@ -293,7 +293,7 @@ def linear_probe(
 
 
 def evaluate(model: nn.Module, data: dict, recipe: VitRecipe) -> dict[str, float]:
-    from .moe import moe_blocks
+    from upcycle.moe.block import moe_blocks
 
     f_tr, _ = features_and_logits(model, data["x_train"])
     f_te, logits = features_and_logits(model, data["x_test"])
@@ -309,7 +309,7 @@ def evaluate(model: nn.Module, data: dict, recipe: VitRecipe) -> dict[str, float
 
 
 def make_optimizer(model: nn.Module, recipe: VitRecipe):
-    from .train import TrainConfig, build_optimizer
+    from upcycle.train import TrainConfig, build_optimizer
 
     return build_optimizer(model, TrainConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, beta2=0.999))
 
@@ -320,10 +320,10 @@ def make_optimizer(model: nn.Module, recipe: VitRecipe):
 def run_vit_experiment(
     recipe: VitRecipe, out_dir: str | Path, progress: bool = True, log=print, command: str = ""
 ) -> dict:
-    from .experiment import machine
-    from .native import atomic_dir
-    from .surgery import upcycle
-    from .train import carry_over_optimizer_state, load_named_optimizer_state, named_optimizer_state
+    from upcycle.experiment import machine
+    from upcycle.io.dirs import atomic_dir
+    from upcycle.methods.surgery import upcycle
+    from upcycle.train import carry_over_optimizer_state, load_named_optimizer_state, named_optimizer_state
 
     torch.set_num_threads(recipe.threads)
     out_dir = Path(out_dir)
@@ -451,7 +451,7 @@ def _summary(rows: list[dict]) -> dict[tuple[str, float], dict[str, tuple[float,
 
 
 def results_markdown(rows: list[dict], info: dict) -> str:
-    from .evaluate import markdown_table
+    from upcycle.evaluate import markdown_table
 
     rec = info["recipe"]
     summ = _summary(rows)

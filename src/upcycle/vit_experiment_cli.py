@@ -15,7 +15,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 HELP = "the paper's vision recipe at small scale: ViT on digits, dense vs upcycled (expert choice) vs FLOPs"
 
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .vit_experiment import VitRecipe, run_vit_experiment
+    from upcycle.vit_experiment import VitRecipe, run_vit_experiment
 
     recipe = VitRecipe.from_yaml(args.recipe, tiny=args.tiny)
     if args.threads is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 
 def read_mapping(path: str | Path, what: str, error: type[UpcycleError] = UpcycleError) -> dict[str, Any]:

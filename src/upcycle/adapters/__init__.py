@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
-from ..errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 
 @dataclass(frozen=True)

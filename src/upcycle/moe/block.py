@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from . import routing as R
-from .experts import Experts
+from upcycle.moe import routing as R
+from upcycle.moe.experts import Experts
 
 
 @dataclass(frozen=True)

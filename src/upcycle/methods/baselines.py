@@ -17,9 +17,9 @@ import copy
 import torch
 import torch.nn as nn
 
-from .adapters import adapter_for
-from .errors import UpcycleError
-from .plan import UpcyclePlan
+from upcycle.adapters import adapter_for
+from upcycle.errors import UpcycleError
+from upcycle.methods.plan import UpcyclePlan
 
 TILE_MODES = ("stack", "interleave")
 
@@ -67,7 +67,7 @@ def depth_tile(
     `layer_idx`, so the KV cache gives each layer its own slot. Not function preserving: the deeper model
     computes a different function and needs continued training.
     """
-    from .moe import moe_blocks
+    from upcycle.moe.block import moe_blocks
 
     if moe_blocks(model):
         raise UpcycleError("depth_tile works on dense models; this one has MoE layers")
@@ -131,8 +131,8 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
     """
     from transformers import AutoModelForCausalLM
 
-    from .init import init_router
-    from .surgery import convert_structure
+    from upcycle.methods.routers import init_router
+    from upcycle.methods.surgery import convert_structure
 
     seed = plan.seed if seed is None else seed
     plan = plan.replace(seed=seed)
@@ -163,7 +163,7 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
                     if name.startswith("gate.")
                     else torch.randn(p.shape, generator=g, dtype=torch.float32) * std
                 )
-    from .surgery import applied_plan
+    from upcycle.methods.surgery import applied_plan
 
     model.config.upcycle = applied_plan(plan, model.config, model).to_dict() | {
         "moe_layers": layers,

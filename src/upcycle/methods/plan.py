@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import yamlio
-from .errors import PlanError
-from .layers import DEFAULT_LAYERS, parse_layers
-from .routing import EC_CAPACITY_FACTOR
+from upcycle import yamlio
+from upcycle.errors import PlanError
+from upcycle.methods.layers import DEFAULT_LAYERS, parse_layers
+from upcycle.moe.routing import EC_CAPACITY_FACTOR
 
 ROUTERS = ("topk", "expert_choice", "soft")
 ROUTER_INITS = ("normal", "zeros", "uniform", "data")
@@ -88,7 +88,7 @@ class UpcyclePlan:
         "copy",
         "experts: copy (of the dense MLP) | noise (copy plus N(0, noise_std) per weight) | "
         "drop (Drop-Upcycling) | partition (LLaMA-MoE neuron split) | granular (virtual groups) "
-        "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.init",
+        "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.methods.init",
         choices=EXPERT_INITS,
     )
     noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")

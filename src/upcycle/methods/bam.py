@@ -16,8 +16,7 @@ MLP(LN x), one norm) gives the BAM block; a sequential family (Llama, SmolLM2) k
 block, which `mix` says in its log.
 
 `mix_state_dicts` is the pure part ((N state dicts, config, plan) -> mixed state dict); `convert_structure`
-swaps the modules of a model for empty MoE / MoA modules of the right shape; `mix` puts them together.
-"""
+swaps the modules of a model for empty MoE / MoA modules of the right shape; `mix` puts them together."""
 
 from __future__ import annotations
 
@@ -30,14 +29,20 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from . import yamlio
-from .adapters import adapter_for
-from .errors import PlanError, UpcycleError
+from upcycle import yamlio
+from upcycle.adapters import adapter_for
+from upcycle.errors import PlanError, UpcycleError
 
 METHODS = ("bam", "btx")
+
+
 KV = ("experts", "shared", "averaged")
+
+
 # Where a llama-like block keeps its attention (every family the llama-like adapter covers).
 ATTN, ATTN_PROJ, ATTN_NORMS = "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_norm", "k_norm")
+
+
 PARALLEL_BLOCK_TYPES = ("cohere",)  # y = x + Attn(LN x) + MLP(LN x)
 
 
@@ -131,18 +136,6 @@ class BamPlan:
         return dataclasses.replace(self, **changes)
 
 
-def plan_from_dict(d: dict[str, Any], source: str = "plan"):
-    """The plan a native model was written with: a BamPlan for method bam / btx, else an UpcyclePlan."""
-    from .plan import UpcyclePlan
-
-    d = {k: v for k, v in d.items() if k != "moe_layers"}
-    if d.get("method") in METHODS:
-        return BamPlan.from_dict(d, source)
-    return UpcyclePlan.from_dict(d, source)
-
-
-# ------------------------------------------------------------------------------------ validation
-
 _SHAPE_KEYS = (
     "model_type",
     "hidden_size",
@@ -209,9 +202,6 @@ def tokenizer_hash(model_dir: str | Path) -> str | None:
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
-# ------------------------------------------------------------------------------------ mixing
-
-
 def _router(plan: BamPlan, layer: int, stream: int, n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator().manual_seed((plan.seed * 1_000_003 + layer) * 16 + stream)
     return (torch.randn(n, d, generator=g) * plan.router_std).to(dtype)
@@ -223,7 +213,7 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan: BamPlan) -> dict[str, torch.Tensor]:
     """The mixed model's state dict from N dense state dicts (same keys and shapes)."""
-    from .surgery import _EXPERT_PARAMS
+    from upcycle.methods.surgery import _EXPERT_PARAMS
 
     if len(states) != plan.num_experts:
         raise UpcycleError(f"the plan mixes {plan.num_experts} models but {len(states)} state dicts were given")
@@ -283,9 +273,9 @@ def convert_structure(
 ) -> list[int]:
     """Replace each layer's MLP by an empty MoE block of N experts and, for BAM, its attention by an
     empty mixture of N attention experts, in place."""
-    from .attention import MoAttention
-    from .moe import MoEBlock
-    from .surgery import make_moe_block
+    from upcycle.methods.surgery import make_moe_block
+    from upcycle.moe.attention import MoAttention
+    from upcycle.moe.block import MoEBlock
 
     config = model.config
     adapter = adapter_for(config)
@@ -311,7 +301,7 @@ def mix(models: Sequence[nn.Module], plan: BamPlan, names: Sequence[str] | None 
     """One MoE model from N dense transformers models (the first one's config is the base)."""
     from transformers import AutoModelForCausalLM
 
-    from .native import _empty_model
+    from upcycle.io.models import _empty_model
 
     names = list(names or [f"model {j}" for j in range(len(models))])
     states = [m.state_dict() for m in models]
@@ -349,18 +339,6 @@ def copy_config(config):
 
 
 def _tied_keys(model: nn.Module) -> list[str]:
-    from .native import unique_state_dict
+    from upcycle.io.models import unique_state_dict
 
     return list(unique_state_dict(model)[1])
-
-
-def load_dense(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A dense model for mixing (safetensors only); upcycled (native) directories are refused."""
-    from .native import load_any
-
-    model_dir = Path(model_dir)
-    if (model_dir / "upcycle.json").is_file():
-        raise UpcycleError(f"{model_dir} is an upcycled (MoE) model; mix dense models (the seed and its branches)")
-    model = load_any(model_dir, dtype=dtype)
-    adapter_for(model.config, source=str(model_dir / "config.json"))
-    return model

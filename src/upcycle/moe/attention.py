@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UpcycleError
+from upcycle.errors import UpcycleError
 
 KV_MODES = ("experts", "shared")
 
@@ -136,7 +136,7 @@ class MoAttention(nn.Module):
 
     def router_probs(self, x: torch.Tensor) -> torch.Tensor:
         """(..., N) soft routing weights, computed in fp32."""
-        from .routing import router_logits
+        from upcycle.moe.routing import router_logits
 
         return torch.softmax(router_logits(x, self.router.weight), dim=-1)
 

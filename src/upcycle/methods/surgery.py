@@ -14,12 +14,12 @@ import torch
 import torch.nn as nn
 from transformers.activations import ACT2FN
 
-from .adapters import MLPAdapter, adapter_for, stacks_for
-from .experts import Experts
-from .init import init_layer, plan_structure
-from .layers import select_layers
-from .moe import MoEBlock, RouterConfig, SharedExpert
-from .plan import UpcyclePlan
+from upcycle.adapters import MLPAdapter, adapter_for, stacks_for
+from upcycle.methods.init import init_layer, plan_structure
+from upcycle.methods.layers import select_layers
+from upcycle.methods.plan import UpcyclePlan
+from upcycle.moe.block import MoEBlock, RouterConfig, SharedExpert
+from upcycle.moe.experts import Experts
 
 # MoE tensor names inside a block, and the dense projection they come from.
 _EXPERT_PARAMS = (
@@ -147,7 +147,7 @@ def make_moe_block(
 
 def structure_of(model: nn.Module) -> dict:
     """The shape facts `make_moe_block` needs beyond the plan, read off a model's MoE blocks."""
-    from .moe import moe_blocks
+    from upcycle.moe.block import moe_blocks
 
     blocks = moe_blocks(model)
     if not blocks:
@@ -243,8 +243,8 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
     stacks = plan_stacks(plan, config, model=model)
     data_rows = None
     if plan.router_init == "data":
-        from .errors import PlanError
-        from .init import data_router_rows
+        from upcycle.errors import PlanError
+        from upcycle.methods.routers import data_router_rows
 
         if tokenizer is None:
             raise PlanError("router_init=data runs the dense model on router_prompts: give a tokenizer")

@@ -13,7 +13,7 @@ A selection is written the same way in YAML and on the command line:
 
 from __future__ import annotations
 
-from .errors import PlanError
+from upcycle.errors import PlanError
 
 DEFAULT_LAYERS = "every_k:2:1"
 _KINDS = ("all", "every_k", "first_n", "last_n", "middle_n")

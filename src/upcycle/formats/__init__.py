@@ -1,0 +1,1 @@
+"""On-disk formats: the native directory (`native`), the stock transformers MoE targets Mixtral, Qwen2-MoE, Qwen3-MoE and FlexOlmo (`stock` to write, `stock_import` to read back), and the one front door that loads any model directory (`load`)."""

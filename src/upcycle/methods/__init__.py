@@ -1,0 +1,1 @@
+"""The conversion methods, each a plan and a converter: sparse upcycling (`plan`, `layers`, `init`, `routers`, `surgery`, `streaming`), BAM/BTX mixing (`bam`), depth tiling and from-scratch baselines (`baselines`); `registry` maps a stored record to its plan."""

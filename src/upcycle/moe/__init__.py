@@ -1,0 +1,1 @@
+"""The MoE runtime, pure torch: routers as pure functions returning one `Routing` record (`routing`), expert stacks (`experts`), the MoE block and its aux losses (`block`), and BAM's mixture of attention (`attention`)."""
