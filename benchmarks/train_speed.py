@@ -222,7 +222,7 @@ def _trainee(variant: str, work: Path, args):
     """(model in training mode, its AdamW, {variant, class, flops_per_token, active_params, total_params})."""
     import torch
 
-    from upcycle.train import active_params, flops_per_token
+    from upcycle.train.flops import active_params, flops_per_token
 
     model, counted = build(variant, work, args)
     info = {

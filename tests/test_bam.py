@@ -14,7 +14,7 @@ from upcycle.methods.bam import BamPlan, check_compatible, mix, mix_state_dicts
 from upcycle.methods.registry import plan_from_dict
 from upcycle.moe.attention import MoAttention, moa_modules
 from upcycle.moe.block import MoEBlock, aux_losses, moe_blocks
-from upcycle.train import flops_per_token
+from upcycle.train.flops import flops_per_token
 
 FAMILIES = [("llama", {}), ("cohere", {}), ("cohere", {"use_qk_norm": True})]
 FAMILY_IDS = ["llama", "cohere", "cohere-qknorm"]

@@ -8,7 +8,7 @@ from conftest import TINY, tiny_config, tiny_model
 from upcycle import UpcycleError, UpcyclePlan, upcycle
 from upcycle.methods.baselines import depth_tile, moe_from_scratch, num_params, tile_order
 from upcycle.moe.block import moe_blocks
-from upcycle.train import flops_per_token
+from upcycle.train.flops import flops_per_token
 
 
 def test_tile_order():

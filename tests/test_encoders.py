@@ -349,9 +349,9 @@ def test_cli_sparse_and_check(kind, tmp_path, capsys):
 
 
 def test_vit_optimizer_carry_over_and_flops():
-    from upcycle.train import (
-        TrainConfig,
-        active_params,
+    from upcycle.train.config import TrainConfig
+    from upcycle.train.flops import active_params
+    from upcycle.train.optim import (
         build_optimizer,
         carry_over_optimizer_state,
         load_named_optimizer_state,

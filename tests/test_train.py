@@ -22,16 +22,14 @@ from upcycle.cli import main
 from upcycle.data import Document, pack_documents
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import moe_blocks
-from upcycle.train import (
-    TrainConfig,
-    active_params,
+from upcycle.train.config import TrainConfig
+from upcycle.train.flops import active_params, flops_per_token, model_on_meta
+from upcycle.train.loop import train
+from upcycle.train.optim import (
     build_optimizer,
     carry_over_optimizer_state,
-    flops_per_token,
     load_named_optimizer_state,
-    model_on_meta,
     named_optimizer_state,
-    train,
 )
 
 PLAN = UpcyclePlan(num_experts=4, top_k=2)  # layers 1 and 3 of 4
@@ -135,9 +133,9 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
 
 
 def read_events(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Parse the TFRecord framing (length, masked CRCs) and the Event/Summary/Value protos: a check that
-    the writer is self-consistent (TensorBoard's own EventAccumulator was run on its output by hand)."""
-    from upcycle.train import _masked_crc32c
+    """Parse the TFRecord framing (length, masked CRCs) and the Event/Summary/Value protos by hand: a
+    check of the bytes on disk that does not trust the writer's own reader."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as _masked_crc32c
 
     raw, pos, out = path.read_bytes(), 0, {}
     while pos < len(raw):
@@ -158,7 +156,8 @@ def read_events(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_masked_crc32c_known_value():
-    from upcycle.train import _masked_crc32c
+    # the CRC the framing check above relies on (the event writer is tensorboard's own)
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as _masked_crc32c
 
     # CRC-32C("123456789") = 0xE3069283 (RFC 3720 check value), then TFRecord's mask
     crc = 0xE3069283
@@ -396,9 +395,9 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_model
 from test_train import corpus, dense_run_state, PLAN, SEQ, cfg
 from upcycle import upcycle
-from upcycle.train import carry_over_optimizer_state, named_optimizer_state
+from upcycle.train.optim import carry_over_optimizer_state, named_optimizer_state
 from upcycle.data import pack_documents
-from upcycle.train import train
+from upcycle.train.loop import train
 from transformers import AutoTokenizer
 torch.set_num_threads(1)
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
@@ -626,7 +625,7 @@ def test_cli_errors_write_nothing(tmp_path, tiny_dir_tok, text_file, capsys, arg
 def test_router_summary_on_the_device_equals_the_host_statistics():
     """The per-step expert-load and entropy figures, computed on the device for one read per step, are the
     mean over layers of what router_stats() reports."""
-    from upcycle.train import _router_summary
+    from upcycle.train.metrics import _router_summary
 
     moe = upcycle(tiny_model("llama"), UpcyclePlan(num_experts=4, layers="all", router_std=1.0))
     assert _router_summary(moe) is None  # no forward yet

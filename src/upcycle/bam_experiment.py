@@ -269,7 +269,7 @@ class BamExperiment:
         return _Data(domain, union, mix)
 
     def tconfig(self, steps: int, lr: float, min_lr: float, eval_every: int):
-        from upcycle.train import TrainConfig
+        from upcycle.train.config import TrainConfig
 
         r = self.r
         return TrainConfig(
@@ -289,7 +289,8 @@ class BamExperiment:
 
     def _train(self, name: str, model, data, config, stops: tuple[int, ...] = (), at_stop=None) -> dict:
         """One training run into runs/NAME (kept when it finished before: returns its summary)."""
-        from upcycle.train import checkpoints, train
+        from upcycle.train.checkpoint import checkpoints
+        from upcycle.train.loop import train
 
         d = self.runs / name
         if (d / "summary.json").is_file() and (d / "model").is_dir():
@@ -318,9 +319,11 @@ class BamExperiment:
         return s
 
     def ppl(self, model, data: _Data) -> dict[str, float]:
-        from upcycle.train import TrainConfig, _devices, evaluate_loss
+        from upcycle.train.config import TrainConfig
+        from upcycle.train.dist import devices
+        from upcycle.train.loop import evaluate_loss
 
-        device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
+        device, autocast = devices(TrainConfig(seq_len=self.r.seq_len), 0)
         model.to(device)
         out = {}
         for name, p in data.domain.items():
@@ -337,7 +340,7 @@ class BamExperiment:
         from upcycle.experiment import machine
         from upcycle.formats.load import load, load_dense
         from upcycle.methods.bam import BamPlan, mix
-        from upcycle.train import active_params, flops_per_token
+        from upcycle.train.flops import active_params, flops_per_token
 
         r = self.r
         torch.set_num_threads(r.threads)

@@ -127,7 +127,7 @@ def branch(
                 f"general) x {config.seq_len} tokens, {config.total_steps()} steps"
             )
             model = load_any(seed_dir, dtype=torch.float32)
-            from upcycle.train import train
+            from upcycle.train.loop import train
 
             train(model, d, config, run, overwrite=True, tokenizer=tokenizer, source_dir=seed_dir, progress=progress)
         out[name] = run / "model"

@@ -436,7 +436,7 @@ class Experiment:
             self.config = dense_config(r, len(self.tokenizer), self.tokenizer.eos_token_id)
 
     def train_config(self, steps: int, every: int, lr: float, warmup: int):
-        from upcycle.train import TrainConfig
+        from upcycle.train.config import TrainConfig
 
         r = self.r
         return TrainConfig(
@@ -462,7 +462,8 @@ class Experiment:
         """Train one run (or read it back when it finished before); returns (rows, summary, {step: val loss}).
         The run stops at each step of `stops` (a checkpoint), is evaluated there, and goes on exactly
         (`train`'s resume), so every budget is measured at its own step."""
-        from upcycle.train import checkpoints, train
+        from upcycle.train.checkpoint import checkpoints
+        from upcycle.train.loop import train
 
         d = self.out / name
         f_budgets = d / "budgets.json"
@@ -510,9 +511,11 @@ class Experiment:
         return rows, summary, vals
 
     def _eval(self, model) -> float:
-        from upcycle.train import TrainConfig, _devices, evaluate_loss
+        from upcycle.train.config import TrainConfig
+        from upcycle.train.dist import devices
+        from upcycle.train.loop import evaluate_loss
 
-        device, autocast = _devices(TrainConfig(seq_len=self.r.seq_len), 0)
+        device, autocast = devices(TrainConfig(seq_len=self.r.seq_len), 0)
         model.to(device)
         return float(evaluate_loss(model, self.data.val, self.r.batch_size, self.r.eval_batches, device, autocast))
 
@@ -532,7 +535,9 @@ class Experiment:
 
         from upcycle.methods.baselines import depth_tile, moe_from_scratch
         from upcycle.methods.surgery import upcycle
-        from upcycle.train import carry_over_optimizer_state, checkpoints, flops_per_token
+        from upcycle.train.checkpoint import checkpoints
+        from upcycle.train.flops import flops_per_token
+        from upcycle.train.optim import carry_over_optimizer_state
 
         r = self.r
         t_start = time.perf_counter()

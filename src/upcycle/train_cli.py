@@ -28,7 +28,7 @@ HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FS
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from upcycle.cli import add_dataclass_flags
-    from upcycle.train import TrainConfig
+    from upcycle.train.config import TrainConfig
 
     add_dataclass_flags(
         p,
@@ -74,7 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from upcycle.train import TrainConfig
+    from upcycle.train.config import TrainConfig
 
     if args.config:
         base = TrainConfig.from_yaml(args.config)
@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.data import load_data
     from upcycle.default_model import cache_root, default_model_dir
     from upcycle.formats.load import load_any
-    from upcycle.train import carry_over_optimizer_state, model_on_meta, train
+    from upcycle.train.flops import model_on_meta
+    from upcycle.train.loop import train
+    from upcycle.train.optim import carry_over_optimizer_state
 
     config = resolve_config(args)
     if not args.data.exists():

@@ -309,7 +309,8 @@ def evaluate(model: nn.Module, data: dict, recipe: VitRecipe) -> dict[str, float
 
 
 def make_optimizer(model: nn.Module, recipe: VitRecipe):
-    from upcycle.train import TrainConfig, build_optimizer
+    from upcycle.train.config import TrainConfig
+    from upcycle.train.optim import build_optimizer
 
     return build_optimizer(model, TrainConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, beta2=0.999))
 
@@ -323,7 +324,7 @@ def run_vit_experiment(
     from upcycle.experiment import machine
     from upcycle.io.dirs import atomic_dir
     from upcycle.methods.surgery import upcycle
-    from upcycle.train import carry_over_optimizer_state, load_named_optimizer_state, named_optimizer_state
+    from upcycle.train.optim import carry_over_optimizer_state, load_named_optimizer_state, named_optimizer_state
 
     torch.set_num_threads(recipe.threads)
     out_dir = Path(out_dir)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from upcycle.adapters import adapter_for
 from upcycle.errors import UpcycleError
-from upcycle.formats.native import read_meta
+from upcycle.formats.native import read_record
 from upcycle.io.models import _empty_model, model_class
 from upcycle.io.safetensors import INDEX, weight_files
 
@@ -23,16 +23,11 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     from transformers import AutoConfig
 
     from upcycle.formats.stock_import import import_stock, is_stock_moe
-    from upcycle.methods.surgery import convert_structure
 
     path = Path(path)
     if is_stock_moe(path):  # a stock MoE class's config (our stock exports keep upcycle.json as provenance)
         return import_stock(path, dtype).to(device)
-    meta = read_meta(path)
-    from upcycle.methods.bam import BamPlan
-    from upcycle.methods.registry import plan_from_dict
-
-    plan = plan_from_dict(meta["plan"], source=str(path / "upcycle.json"))
+    record = read_record(path)
     config = AutoConfig.from_pretrained(path)  # never trust_remote_code
     files = weight_files(path)
     if not files:
@@ -44,14 +39,9 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
     model = _empty_model(model_class(config), config, stored_dtype)
-    if isinstance(plan, BamPlan):  # BAM / BTX: several dense models mixed, attention experts too (bam.py)
-        from upcycle.methods.bam import convert_structure as bam_structure
-
-        bam_structure(model, plan, meta["moe_layers"], structure=meta)
-    else:
-        convert_structure(model, plan, meta["moe_layers"], structure=meta)
+    record.rebuild(model)  # the plan's own method: sparse upcycling, or BAM / BTX mixing
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in meta.get("tied_weights", {})]
+    missing = [k for k in missing if k not in record.tied_weights]
     if missing or unexpected:
         raise UpcycleError(
             f"{path}: weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"

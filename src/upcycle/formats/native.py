@@ -25,7 +25,6 @@ through `f` (an iterable of `Item` in, an iterable of `Item` out: rename, fuse, 
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -47,6 +46,7 @@ from upcycle.io.models import unique_state_dict
 from upcycle.io.safetensors import SafetensorsSource
 from upcycle.io.writer import Item, output_bytes, tensor_items, write_items
 from upcycle.methods.plan import UpcyclePlan
+from upcycle.methods.record import ConversionRecord
 from upcycle.methods.streaming import resolve_dtype, upcycle_items, upcycled_structure
 
 Transform = Callable[[Iterator[Item]], Iterable[Item]]
@@ -102,23 +102,16 @@ def stream_upcycle(
         with ThreadPoolExecutor(1) as pool, atomic_dir(out_dir, overwrite) as tmp:
             hashing = pool.submit(sha256_files, source.files)  # overlaps the writes (hashlib frees the GIL)
             structure = upcycled_structure(plan, config)
-            config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
+            record = ConversionRecord(
+                plan, layers, structure, tied, {"path": str(model_dir), "weights": {}}, versions()
+            )
+            config.upcycle = record.config_entry()
             (write_config or (lambda c, d: c.save_pretrained(d)))(config, tmp)
             total = sum(it.nbytes for it in items)
             with tqdm(total=total, unit="B", unit_scale=True, desc="writing shards", disable=not progress) as bar:
                 write_items(items, tmp, limit, bar, fsync=fsync)
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "plan": plan.to_dict(),
-                "moe_layers": layers,
-                "tied_weights": tied,
-                **structure,
-                "source": {"path": str(model_dir), "weights": hashing.result()},
-                "versions": versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
+            record.source["weights"] = hashing.result()
+            write_record(record, tmp)
             copy_side_files(model_dir, tmp)
             if fsync:
                 for f in tmp.iterdir():
@@ -175,24 +168,15 @@ def save(
     structure = structure_of(model)
     with atomic_dir(out_dir, overwrite) as tmp:
         model.config.architectures = [type(model).__name__]  # the class `load` rebuilds
-        model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
+        source = {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}}
+        record = ConversionRecord(plan, layers, structure, tied, source, versions())
+        model.config.upcycle = record.config_entry()
         model.config.save_pretrained(tmp)
         bar = tqdm(total=nbytes, unit="B", unit_scale=True, desc="writing shards", disable=not progress)
         with bar:
             # the streaming converter's writer: one shard rule, one header encoder, byte identity by construction
             write_items(tensor_items(tensors), tmp, parse_size(max_shard_size), bar, fsync=False)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "plan": plan.to_dict(),
-            "moe_layers": layers,
-            "tied_weights": tied,
-            **structure,
-            "source": {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}},
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_record(record, tmp)
         if source_dir is not None:
             copy_side_files(Path(source_dir), tmp)
     return out_dir
@@ -208,6 +192,17 @@ def _moe_layer_indices(model: nn.Module) -> list[int] | dict[str, list[int]]:
         a.stack: [i for i, b in enumerate(a.layer_list(model)) if isinstance(a.get_mlp(b), MoEBlock)] for a in stacks
     }
     return found[stacks[0].stack] if len(stacks) == 1 else found
+
+
+def write_record(record: ConversionRecord, out_dir: Path) -> None:
+    """upcycle.json: the format's header, then the conversion record."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **record.to_json()}
+    (Path(out_dir) / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_record(path: Path) -> ConversionRecord:
+    """The conversion record of a native directory (its upcycle.json, format checked)."""
+    return ConversionRecord.from_json(read_meta(path), source=str(Path(path) / "upcycle.json"))
 
 
 def read_meta(path: Path) -> dict:

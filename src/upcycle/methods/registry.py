@@ -1,13 +1,17 @@
-"""From a stored plan record to its plan: `plan_from_dict` dispatches on the record's method
-(sparse upcycling, BAM, BTX); `plan_from_meta` reads the plan of a native directory's upcycle.json.
+"""The methods' registry: a stored plan dict names its method (none for sparse upcycling, "bam" or
+"btx" for mixing), and each method registers its plan class and its structure converter here.
+
+`plan_from_dict` and `converter_for` are what `record.ConversionRecord` dispatches through;
+`plan_from_meta` reads the sparse plan a stock export needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from upcycle.errors import UpcycleError
+from upcycle.methods import bam, surgery
 from upcycle.methods.bam import METHODS, BamPlan
 from upcycle.methods.plan import UpcyclePlan
 
@@ -24,11 +28,20 @@ def plan_from_meta(meta: dict) -> UpcyclePlan:
     return UpcyclePlan.from_dict({k: v for k, v in meta.items() if k in names})
 
 
+def _method(d: dict[str, Any]) -> str:
+    return d.get("method") if d.get("method") in METHODS else "sparse"
+
+
 def plan_from_dict(d: dict[str, Any], source: str = "plan"):
     """The plan a native model was written with: a BamPlan for method bam / btx, else an UpcyclePlan."""
-    from upcycle.methods.plan import UpcyclePlan
-
     d = {k: v for k, v in d.items() if k != "moe_layers"}
-    if d.get("method") in METHODS:
-        return BamPlan.from_dict(d, source)
-    return UpcyclePlan.from_dict(d, source)
+    return PLANS[_method(d)].from_dict(d, source)
+
+
+def converter_for(plan) -> Callable[..., list[int]]:
+    """`convert_structure(model, plan, layers, structure=None)` of the plan's method."""
+    return CONVERTERS[_method(plan.to_dict())]
+
+
+PLANS = {"sparse": UpcyclePlan, "bam": BamPlan, "btx": BamPlan}
+CONVERTERS = {"sparse": surgery.convert_structure, "bam": bam.convert_structure, "btx": bam.convert_structure}
