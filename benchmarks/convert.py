@@ -82,7 +82,7 @@ def build_checkpoint(path: Path, size_gb: float, seed: int = 0) -> Path:
     import torch
     from transformers import LlamaConfig
 
-    from upcycle.default_model import default_model_dir
+    from upcycle.hub import default_model_dir
     from upcycle.io.dirs import atomic_dir
     from upcycle.io.models import meta_model
     from upcycle.io.safetensors import INDEX
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
             mk_note = "measured"
     real: dict[str, Callable[[], dict]] = {}
     if args.real:
-        from upcycle.default_model import default_model_dir
+        from upcycle.hub import default_model_dir
 
         smol = default_model_dir(log=log)
         for stream in ("true", "false"):

@@ -93,7 +93,7 @@ def _dense(args):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_CONFIG)).to(dtype)
     else:
-        from upcycle.default_model import default_model_dir
+        from upcycle.hub import default_model_dir
 
         model = AutoModelForCausalLM.from_pretrained(default_model_dir(log=lambda *a: None), dtype=dtype)
     return model.to(args.device)

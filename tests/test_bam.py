@@ -426,7 +426,8 @@ def test_bam_experiment_tiny(tmp_path):
     import json
     from pathlib import Path
 
-    from upcycle.bam_experiment import BamExperiment, BamRecipe
+    from upcycle.experiments.bam import BamExperiment
+    from upcycle.experiments.bam_recipe import BamRecipe
 
     recipe = BamRecipe.from_yaml(Path(__file__).parents[1] / "recipes" / "bam-small.yaml", tiny=True)
     res = BamExperiment(recipe, tmp_path / "x", progress=False, log=lambda m: None).run()

@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from conftest import WORDS, save_tiny_tokenizer
-from upcycle.data import (
-    Batches,
-    Document,
-    corpus_documents,
-    load_data,
-    pack,
-    pack_documents,
-    python_stdlib_documents,
-    read_documents,
-    roff_to_text,
-    split_documents,
-    tokenize_documents,
-)
+from upcycle.data.corpora import corpus_documents, python_stdlib_documents, roff_to_text
+from upcycle.data.documents import Document, read_documents, split_documents
+from upcycle.data.tokens import Batches, load_data, pack, pack_documents, tokenize_documents
 from upcycle.errors import UpcycleError
 
 

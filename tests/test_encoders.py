@@ -406,7 +406,7 @@ def _stdlib_sentences(n: int = 32) -> list[str]:
     import threading
     import unittest
 
-    from upcycle.encoders import sentences_of
+    from upcycle.eval.encoders import sentences_of
 
     text = "\n\n".join(
         inspect.getdoc(m) or "" for m in (argparse, collections, json, subprocess, textwrap, threading, unittest)
@@ -416,7 +416,8 @@ def _stdlib_sentences(n: int = 32) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from upcycle.encoders import load_dense, minilm_dir
+    from upcycle.eval.encoders import load_dense
+    from upcycle.hub import minilm_dir
 
     try:
         path = minilm_dir(log=lambda m: None)
@@ -428,7 +429,7 @@ def minilm():
 
 @pytest.mark.real
 def test_real_minilm_embeddings_are_preserved(minilm):
-    from upcycle.encoders import embed
+    from upcycle.eval.encoders import embed
 
     dense, tok = minilm
     sents = _stdlib_sentences()

@@ -10,9 +10,9 @@ import torch
 from conftest import TINY, tiny_model, with_router
 from upcycle import UpcycleError, UpcyclePlan, upcycle
 from upcycle.cli import main
-from upcycle.evaluate import ExpertLoad, expert_load, perplexity, perplexity_and_load
+from upcycle.eval.perplexity import ExpertLoad, expert_load, perplexity, perplexity_and_load
+from upcycle.eval.plots import metrics_curves, plot_expert_load, plot_loss_vs_flops, read_metrics
 from upcycle.moe.block import moe_blocks
-from upcycle.plots import metrics_curves, plot_expert_load, plot_loss_vs_flops, read_metrics
 
 T = 60  # tokens
 CTX = 24  # windows of 24, 24, 12 tokens

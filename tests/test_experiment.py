@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from upcycle.cli import main
-from upcycle.data import Batches, PackedData
+from upcycle.data.tokens import Batches, PackedData
 from upcycle.errors import UpcycleError
-from upcycle.experiment import ARMS, Recipe, _split_seen, budget_steps
+from upcycle.experiments.common import _split_seen, budget_steps
+from upcycle.experiments.recipe import ARMS, Recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -160,7 +161,7 @@ def test_an_arm_does_not_depend_on_the_arms_before_it(tiny_run, tmp_path):
     trained from the same dense AdamW state in the same process."""
     import shutil
 
-    from upcycle.experiment import run_experiment
+    from upcycle.experiments.sparse import run_experiment
 
     out, rows, _, _ = tiny_run
     alone = tmp_path / "alone"

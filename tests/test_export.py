@@ -11,7 +11,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import TINY, rel_diff, tiny_model
 from upcycle import UpcycleError, UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
-from upcycle.formats.stock import export, why_not
+from upcycle.formats.stock import export
+from upcycle.formats.targets import why_not
 from upcycle.methods.registry import plan_from_meta
 
 TOL = 1e-5

@@ -13,7 +13,8 @@ from test_stream import assert_same_output, in_memory
 from upcycle import PlanError, UpcyclePlan, load, save, upcycle
 from upcycle.cli import main
 from upcycle.formats.native import stream_upcycle
-from upcycle.formats.stock import export, why_not
+from upcycle.formats.stock import export
+from upcycle.formats.targets import why_not
 from upcycle.methods.init import _balanced_kmeans, granular_scale, init_layer, partition_sets, plan_structure
 from upcycle.methods.routers import data_router_rows, read_prompts
 from upcycle.moe.block import moe_blocks
@@ -463,7 +464,7 @@ def test_experiment_variant_arms(tmp_path):
 
     from test_experiment import RECIPES
     from upcycle.errors import UpcycleError
-    from upcycle.experiment import Recipe
+    from upcycle.experiments.recipe import Recipe
 
     d = yaml.safe_load((RECIPES / "tiny.yaml").read_text())
     d |= {

@@ -11,7 +11,7 @@ import torch
 from conftest import rel_diff
 from test_surgery import ScaledMLP
 from upcycle import UpcycleError, UpcyclePlan, load, save, upcycle
-from upcycle.evaluate import held_out_text, perplexity
+from upcycle.eval.perplexity import held_out_text, perplexity
 
 pytestmark = pytest.mark.real
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.real
 def smol():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upcycle.default_model import default_model_dir
+    from upcycle.hub import default_model_dir
 
     d = default_model_dir()
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

@@ -19,7 +19,8 @@ import torch
 from conftest import TINY, WORDS, save_tiny_tokenizer, tiny_model, with_router
 from upcycle import UpcyclePlan, upcycle
 from upcycle.cli import main
-from upcycle.data import Document, pack_documents
+from upcycle.data.documents import Document
+from upcycle.data.tokens import pack_documents
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import moe_blocks
 from upcycle.train.config import TrainConfig
@@ -396,7 +397,7 @@ from conftest import tiny_model
 from test_train import corpus, dense_run_state, PLAN, SEQ, cfg
 from upcycle import upcycle
 from upcycle.train.optim import carry_over_optimizer_state, named_optimizer_state
-from upcycle.data import pack_documents
+from upcycle.data.tokens import pack_documents
 from upcycle.train.loop import train
 from transformers import AutoTokenizer
 torch.set_num_threads(1)

@@ -13,7 +13,7 @@ import torch
 
 from upcycle.cli import main
 from upcycle.errors import UpcycleError
-from upcycle.vit_experiment import VitRecipe, augment, dense_vit, flops_per_image, linear_probe, tokens_per_image
+from upcycle.experiments.vit import VitRecipe, augment, dense_vit, flops_per_image, linear_probe, tokens_per_image
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "vit-small.yaml"
 

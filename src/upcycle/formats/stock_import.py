@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from upcycle.errors import UpcycleError
-from upcycle.formats.stock import _COMMON, _layer
+from upcycle.formats.stock import _layer
+from upcycle.formats.targets import _COMMON
 from upcycle.methods.plan import UpcyclePlan
 
 # The dense class each stock MoE class is imported into (the attention that class computes).

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from upcycle.data import Batches
+from upcycle.data.tokens import Batches
 from upcycle.errors import UpcycleError
 from upcycle.train.config import TrainConfig
 from upcycle.train.dist import _barrier, _Dist

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from upcycle.data import Batches, PackedData
+from upcycle.data.tokens import Batches, PackedData
 from upcycle.errors import UpcycleError
 from upcycle.moe.block import aux_losses
 from upcycle.train.checkpoint import (

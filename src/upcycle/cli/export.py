@@ -18,7 +18,7 @@ HELP = "write an upcycled model as a stock Mixtral / Qwen2-MoE / Qwen3-MoE check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from upcycle.formats.stock import LAYOUTS, TARGETS
+    from upcycle.formats.targets import LAYOUTS, TARGETS
 
     p.add_argument("model", type=Path, help="upcycled model directory (native format)")
     p.add_argument("--to", choices=sorted(TARGETS), help="stock target class")
@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from upcycle.errors import UpcycleError
     from upcycle.formats.native import read_meta
-    from upcycle.formats.stock import TARGETS, export, read_native, why_not
+    from upcycle.formats.stock import export, read_native
     from upcycle.formats.stock_import import is_stock_moe
+    from upcycle.formats.targets import TARGETS, why_not
 
     if args.explain:
         if is_stock_moe(args.model):

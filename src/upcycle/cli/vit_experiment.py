@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from upcycle.vit_experiment import VitRecipe, run_vit_experiment
+    from upcycle.experiments.vit import VitRecipe, run_vit_experiment
 
     recipe = VitRecipe.from_yaml(args.recipe, tiny=args.tiny)
     if args.threads is not None:

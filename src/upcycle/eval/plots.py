@@ -26,7 +26,7 @@ PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#0
 Curve = Sequence[tuple[float, float]]
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -45,7 +45,7 @@ def _plt():
     return plt
 
 
-def _save(fig, out_png: str | Path) -> Path:
+def save_figure(fig, out_png: str | Path) -> Path:
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
@@ -143,7 +143,7 @@ def plot_loss_vs_flops(
     lines, e.g. {"dense start": 2.31}. ylim: (low, high), None for matplotlib's choice, or "auto": when one
     run starts far above where the runs end (a model trained from scratch next to warm-started ones), the
     y axis is cut so that the differences between the final losses stay readable."""
-    plt = _plt()
+    plt = pyplot()
     train = train or {}
     labels = list(dict.fromkeys(list(runs) + list(train)))
     if not labels or not any(list(runs.get(k, [])) + list(train.get(k, [])) for k in labels):
@@ -233,7 +233,7 @@ def plot_loss_vs_flops(
     ax.grid(True, which="minor", alpha=0.12)
     ax.legend(frameon=False, loc="upper right")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def _auto_ylim(ys: list[float], lasts: list[float], refs: list[float]) -> tuple[float, float] | None:
@@ -270,7 +270,7 @@ def plot_expert_load(
     import numpy as np
     from matplotlib.colors import LogNorm
 
-    plt = _plt()
+    plt = pyplot()
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2 or m.size == 0:
         raise UpcycleError(f"expert load must be a non-empty layers x experts matrix, got shape {m.shape}")
@@ -365,7 +365,7 @@ def plot_expert_load(
             va="bottom",
         )
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 def plot_load(load, out_png: str | Path, title: str = "Expert load", subtitle: str | None = None) -> Path:

@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _texts(files: list[Path] | None) -> list[tuple[str, str]]:
-    from upcycle.evaluate import held_out_text
+    from upcycle.eval.perplexity import held_out_text
 
     if not files:
         text, name = held_out_text()
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from upcycle.evaluate import ExpertLoad, markdown_table, perplexity_and_load
+    from upcycle.eval.perplexity import ExpertLoad, markdown_table, perplexity_and_load
     from upcycle.formats.load import load_any
 
     t0 = time.time()
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
     dtype = getattr(torch, args.dtype)
     model = load_any(args.model, dtype=dtype, device=args.device)
-    from upcycle.encoders import is_causal_lm
+    from upcycle.eval.encoders import is_causal_lm
 
     if not is_causal_lm(model.config):
         raise UpcycleError(
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         if total is not None:
-            from upcycle.plots import plot_load
+            from upcycle.eval.plots import plot_load
 
             png = plot_load(total, args.out / "expert-load.png", title=args.title or f"Expert load: {args.model.name}")
         summary = {

@@ -27,7 +27,7 @@ HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FS
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from upcycle.cli import add_dataclass_flags
+    from upcycle.cli.common import add_dataclass_flags
     from upcycle.train.config import TrainConfig
 
     add_dataclass_flags(
@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from upcycle.data import load_data
-    from upcycle.default_model import cache_root, default_model_dir
+    from upcycle.data.tokens import load_data
     from upcycle.formats.load import load_any
+    from upcycle.hub import cache_root, default_model_dir
     from upcycle.train.flops import model_on_meta
     from upcycle.train.loop import train
     from upcycle.train.optim import carry_over_optimizer_state

@@ -22,7 +22,7 @@ HELP = "train N copies of a seed dense model, one per domain (BAM / BTX step 1)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from upcycle.train_cli import _add_config_flags
+    from upcycle.cli.train import _add_config_flags
 
     _add_config_flags(p)
     p.conflict_handler = p._optionals.conflict_handler = "resolve"  # --seed: the seed model; training: --train-seed
@@ -75,9 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from upcycle.branch import branch, branch_data, log_stderr, parse_domain
-    from upcycle.default_model import cache_root
-    from upcycle.train_cli import resolve_config
+    from upcycle.cli.train import resolve_config
+    from upcycle.hub import cache_root
+    from upcycle.train.branch import branch, branch_data, log_stderr, parse_domain
 
     args.resume = False
     config = resolve_config(args)

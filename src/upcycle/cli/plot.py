@@ -40,7 +40,7 @@ def _label(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from upcycle.plots import X_LABELS, metrics_curves, plot_loss_vs_flops, read_metrics
+    from upcycle.eval.plots import X_LABELS, metrics_curves, plot_loss_vs_flops, read_metrics
 
     if args.label and len(args.label) != len(args.runs):
         raise UpcycleError(f"--label given {len(args.label)} times for {len(args.runs)} runs; give one per run")

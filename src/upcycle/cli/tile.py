@@ -10,74 +10,23 @@ stack again on top, as progressive stacking / G_stack / SOLAR do) is the default
 each layer in place (`baselines.tile_order`). Not function preserving: the deeper model needs training.
 The output is a plain Hugging Face directory of the source's own class (safetensors, `config.json` with a
 `depth_tiling` entry naming each layer's source), which `from_pretrained`, `upcycle train` and
-`upcycle sparse` read like any dense checkpoint.
-"""
+`upcycle sparse` read like any dense checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from upcycle.methods.baselines_plan import DepthTilingPlan
 
 HELP = "depth tiling: a deeper dense model made by repeating the layers of a dense one"
-MODES = ("stack", "interleave")
-
-
-@dataclass(frozen=True)
-class DepthTilingPlan:
-    """`method: depth_tiling` in YAML; every field is also a flag of the same name."""
-
-    num_layers: int | None = field(default=None, metadata={"help": "layers of the deeper model"})
-    factor: float | None = field(default=None, metadata={"help": "or: new depth = round(factor x layers)"})
-    mode: str = field(
-        default="stack", metadata={"help": "stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])", "choices": MODES}
-    )
-
-    def __post_init__(self) -> None:
-        from upcycle.errors import PlanError
-
-        if (self.num_layers is None) == (self.factor is None):
-            raise PlanError("depth tiling: give exactly one of num_layers or factor")
-        if self.num_layers is not None and (
-            isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1
-        ):
-            raise PlanError(f"num_layers: expected a positive integer, got {self.num_layers!r}")
-        if self.factor is not None and (
-            isinstance(self.factor, bool)
-            or not isinstance(self.factor, (int, float))
-            or not math.isfinite(self.factor)
-            or self.factor < 1
-        ):
-            raise PlanError(f"factor: expected a number of at least 1, got {self.factor!r}")
-        if self.mode not in MODES:
-            raise PlanError(f"mode: choose one of {', '.join(MODES)}, got {self.mode!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "depth_tiling", **dataclasses.asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "plan") -> "DepthTilingPlan":
-        from upcycle import yamlio
-        from upcycle.errors import PlanError
-
-        d = dict(d) if isinstance(d, dict) else d
-        method = d.pop("method", None) if isinstance(d, dict) else None
-        if method != "depth_tiling":
-            raise PlanError(f"{source}: expected `method: depth_tiling`, got {method!r}")
-        yamlio.check_fields(cls, d, source, "depth tiling fields", PlanError)
-        try:
-            return cls(**d)
-        except PlanError as e:
-            raise PlanError(f"{source}: {e}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from upcycle.cli import DTYPES, add_dataclass_flags
+    from upcycle.cli.common import DTYPES, add_dataclass_flags
 
     p.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--plan", type=Path, help="YAML with method: depth_tiling and the fields below")
@@ -113,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from upcycle.cli import load_dense_config
-    from upcycle.default_model import default_model_dir
+    from upcycle.cli.common import load_dense_config
     from upcycle.errors import UpcycleError
+    from upcycle.hub import default_model_dir
     from upcycle.io.dirs import SIDE_FILES, atomic_dir
     from upcycle.io.safetensors import weight_files
     from upcycle.methods.baselines import depth_tile, num_params

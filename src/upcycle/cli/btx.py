@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from upcycle import bam_cli
+from upcycle.cli import bam as bam_cli
 
 HELP = "mix a seed and its branches into one MoE the BTX way (averaged attention, top-2 FFN experts)"
 

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from upcycle.experiment import Recipe, run_experiment
+    from upcycle.experiments.recipe import Recipe
+    from upcycle.experiments.sparse import run_experiment
 
     recipe = Recipe.from_yaml(args.recipe, tiny=args.tiny)
     if args.threads is not None:

@@ -18,7 +18,9 @@ from typing import Sequence
 
 import torch
 
-from upcycle.data import CORPORA, Document, PackedData, corpus_documents, pack_documents, read_documents
+from upcycle.data.corpora import CORPORA, corpus_documents
+from upcycle.data.documents import Document, read_documents
+from upcycle.data.tokens import PackedData, pack_documents
 from upcycle.errors import UpcycleError
 
 

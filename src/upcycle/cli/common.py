@@ -1,0 +1,128 @@
+"""What the command modules share: dataclass fields as flags (YAML key = flag = field), the plan
+resolved from a file and flags, the dense source's config, parameter counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+
+from upcycle.errors import UpcycleError
+from upcycle.methods.plan import UpcyclePlan
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("true", "yes", "1", "on"):
+        return True
+    if v in ("false", "no", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def add_dataclass_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    title: str,
+    dest_prefix: str = "",
+    types_: dict[str, typing.Callable] | None = None,
+) -> None:
+    """One flag per field of the dataclass `cls`, named like its YAML key (`--num_experts` and
+    `--num-experts`), typed from its annotation (`types_` overrides), absent from the namespace unless given."""
+    g = p.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if f.name in (types_ or {}):
+            kind = types_[f.name]
+        elif bool in args:
+            kind = parse_bool
+        elif int in args and float not in args:
+            kind = int
+        elif float in args:
+            kind = float
+        else:
+            kind = str
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        g.add_argument(
+            *names,
+            dest=dest_prefix + f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            choices=f.metadata.get("choices"),
+            help=f.metadata.get("help", "")
+            + ("" if "default:" in f.metadata.get("help", "") else f" (default: {f.default})"),
+        )
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    add_dataclass_flags(
+        p, UpcyclePlan, "plan fields (same names as the YAML keys; override --plan)", types_={"layers": str}
+    )
+
+
+def resolve_plan(args: argparse.Namespace) -> UpcyclePlan:
+    """The plan file (if any) with the flags over it."""
+    path = getattr(args, "plan", None)
+    base = UpcyclePlan.from_yaml(path) if path else UpcyclePlan()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(UpcyclePlan) if hasattr(args, f.name)}
+    if not overrides:
+        return base
+    try:
+        return dataclasses.replace(base, **overrides)
+    except UpcycleError as e:
+        raise UpcycleError(f"--{e}") from None
+
+
+def family_plan(plan: UpcyclePlan, config, adapter) -> UpcyclePlan:
+    """The plan with the paper's routing for this family where the user named no router (surgery.applied_plan),
+    saying so on stderr for encoders and ViT, whose default (expert choice) differs from the decoders' top-k."""
+    from upcycle.methods.surgery import applied_plan
+
+    out = applied_plan(plan, config)
+    if plan.router is None and out.router == "expert_choice":
+        print(
+            f"note: {adapter.family}: expert-choice routing (C = {out.capacity:g}, normalised), the paper's recipe "
+            "for encoders and vision; --router topk for token choice",
+            file=sys.stderr,
+        )
+    return out
+
+
+def load_dense_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    if not model_dir.exists():
+        raise UpcycleError(f"model directory not found: {model_dir}")
+    if not (model_dir / "config.json").is_file():
+        raise UpcycleError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers raises several types for unreadable configs
+        raise UpcycleError(f"{model_dir / 'config.json'}: cannot read it ({str(e).splitlines()[0]})") from None
+
+
+def _num_params(model) -> int:
+    from upcycle.methods.baselines import num_params
+
+    return num_params(model)
+
+
+def _count(model) -> tuple[int, int]:
+    """(total parameters, parameters active per token)."""
+    from upcycle.moe.block import moe_blocks
+
+    total = _num_params(model)
+    active = total
+    for _, b in moe_blocks(model):
+        per_expert = sum(p.numel() for p in b.experts.parameters()) // b.num_experts
+        active -= int(per_expert * (b.num_experts - b.router_config.experts_per_token(b.num_experts)))
+    return total, active

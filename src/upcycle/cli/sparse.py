@@ -1,0 +1,200 @@
+"""`upcycle sparse`: streaming or in memory, native or a stock format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from upcycle.cli.common import (
+    DTYPES,
+    _count,
+    _num_params,
+    add_plan_flags,
+    family_plan,
+    load_dense_config,
+    parse_bool,
+    resolve_plan,
+)
+from upcycle.errors import UpcycleError
+from upcycle.methods.plan import UpcyclePlan
+
+HELP = "sparse upcycling of a dense checkpoint"
+DESCRIPTION = "Sparse upcycling: chosen MLPs become MoE layers of copied experts."
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", type=Path, help="dense HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    s.add_argument("--plan", type=Path, help="plan YAML file")
+    s.add_argument("--out", type=Path, required=True, help="output directory (must not exist unless --overwrite)")
+    s.add_argument("--dtype", choices=DTYPES, default="auto", help="output dtype (default: the source's)")
+    s.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument(
+        "--stream",
+        type=parse_bool,
+        default=True,
+        metavar="BOOL",
+        help="convert tensor by tensor without loading the model (default true; false: load the model "
+        "with transformers, upcycle it in memory, then save)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("native", "mixtral", "qwen2_moe", "qwen3_moe", "flex_olmo"),
+        default="native",
+        help="native (upcycle.load reads it) or a stock transformers MoE class, written directly "
+        "(refused with the reasons when that class cannot represent the plan exactly)",
+    )
+    s.add_argument(
+        "--layout",
+        choices=("legacy", "fused"),
+        default="legacy",
+        help="stock formats: expert tensors one per expert (default) or fused 3-D",
+    )
+    add_plan_flags(s)
+
+
+def cmd_sparse(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from upcycle.adapters import adapter_for
+    from upcycle.formats.native import save
+    from upcycle.hub import default_model_dir
+    from upcycle.io.dirs import sha256_files
+    from upcycle.io.models import model_class
+    from upcycle.io.safetensors import weight_files
+    from upcycle.methods.layers import select_layers
+    from upcycle.methods.surgery import upcycle
+
+    t0 = time.time()
+    plan = resolve_plan(args)
+    if args.out.exists() and not args.overwrite:
+        raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
+    model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
+    config = load_dense_config(model_dir)
+    adapter = adapter_for(config, source=str(model_dir / "config.json"))
+    plan = family_plan(plan, config, adapter)
+    layers = select_layers(plan.layers, adapter.dims(config)[0])
+    files = weight_files(model_dir)
+    if not files:
+        raise UpcycleError(
+            f"{model_dir}: no safetensors weights (model.safetensors or {model_dir}/"
+            "model.safetensors.index.json); convert the checkpoint to safetensors first"
+        )
+
+    if args.format != "native":
+        from upcycle.formats.targets import check_exportable
+        from upcycle.methods.streaming import upcycled_structure
+
+        check_exportable(args.format, config, plan, layers, upcycled_structure(plan, config))  # before any work
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.stream and plan.router_init == "data":
+        print("note: router_init=data runs the dense model on the prompts: converting in memory", file=sys.stderr)
+        args.stream = False
+    if args.stream and adapter.causal and not adapter.stack:  # encoders, ViT, T5: small, upcycled in memory
+        _sparse_streaming(args, plan, model_dir, config, layers, dtype, t0)
+        return 0
+    dense = model_class(config).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    dense_total = _num_params(dense)
+    with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
+        tok = None
+        if plan.router_init == "data":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(model_dir)
+        model = upcycle(dense, plan, inplace=True, progress=bar, tokenizer=tok)
+    if args.format != "native":
+        from upcycle.formats.stock import export
+
+        export(
+            model,
+            args.format,
+            args.out,
+            layout=args.layout,
+            plan=plan,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+            source_dir=model_dir,
+        )
+    else:
+        save(
+            model,
+            plan,
+            args.out,
+            source_dir=model_dir,
+            source_hashes=sha256_files(files),
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+    return 0
+
+
+def _sparse_streaming(
+    args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int], dtype, t0: float
+) -> None:
+    """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
+    from upcycle.formats.native import stream_upcycle
+    from upcycle.io.models import meta_model
+    from upcycle.methods.surgery import convert_structure
+
+    transform = write_config = None
+    if args.format != "native":
+        from upcycle.formats.stock import stock_config, stock_items
+        from upcycle.methods.streaming import upcycled_structure
+
+        cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
+        st = upcycled_structure(plan, config)
+        transform = lambda items: stock_items(
+            items,
+            args.format,
+            cfg,
+            layers,
+            layout=args.layout,  # noqa: E731
+            structure=st,
+        )
+        write_config = lambda c, d: stock_config(  # noqa: E731
+            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers, structure=st
+        ).save_pretrained(d)
+    stream_upcycle(
+        model_dir,
+        plan,
+        args.out,
+        dtype=None if dtype == "auto" else dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        transform=transform,
+        write_config=write_config,
+    )
+    model = meta_model(config)  # parameter counts from shapes alone
+    dense_total = _num_params(model)
+    convert_structure(model, plan)
+    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+
+
+def _report(
+    args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int, t0: float
+) -> None:
+    from upcycle.adapters import adapter_for
+    from upcycle.methods.layers import select_layers
+
+    num_layers = adapter_for(config).dims(config)[0]
+    print(
+        f"upcycled {model_dir.name}: {len(select_layers(plan.layers, num_layers))}/{num_layers} layers -> MoE "
+        f"({plan.num_experts} experts, router {plan.router}"
+        + (f", top_k {plan.top_k}" if plan.router == "topk" else "")
+        + ")"
+    )
+    print(
+        f"parameters: {dense_total / 1e6:.1f}M dense -> {total / 1e6:.1f}M total, {active / 1e6:.1f}M active "
+        f"per token; wrote {args.out} in {time.time() - t0:.1f} s"
+    )
+
+
+run = cmd_sparse

@@ -1,0 +1,161 @@
+"""The BAM vs BTX study's recipe, its Cohere-style dense config, data sampling and the latency probe."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from upcycle import yamlio
+from upcycle.errors import UpcycleError
+
+MIXES = ("btx", "bam", "bam_shared")
+
+
+LABELS = {"btx": "BTX", "bam": "BAM, KV experts", "bam_shared": "BAM, KV shared"}
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class BamRecipe:
+    name: str = _f("bam", "name shown in the results")
+    seed: int = _f(0, "seed of the split, data order, model and router initialisations")
+    domains: dict = _f(None, "{name: data spec}: corpus:python|man|pypi[:MAX_CHARS] or a path")
+    max_chars: int | None = _f(3_000_000, "characters per corpus domain (a seeded sample of documents)")
+    val_fraction: float = _f(0.1, "share of each domain's documents held out")
+    seq_len: int = _f(128, "tokens per sequence")
+    batch_size: int = _f(16, "sequences per step")
+    vocab_size: int = _f(4096, "byte-level BPE vocabulary trained on the training documents")
+    model: dict = _f(None, "{hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads}")
+    pretrain_steps: int = _f(800, "seed pretraining steps")
+    pretrain_lr: float = _f(2e-3, "seed peak LR (warmup, cosine to 10%)")
+    warmup: int = _f(20, "warmup steps of the seed, branches and mixtures")
+    branch_steps: int = _f(300, "steps per specialist")
+    branch_lr: float = _f(1e-3, "specialists' peak LR (cosine to 10%; BAM: half the pretraining's)")
+    general_share: float = _f(0.1, "share of general (union) data in each specialist's training")
+    mix_steps: int = _f(300, "mixture training steps (the data-matched budget)")
+    mix_lr: float = _f(1e-3, "mixtures' LR, constant after warmup")
+    mixes: tuple = _f(MIXES, "which mixtures")
+    eval_batches: int = _f(8, "evaluation sequences per domain = eval_batches x batch_size")
+    eval_every: int = _f(50, "mixtures' validation (equal-mix) every N steps")
+    latency_prompt: int = _f(32, "prompt tokens of the generation latency")
+    latency_new_tokens: int = _f(64, "greedy tokens generated for the latency")
+    latency_repeats: int = _f(3, "timed repeats (median)")
+    threads: int = _f(1, "torch CPU threads")
+    tiny: dict | None = _f(None, "overrides applied by --tiny")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixes", tuple(self.mixes))
+        if not self.domains or not isinstance(self.domains, dict) or len(self.domains) < 1:
+            raise UpcycleError(f"recipe {self.name!r}: domains: give at least one {{name: data spec}}")
+        unknown = [m for m in self.mixes if m not in MIXES]
+        if unknown or not self.mixes:
+            raise UpcycleError(f"recipe {self.name!r}: mixes: choose from {', '.join(MIXES)}")
+        need = {"hidden_size", "intermediate_size", "num_layers", "num_heads"}
+        if not isinstance(self.model, dict) or need - set(self.model):
+            raise UpcycleError(f"recipe {self.name!r}: model: give {sorted(need)} (and num_kv_heads)")
+        for k in ("pretrain_steps", "branch_steps", "mix_steps", "batch_size", "seq_len"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise UpcycleError(f"recipe {self.name!r}: {k} must be a positive integer")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, tiny: bool = False) -> "BamRecipe":
+        d = yamlio.read_mapping(path, "recipe")
+        yamlio.check_fields(cls, d, str(path), "recipe fields")
+        if tiny:
+            if not d.get("tiny"):
+                raise UpcycleError(f"{path}: no `tiny:` overrides in this recipe")
+            d = {**d, **d["tiny"]}
+        for k in ("pretrain_lr", "branch_lr", "mix_lr", "general_share", "val_fraction"):
+            if isinstance(d.get(k), str):
+                d[k] = float(d[k])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mixes"] = list(self.mixes)
+        return d
+
+
+def cohere_config(r: BamRecipe, vocab_size: int, eos: int):
+    """The parallel-attention seed: transformers' Cohere block (one LayerNorm, attention and SwiGLU MLP
+    side by side), GQA, RoPE, tied embeddings; logit_scale 1 (Cohere's 0.0625 is for its large models)."""
+    from transformers import CohereConfig
+
+    m = r.model
+    return CohereConfig(
+        vocab_size=vocab_size,
+        hidden_size=m["hidden_size"],
+        intermediate_size=m["intermediate_size"],
+        num_hidden_layers=m["num_layers"],
+        num_attention_heads=m["num_heads"],
+        num_key_value_heads=m.get("num_kv_heads", m["num_heads"]),
+        max_position_embeddings=r.seq_len,
+        tie_word_embeddings=True,
+        logit_scale=1.0,
+        initializer_range=0.02,
+        use_cache=False,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+
+
+def _sample(seqs, n: int, seed: int):
+    """n sequences of seqs in a seeded order (the whole set repeated when n is larger)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(seqs.shape[0], generator=g)
+    if n > idx.numel():
+        idx = idx.repeat(math.ceil(n / idx.numel()))
+    return seqs[idx[:n]]
+
+
+def _spread(seqs, n: int):
+    import torch
+
+    if seqs.shape[0] <= n:
+        return seqs
+    return seqs[torch.linspace(0, seqs.shape[0] - 1, n).round().long()]
+
+
+@dataclass
+class _Data:
+    domain: dict  # name -> PackedData (val already cut to the evaluation set)
+    union: Any  # PackedData: union of the domains' training sequences, val: the evaluation sets together
+    mix: Any  # PackedData: equal mix for the mixtures
+
+
+def latency(model, vocab: int, prompt: int, new: int, seq_len: int, repeats: int) -> tuple[float, float]:
+    """(ms per generated token, greedy with the KV cache; ms per forward over seq_len tokens), medians."""
+    import statistics
+
+    import torch
+
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (1, prompt), generator=g)
+    full = torch.randint(0, vocab, (1, seq_len), generator=g)
+    gen, fwd = [], []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            out = model.generate(
+                x, max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0
+            )
+            dt = time.perf_counter() - t0
+            assert out.shape[1] == prompt + new
+            t1 = time.perf_counter()
+            model(full)
+            df = time.perf_counter() - t1
+            if i:  # the first is a warm-up
+                gen.append(1000 * dt / new)
+                fwd.append(1000 * df)
+    return statistics.median(gen), statistics.median(fwd)

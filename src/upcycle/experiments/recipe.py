@@ -1,0 +1,193 @@
+"""The sparse-upcycling study's recipe: arms, budgets and model sizes, one YAML file per run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from upcycle import yamlio
+from upcycle.errors import UpcycleError
+
+ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
+
+
+LABELS = {
+    "dense": "dense continued",
+    "upcycled": "sparse upcycled",
+    "upcycled_carry": "sparse upcycled, dense AdamW state carried",
+    "depth_tiled": "depth tiled (dense, 2x deep)",
+    "moe_scratch": "MoE from scratch (B + extra)",
+}
+
+
+PRETRAINED = ("smollm2",)
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One experiment; every field is a YAML key. `tiny:` holds overrides for `--tiny`."""
+
+    name: str = _f("experiment", "name shown in the results")
+    seed: int = _f(0, "seed of the split, data order, model and router initialisations")
+    corpus: str = _f(
+        "python",
+        "offline corpus: python (stdlib source) | man | pypi (see data.corpus_documents), "
+        "or a path to your own text (file, folder, .jsonl)",
+    )
+    max_chars: int | None = _f(4_000_000, "characters of the corpus to use (a seeded sample of documents)")
+    val_fraction: float = _f(0.05, "share of documents held out for validation")
+    seq_len: int = _f(128, "tokens per sequence")
+    batch_size: int = _f(16, "sequences per optimizer step")
+    tokenizer: Any = field(
+        default_factory=lambda: {"vocab_size": 4096},
+        metadata={"help": "{vocab_size: N}: byte-level BPE trained on the training documents | model"},
+    )
+    model: Any = _f(None, "{hidden_size, intermediate_size, num_layers, num_heads[, num_kv_heads]} | smollm2")
+    pretrain_tokens: int | None = _f(None, "dense pretraining budget B in tokens (a from-scratch model)")
+    reference_tokens: int | None = _f(None, "smollm2: B = dense FLOPs of this many tokens (the unit of extra)")
+    lr: float = _f(2e-3, "pretraining (and moe_scratch) peak learning rate, constant after warmup")
+    warmup: int = _f(20, "pretraining (and moe_scratch) warmup steps")
+    continue_lr: float | None = _f(None, "learning rate of the continued arms (default: lr, the dense run's)")
+    continue_warmup: int = _f(5, "warmup steps of the continued arms")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    clip: float = _f(1.0, "gradient clipping")
+    dense_keeps_optimizer: bool = _f(True, "the dense continued arm starts from the pretraining's AdamW state")
+    extra: tuple = _f((0.1, 0.2, 0.4), "extra compute budgets as fractions of B")
+    arms: tuple = _f(ARMS, "which arms to run")
+    plan: dict = _f(None, "the upcycling plan (UpcyclePlan keys); default E=8, top-2, every_k:2:1, aux 0.01")
+    variants: dict | None = _f(
+        None,
+        "more upcycled arms: {arm name: plan keys overriding `plan`}, e.g. "
+        "{drop: {expert_init: drop}}; list their names in `arms`",
+    )
+    depth_factor: float = _f(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
+    depth_mode: str = _f("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
+    eval_batches: int = _f(12, "validation batches (of batch_size sequences) per evaluation; the same set each time")
+    eval_spread: bool = _f(
+        False,
+        "evaluate on evenly spaced validation sequences (not the first ones), so a small "
+        "evaluation set covers every held-out document",
+    )
+    threads: int | None = _f(
+        None,
+        "torch CPU threads (default: torch's choice); 1 is fastest for small models on "
+        "a shared CPU, where spinning OpenMP threads wait on each other",
+    )
+    checkpoint_every: int = _f(0, "checkpoint every N steps inside a run (0: only a finished run is kept)")
+    tiny: dict | None = _f(None, "overrides applied by --tiny (a CPU smoke test)")
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UpcycleError:
+            return UpcycleError(f"recipe {self.name!r}: {key}: {why}")
+
+        object.__setattr__(self, "extra", tuple(float(x) for x in self.extra))
+        object.__setattr__(self, "arms", tuple(self.arms))
+        if not self.extra or any(not 0 < x <= 100 for x in self.extra):
+            raise bad("extra", f"give positive fractions of B, e.g. [0.1, 0.2, 0.4]; got {list(self.extra)}")
+        variants = self.variants or {}
+        if not isinstance(variants, dict) or any(not isinstance(v, dict) for v in variants.values()):
+            raise bad("variants", "give {arm name: {plan key: value, ...}, ...}")
+        clash = [n for n in variants if n in ARMS or not str(n).replace("_", "").isalnum()]
+        if clash:
+            raise bad(
+                "variants",
+                f"{clash[0]!r}: a variant's name is a new arm name (letters, digits, _), not one of {', '.join(ARMS)}",
+            )
+        for n in variants:
+            self.variant_plan(n)  # validates
+        unknown = [a for a in self.arms if a not in ARMS and a not in variants]
+        if unknown or not self.arms:
+            raise bad(
+                "arms",
+                f"unknown arm {unknown[0] if unknown else None!r}; choose from {', '.join(ARMS + tuple(variants))}",
+            )
+        pretrained = isinstance(self.model, str)
+        if pretrained and self.model not in PRETRAINED:
+            raise bad("model", f"a pretrained model is one of {', '.join(PRETRAINED)}, got {self.model!r}")
+        if pretrained and "upcycled_carry" in self.arms:
+            raise bad("arms", "upcycled_carry needs the dense run's optimizer state; a pretrained model has none")
+        if not pretrained:
+            if not isinstance(self.model, dict):
+                raise bad("model", "give the shape {hidden_size, intermediate_size, num_layers, num_heads} or smollm2")
+            missing = {"hidden_size", "intermediate_size", "num_layers", "num_heads"} - set(self.model)
+            if missing:
+                raise bad("model", f"missing {sorted(missing)}")
+            if not self.pretrain_tokens or self.pretrain_tokens < self.batch_size * self.seq_len:
+                raise bad(
+                    "pretrain_tokens", "a model trained from scratch needs a pretraining budget of at least one batch"
+                )
+            if isinstance(self.tokenizer, str):
+                raise bad("tokenizer", "a model from scratch gets a BPE tokenizer: {vocab_size: N}")
+        else:
+            if not self.reference_tokens:
+                raise bad("reference_tokens", "a pretrained model needs the token count that defines B")
+        if self.tokenizer != "model" and not (
+            isinstance(self.tokenizer, dict) and set(self.tokenizer) == {"vocab_size"}
+        ):
+            raise bad("tokenizer", f"give {{vocab_size: N}} or model, got {self.tokenizer!r}")
+        if self.depth_mode not in ("stack", "interleave"):
+            raise bad("depth_mode", f"stack or interleave, got {self.depth_mode!r}")
+        for k in ("seq_len", "batch_size", "eval_batches"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise bad(k, "must be a positive integer")
+
+    @property
+    def pretrained(self) -> bool:
+        return isinstance(self.model, str)
+
+    @property
+    def plan_obj(self):
+        from upcycle.methods.plan import UpcyclePlan
+
+        return UpcyclePlan.from_dict(dict(self.plan or {}), source=f"recipe {self.name!r} plan")
+
+    def variant_plan(self, arm: str):
+        """The plan of an upcycled arm: `plan`, with the variant's overrides for a variant arm."""
+        from upcycle.methods.plan import UpcyclePlan
+
+        over = (self.variants or {}).get(arm, {})
+        return UpcyclePlan.from_dict(dict(self.plan or {}) | dict(over), source=f"recipe {self.name!r} variant {arm!r}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["extra"], d["arms"] = list(self.extra), list(self.arms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "Recipe":
+        yamlio.check_fields(cls, d, source, "recipe keys")
+        names = [f.name for f in dataclasses.fields(cls)]
+        d = dict(d)
+        if tiny:
+            over = d.get("tiny")
+            if not over:
+                raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
+            bad = sorted(set(over) - set(names) - {"tiny"})
+            if bad:
+                raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
+            d.update(over)
+            d["name"] = f"{d.get('name', 'experiment')} (tiny)"
+        for k in ("lr", "continue_lr", "weight_decay", "clip", "val_fraction"):
+            if isinstance(d.get(k), str):
+                d[k] = float(d[k])
+        for k in ("pretrain_tokens", "reference_tokens", "max_chars"):
+            if isinstance(d.get(k), (str, float)):
+                d[k] = int(float(d[k]))
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UpcycleError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, tiny: bool = False) -> "Recipe":
+        return cls.from_dict(yamlio.read_mapping(path, "recipe"), source=str(path), tiny=tiny)
