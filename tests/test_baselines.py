@@ -6,7 +6,8 @@ import torch
 
 from conftest import TINY, tiny_config, tiny_model
 from upcycle import UpcycleError, UpcyclePlan, upcycle
-from upcycle.methods.baselines import depth_tile, moe_from_scratch, num_params, tile_order
+from upcycle.methods.baselines import moe_from_scratch, num_params
+from upcycle.methods.tiling import depth_tile, tile_order
 from upcycle.moe.block import moe_blocks
 from upcycle.train.flops import flops_per_token
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import rel_diff
 from upcycle.cli import main
-from upcycle.methods.baselines import tile_order
+from upcycle.methods.tiling import tile_order
 
 
 def _logits(model, ids):

@@ -63,7 +63,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     from upcycle.adapters import adapter_for
     from upcycle.formats.native import save
     from upcycle.hub import default_model_dir
-    from upcycle.io.dirs import sha256_files
+    from upcycle.io.dirs import refuse_existing, sha256_files
     from upcycle.io.models import model_class
     from upcycle.io.safetensors import weight_files
     from upcycle.methods.layers import select_layers
@@ -71,8 +71,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     plan = resolve_plan(args)
-    if args.out.exists() and not args.overwrite:
-        raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
+    refuse_existing(args.out, args.overwrite)
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
     adapter = adapter_for(config, source=str(model_dir / "config.json"))

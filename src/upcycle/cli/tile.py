@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from upcycle.methods.baselines_plan import DepthTilingPlan
+from upcycle.methods.tiling import DepthTilingPlan
 
 HELP = "depth tiling: a deeper dense model made by repeating the layers of a dense one"
 
@@ -57,7 +57,6 @@ def resolve(args: argparse.Namespace) -> DepthTilingPlan:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -65,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.cli.common import load_dense_config
     from upcycle.errors import UpcycleError
     from upcycle.hub import default_model_dir
-    from upcycle.io.dirs import SIDE_FILES, atomic_dir
+    from upcycle.io.dirs import atomic_dir, copy_side_files, refuse_existing
     from upcycle.io.safetensors import weight_files
-    from upcycle.methods.baselines import depth_tile, num_params
+    from upcycle.methods.baselines import num_params
+    from upcycle.methods.tiling import depth_tile
 
     t0 = time.time()
     plan = resolve(args)
-    if args.out.exists() and not args.overwrite:
-        raise UpcycleError(f"output directory already exists: {args.out} (choose another --out or pass --overwrite)")
+    refuse_existing(args.out, args.overwrite)
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     load_dense_config(model_dir)
     if not weight_files(model_dir):
@@ -86,9 +85,7 @@ def run(args: argparse.Namespace) -> int:
     deep.config.depth_tiling["plan"] = plan.to_dict()
     with atomic_dir(args.out, args.overwrite) as tmp:
         deep.save_pretrained(tmp)
-        for name in SIDE_FILES:
-            if (model_dir / name).is_file() and not (tmp / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        copy_side_files(model_dir, tmp, replace=False)
     L, T = len(deep.config.depth_tiling["source_of_layer"]), deep.config.depth_tiling["source_layers"]
     print(
         f"tiled {model_dir.name}: {T} -> {L} layers ({plan.mode}); parameters {num_params(dense) / 1e6:.1f}M -> "

@@ -216,8 +216,9 @@ class Experiment:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from upcycle.methods.baselines import depth_tile, moe_from_scratch
+        from upcycle.methods.baselines import moe_from_scratch
         from upcycle.methods.surgery import upcycle
+        from upcycle.methods.tiling import depth_tile
         from upcycle.train.checkpoint import checkpoints
         from upcycle.train.flops import flops_per_token
         from upcycle.train.optim import carry_over_optimizer_state

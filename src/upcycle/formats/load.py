@@ -13,7 +13,7 @@ from safetensors import safe_open
 from upcycle.adapters import adapter_for
 from upcycle.errors import UpcycleError
 from upcycle.formats.native import read_record
-from upcycle.io.models import _empty_model, model_class
+from upcycle.io.models import empty_model, model_class
 from upcycle.io.safetensors import INDEX, weight_files
 
 
@@ -38,7 +38,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
             for k in fh.keys():
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
-    model = _empty_model(model_class(config), config, stored_dtype)
+    model = empty_model(config, stored_dtype, model_class(config))
     record.rebuild(model)  # the plan's own method: sparse upcycling, or BAM / BTX mixing
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in record.tied_weights]

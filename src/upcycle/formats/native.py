@@ -39,6 +39,7 @@ from upcycle.io.dirs import (
     check_disk_space,
     copy_side_files,
     parse_size,
+    refuse_existing,
     sha256_files,
     side_files,
 )
@@ -84,8 +85,7 @@ def stream_upcycle(
     from transformers import AutoConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
+    refuse_existing(out_dir, overwrite)
     config = AutoConfig.from_pretrained(model_dir)
     from upcycle.methods.surgery import applied_plan
 

@@ -305,11 +305,10 @@ def write_stock(
 ) -> None:
     """Check, map and write items (ours, lazily produced) as the stock checkpoint, tensor by tensor; `meta`,
     when given, is written as upcycle.json (provenance)."""
-    import shutil
 
     from tqdm.auto import tqdm
 
-    from upcycle.io.dirs import SIDE_FILES, atomic_dir, check_disk_space, parse_size
+    from upcycle.io.dirs import atomic_dir, check_disk_space, copy_side_files, parse_size
     from upcycle.io.writer import output_bytes, write_items
 
     check_exportable(target, config, plan, moe_layers, structure)
@@ -334,6 +333,4 @@ def write_stock(
         if meta is not None:
             (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
         if side_files_from is not None:
-            for name in SIDE_FILES:
-                if (Path(side_files_from) / name).is_file():
-                    shutil.copy2(Path(side_files_from) / name, tmp / name)
+            copy_side_files(Path(side_files_from), tmp)

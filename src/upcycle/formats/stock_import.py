@@ -107,9 +107,8 @@ def host_config(c: dict):
 def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Our model from a stock Mixtral / Qwen2-MoE / Qwen3-MoE directory (weights through safetensors only),
     with `config.upcycle` set, so it trains, evaluates, saves and exports like an upcycled model."""
-    from transformers import AutoModelForCausalLM
 
-    from upcycle.io.models import _empty_model
+    from upcycle.io.models import empty_model
     from upcycle.io.safetensors import weight_files
     from upcycle.methods.surgery import convert_structure
 
@@ -145,7 +144,7 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
         state, structure = native_items(((k, src.read_copy(k)) for k in src.tensors), c, layers)
     config = host_config(c)
     stored = next(iter(state.values())).dtype
-    model = _empty_model(AutoModelForCausalLM, config, stored)
+    model = empty_model(config, stored)
     convert_structure(model, plan, layers, structure=structure)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:

@@ -73,6 +73,12 @@ def sha256_files(files: list[Path]) -> dict[str, str]:
     return out
 
 
+def refuse_existing(out_dir: Path, overwrite: bool = False) -> None:
+    """The one output-exists rule: an existing output directory is replaced only with overwrite."""
+    if Path(out_dir).exists() and not overwrite:
+        raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
+
+
 @contextmanager
 def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`.
@@ -80,8 +86,7 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     The temporary directory is `.NAME.tmp-PID-XXXX`: an exception (KeyboardInterrupt included)
     removes it; one left by a killed process is removed by the next writer of the same `out_dir`."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise UpcycleError(f"output directory already exists: {out_dir} (choose another --out or pass --overwrite)")
+    refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
@@ -138,9 +143,10 @@ def side_files(source_dir: Path) -> list[Path]:
     return [Path(source_dir) / n for n in SIDE_FILES if (Path(source_dir) / n).is_file()]
 
 
-def copy_side_files(source_dir: Path, out_dir: Path) -> list[Path]:
-    """Copy the source's side files into `out_dir` (metadata kept); returns what was copied."""
-    files = side_files(source_dir)
+def copy_side_files(source_dir: Path, out_dir: Path, replace: bool = True) -> list[Path]:
+    """Copy the source's side files into `out_dir` (metadata kept); with replace=False a file already
+    there (one save_pretrained wrote) is kept. Returns what was copied."""
+    files = [f for f in side_files(source_dir) if replace or not (Path(out_dir) / f.name).exists()]
     for f in files:
         shutil.copy2(f, Path(out_dir) / f.name)
     return files

@@ -45,13 +45,16 @@ def model_class(config):
     return transformers.AutoModelForCausalLM
 
 
-def _empty_model(auto_cls, config, dtype: torch.dtype) -> nn.Module:
-    """Instantiate a transformers model without spending time on random initialisation."""
+def empty_model(config: Any, dtype: torch.dtype | None = None, cls: Any = None) -> nn.Module:
+    """The transformers model of `config` (of class `cls`, an Auto class or a model class; by default
+    AutoModelForCausalLM), allocated but without spending time on random initialisation."""
+    from transformers import AutoModelForCausalLM
+
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older layout
         from transformers.modeling_utils import no_init_weights
+    cls = cls or AutoModelForCausalLM
     with no_init_weights():
-        make = getattr(auto_cls, "from_config", None) or auto_cls._from_config  # Auto classes, or a model class
-        model = make(config, dtype=dtype)
-    return model
+        make = getattr(cls, "from_config", None) or cls._from_config  # Auto classes, or a model class
+        return make(config, dtype=dtype)

@@ -299,9 +299,8 @@ def is_parallel_block(config: Any) -> bool:
 @torch.no_grad()
 def mix(models: Sequence[nn.Module], plan: BamPlan, names: Sequence[str] | None = None, log=None) -> nn.Module:
     """One MoE model from N dense transformers models (the first one's config is the base)."""
-    from transformers import AutoModelForCausalLM
 
-    from upcycle.io.models import _empty_model
+    from upcycle.io.models import empty_model
 
     names = list(names or [f"model {j}" for j in range(len(models))])
     states = [m.state_dict() for m in models]
@@ -317,7 +316,7 @@ def mix(models: Sequence[nn.Module], plan: BamPlan, names: Sequence[str] | None 
         log(f"{plan.method}: {config.model_type}, {block}")
     mixed = mix_state_dicts(states, config, plan)
     dtype = next(iter(mixed.values())).dtype
-    model = _empty_model(AutoModelForCausalLM, copy_config(config), dtype)
+    model = empty_model(copy_config(config), dtype)
     layers = convert_structure(model, plan)
     missing, unexpected = model.load_state_dict(mixed, strict=False)
     tied = set(_tied_keys(model))

@@ -4,7 +4,6 @@ conversion record), a transformers directory for dense ones.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch.nn as nn
@@ -18,7 +17,7 @@ from upcycle.train.dist import _Dist
 def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source_dir) -> None:
     """Native format for upcycled models, a transformers directory for dense ones (atomic)."""
     from upcycle.formats.native import save as native_save
-    from upcycle.io.dirs import atomic_dir, side_files
+    from upcycle.io.dirs import atomic_dir, copy_side_files
     from upcycle.methods.registry import plan_from_dict
 
     sd = _model_state(model, raw, d) if d.mode == "fsdp" else None
@@ -40,21 +39,18 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
     with atomic_dir(target, overwrite=True) as tmp:
         raw.save_pretrained(tmp)
         if source_dir is not None:
-            for f in side_files(Path(source_dir)):
-                if not (tmp / f.name).exists():
-                    shutil.copy2(f, tmp / f.name)
+            copy_side_files(Path(source_dir), tmp, replace=False)
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
 
 def _replica(raw: nn.Module) -> nn.Module:
-    from transformers import AutoModelForCausalLM
 
-    from upcycle.io.models import _empty_model
+    from upcycle.io.models import empty_model
     from upcycle.methods.record import ConversionRecord
 
     dtype = next(iter(raw.state_dict().values())).dtype
-    rep = _empty_model(AutoModelForCausalLM, raw.config, dtype)
+    rep = empty_model(raw.config, dtype)
     info = getattr(raw.config, "upcycle", None)
     if moe_blocks(raw):
         ConversionRecord.from_config(info).rebuild(rep)  # through the plan's own method (sparse, BAM, BTX)

@@ -66,12 +66,11 @@ def flops_per_token(model: nn.Module, seq_len: int, dense: bool = False) -> int:
 
 def model_on_meta(config, plan=None) -> nn.Module:
     """A model of this config (upcycled by plan) with no storage: for counting parameters and FLOPs."""
-    from transformers import AutoModelForCausalLM
-
+    from upcycle.io.models import meta_model
     from upcycle.methods.surgery import convert_structure
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-        if plan is not None:
+    model = meta_model(config)
+    if plan is not None:
+        with torch.device("meta"):
             convert_structure(model, plan)
     return model
