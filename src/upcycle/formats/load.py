@@ -15,6 +15,7 @@ from upcycle.errors import UpcycleError
 from upcycle.formats.native import read_record
 from upcycle.io.models import empty_model, model_class
 from upcycle.io.safetensors import INDEX, weight_files
+from upcycle.methods.registry import rebuild
 
 
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
@@ -39,7 +40,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
                 state[k] = fh.get_tensor(k)
     stored_dtype = next(iter(state.values())).dtype
     model = empty_model(config, stored_dtype, model_class(config))
-    record.rebuild(model)  # the plan's own method: sparse upcycling, or BAM / BTX mixing
+    rebuild(record, model)  # the plan's own method: sparse upcycling, or BAM / BTX mixing
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in record.tied_weights]
     if missing or unexpected:

@@ -48,6 +48,7 @@ from upcycle.io.safetensors import SafetensorsSource
 from upcycle.io.writer import Item, output_bytes, tensor_items, write_items
 from upcycle.methods.plan import UpcyclePlan
 from upcycle.methods.record import ConversionRecord
+from upcycle.methods.registry import record_from_json
 from upcycle.methods.streaming import resolve_dtype, upcycle_items, upcycled_structure
 
 Transform = Callable[[Iterator[Item]], Iterable[Item]]
@@ -202,7 +203,7 @@ def write_record(record: ConversionRecord, out_dir: Path) -> None:
 
 def read_record(path: Path) -> ConversionRecord:
     """The conversion record of a native directory (its upcycle.json, format checked)."""
-    return ConversionRecord.from_json(read_meta(path), source=str(Path(path) / "upcycle.json"))
+    return record_from_json(read_meta(path), source=str(Path(path) / "upcycle.json"))
 
 
 def read_meta(path: Path) -> dict:

@@ -16,6 +16,7 @@ from upcycle.errors import UpcycleError
 from upcycle.formats.stock import _layer
 from upcycle.formats.targets import _COMMON
 from upcycle.methods.plan import UpcyclePlan
+from upcycle.methods.record import ConversionRecord
 
 # The dense class each stock MoE class is imported into (the attention that class computes).
 _IMPORT_HOST = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3", "flex_olmo": "olmo2"}
@@ -155,7 +156,7 @@ def import_stock(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
             f"unexpected {unexpected[:3]}"
         )
     model.tie_weights()
-    model.config.upcycle = plan.to_dict() | {"moe_layers": layers} | structure
+    model.config.upcycle = ConversionRecord(plan, layers, structure).config_entry()
     if dtype is not None:
         model.to(dtype)
     return model.eval()

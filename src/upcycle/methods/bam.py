@@ -32,6 +32,7 @@ import torch.nn as nn
 from upcycle import yamlio
 from upcycle.adapters import adapter_for
 from upcycle.errors import PlanError, UpcycleError
+from upcycle.methods.record import ConversionRecord
 
 METHODS = ("bam", "btx")
 
@@ -324,7 +325,7 @@ def mix(models: Sequence[nn.Module], plan: BamPlan, names: Sequence[str] | None 
     if missing or unexpected:
         raise UpcycleError(f"mixed weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
-    model.config.upcycle = plan.to_dict() | {"moe_layers": layers}
+    model.config.upcycle = ConversionRecord(plan, layers).config_entry()
     return model.eval()
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from upcycle.adapters import adapter_for
 from upcycle.errors import UpcycleError
 from upcycle.methods.plan import UpcyclePlan
+from upcycle.methods.record import ConversionRecord
 
 
 @torch.no_grad()
@@ -59,10 +60,8 @@ def moe_from_scratch(dense_config, plan: UpcyclePlan, seed: int | None = None) -
                 )
     from upcycle.methods.surgery import applied_plan
 
-    model.config.upcycle = applied_plan(plan, model.config, model).to_dict() | {
-        "moe_layers": layers,
-        "init": "from_scratch",
-    }
+    record = ConversionRecord(applied_plan(plan, model.config, model), layers)
+    model.config.upcycle = record.config_entry() | {"init": "from_scratch"}
     return model.eval()
 
 

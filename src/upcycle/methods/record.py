@@ -1,12 +1,13 @@
 """The record of what a conversion did: plan, MoE layers, block structure, tied weights, source and
 versions. Every writer and reader of that record goes through this type:
 
-    config.json "upcycle" entry   `config_entry()` / `from_config(entry)`
-    upcycle.json                  `to_json()` / `from_json(meta)` (the native format adds its header)
-    the model's structure         `rebuild(model)`: swaps in empty MoE (and MoA) modules of the right
-                                  shape, through the converter the plan's method registers
+    config.json "upcycle" entry   `config_entry()`; read back by `registry.record_from_config`
+    upcycle.json                  `to_json()` (the native format adds its header); `registry.record_from_json`
+    the model's structure         `registry.rebuild(record, model)`: empty MoE (and MoA) modules of the
+                                  right shape, through the converter the plan's method registers
 
-so loading dispatches on the record, never on the type of a plan.
+so loading dispatches on the record, never on the type of a plan. This module is a leaf: the
+converters that write `config.upcycle` use it without importing the registry.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-from upcycle.methods.registry import converter_for, plan_from_dict
 
 # The block shape facts beyond the plan (`surgery.structure_of`), stored beside it.
 STRUCTURE_KEYS = ("expert_intermediate_size", "shared_expert")
@@ -47,26 +46,3 @@ class ConversionRecord:
             "versions": self.versions,
             "created": created,
         }
-
-    @classmethod
-    def from_json(cls, meta: dict, source: str = "upcycle.json") -> ConversionRecord:
-        return cls(
-            plan=plan_from_dict(meta["plan"], source=source),
-            moe_layers=meta["moe_layers"],
-            structure={k: meta[k] for k in STRUCTURE_KEYS if k in meta},
-            tied_weights=meta.get("tied_weights", {}),
-            source=meta.get("source", {"path": None, "weights": {}}),
-            versions=meta.get("versions", {}),
-            created=meta.get("created"),
-        )
-
-    @classmethod
-    def from_config(cls, entry: dict, source: str = "config.json") -> ConversionRecord:
-        """From a model's `config.upcycle` (the plan fields with moe_layers and the structure beside them)."""
-        structure = {k: entry[k] for k in STRUCTURE_KEYS if k in entry}
-        plan = {k: v for k, v in entry.items() if k not in STRUCTURE_KEYS}
-        return cls(plan=plan_from_dict(plan, source=source), moe_layers=entry.get("moe_layers"), structure=structure)
-
-    def rebuild(self, model) -> list[int]:
-        """Give `model` (the dense class, weights not yet loaded) the converted structure, in place."""
-        return converter_for(self.plan)(model, self.plan, self.moe_layers, structure=self.structure or None)

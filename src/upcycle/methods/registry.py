@@ -14,6 +14,7 @@ from upcycle.errors import UpcycleError
 from upcycle.methods import bam, surgery
 from upcycle.methods.bam import METHODS, BamPlan
 from upcycle.methods.plan import UpcyclePlan
+from upcycle.methods.record import STRUCTURE_KEYS, ConversionRecord
 
 
 def plan_from_meta(meta: dict) -> UpcyclePlan:
@@ -45,3 +46,30 @@ def converter_for(plan) -> Callable[..., list[int]]:
 
 PLANS = {"sparse": UpcyclePlan, "bam": BamPlan, "btx": BamPlan}
 CONVERTERS = {"sparse": surgery.convert_structure, "bam": bam.convert_structure, "btx": bam.convert_structure}
+
+
+def record_from_json(meta: dict, source: str = "upcycle.json") -> ConversionRecord:
+    """The record an upcycle.json holds (its format header already checked)."""
+    return ConversionRecord(
+        plan=plan_from_dict(meta["plan"], source=source),
+        moe_layers=meta["moe_layers"],
+        structure={k: meta[k] for k in STRUCTURE_KEYS if k in meta},
+        tied_weights=meta.get("tied_weights", {}),
+        source=meta.get("source", {"path": None, "weights": {}}),
+        versions=meta.get("versions", {}),
+        created=meta.get("created"),
+    )
+
+
+def record_from_config(entry: dict, source: str = "config.json") -> ConversionRecord:
+    """The record a model's `config.upcycle` holds (the plan fields, moe_layers and the structure)."""
+    plan = {k: v for k, v in entry.items() if k not in STRUCTURE_KEYS}
+    structure = {k: entry[k] for k in STRUCTURE_KEYS if k in entry}
+    return ConversionRecord(plan_from_dict(plan, source=source), entry.get("moe_layers"), structure)
+
+
+def rebuild(record: ConversionRecord, model) -> list[int]:
+    """Give `model` (the dense class, weights not yet loaded) the record's structure, in place, through
+    the converter of the plan's method."""
+    convert = converter_for(record.plan)
+    return convert(model, record.plan, record.moe_layers, structure=record.structure or None)

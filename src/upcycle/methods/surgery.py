@@ -18,6 +18,7 @@ from upcycle.adapters import MLPAdapter, adapter_for, stacks_for
 from upcycle.methods.init import init_layer, plan_structure
 from upcycle.methods.layers import select_layers
 from upcycle.methods.plan import UpcyclePlan
+from upcycle.methods.record import ConversionRecord
 from upcycle.moe.block import MoEBlock, RouterConfig, SharedExpert
 from upcycle.moe.experts import Experts
 
@@ -272,5 +273,5 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
             if progress is not None:
                 progress.update(1)
     wire_padding_mask(model, [a for a, _, _ in stacks])
-    model.config.upcycle = applied_plan(plan, config, model).to_dict() | {"moe_layers": layers_record(stacks)}
+    model.config.upcycle = ConversionRecord(applied_plan(plan, config, model), layers_record(stacks)).config_entry()
     return model

@@ -47,13 +47,13 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
 def _replica(raw: nn.Module) -> nn.Module:
 
     from upcycle.io.models import empty_model
-    from upcycle.methods.record import ConversionRecord
+    from upcycle.methods.registry import rebuild, record_from_config
 
     dtype = next(iter(raw.state_dict().values())).dtype
     rep = empty_model(raw.config, dtype)
     info = getattr(raw.config, "upcycle", None)
     if moe_blocks(raw):
-        ConversionRecord.from_config(info).rebuild(rep)  # through the plan's own method (sparse, BAM, BTX)
+        rebuild(record_from_config(info), rep)  # through the plan's own method (sparse, BAM, BTX)
     return rep
 
 
