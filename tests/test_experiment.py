@@ -17,7 +17,7 @@ import torch
 from upcycle.cli import main
 from upcycle.data.tokens import Batches, PackedData
 from upcycle.errors import UpcycleError
-from upcycle.experiments.common import _split_seen, budget_steps
+from upcycle.experiments.common import budget_steps, split_seen
 from upcycle.experiments.recipe import ARMS, Recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -114,7 +114,7 @@ def test_continued_arms_read_unseen_text():
     recipe = Recipe.from_yaml(RECIPES / "tiny.yaml")
     train = torch.arange(200 * 4).view(200, 4)
     data = PackedData(train, train[:2])
-    cont = _split_seen(data, recipe, pretrain_steps=10)
+    cont = split_seen(data, recipe, pretrain_steps=10)
     seen = Batches(train, recipe.batch_size, recipe.seed).next_step(10)
     seen_rows = {int(x) for t in seen for x in t[:, 0]}
     cont_rows = {int(x) for x in cont.train[:, 0]}

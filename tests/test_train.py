@@ -298,7 +298,7 @@ def test_carry_over_round_trip(data):
 def test_carry_over_with_drop_upcycling_zeroes_the_redrawn_neurons(data):
     """Drop-Upcycling: each expert keeps the dense moments on the neurons it keeps; the neurons it re-draws
     start at zero, as new parameters do. Initialisers that slice or rescale the MLP are refused."""
-    from upcycle.methods.init import _drop_sets
+    from upcycle.methods.init import drop_sets
 
     dense, opt = dense_run_state(data)
     dense_state = named_optimizer_state(opt)
@@ -307,7 +307,7 @@ def test_carry_over_with_drop_upcycling_zeroes_the_redrawn_neurons(data):
     s = carry_over_optimizer_state(dense_state, dense, moe)["state"]
     F = TINY["intermediate_size"]
     for i in (1, 3):
-        sets = _drop_sets(plan, i, 4, F)
+        sets = drop_sets(plan, i, 4, F)
         for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
             src = dense_state["state"][f"model.layers.{i}.mlp.{name}.weight"]["exp_avg_sq"]
             got = s[f"model.layers.{i}.mlp.experts.{name}"]["exp_avg_sq"]

@@ -6,6 +6,7 @@ and every key is a field.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,15 @@ from typing import Any
 import yaml
 
 from upcycle.errors import UpcycleError
+
+
+def option(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field that is also a YAML key and a command-line flag: `help` (and any of argparse's
+    `choices`, ...) go in its metadata, where `cli.common.add_dataclass_flags` reads them. A dict or list
+    default gets a fresh copy per instance."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 def read_mapping(path: str | Path, what: str, error: type[UpcycleError] = UpcycleError) -> dict[str, Any]:

@@ -84,17 +84,19 @@ def cmd_sparse(args: argparse.Namespace) -> int:
             "model.safetensors.index.json); convert the checkpoint to safetensors first"
         )
 
+    structure = None
     if args.format != "native":
         from upcycle.formats.targets import check_exportable
         from upcycle.methods.streaming import upcycled_structure
 
-        check_exportable(args.format, config, plan, layers, upcycled_structure(plan, config))  # before any work
+        structure = upcycled_structure(plan, config)  # computed once: the check and the stock writer use it
+        check_exportable(args.format, config, plan, layers, structure)  # before any work
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.stream and plan.router_init == "data":
         print("note: router_init=data runs the dense model on the prompts: converting in memory", file=sys.stderr)
         args.stream = False
     if args.stream and adapter.causal and not adapter.stack:  # encoders, ViT, T5: small, upcycled in memory
-        _sparse_streaming(args, plan, model_dir, config, layers, dtype, t0)
+        _sparse_streaming(args, plan, model_dir, config, layers, structure, dtype, t0)
         return 0
     dense = model_class(config).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     dense_total = _num_params(dense)
@@ -130,12 +132,19 @@ def cmd_sparse(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+    _report(args, plan, model_dir, config, layers, dense_total, *_count(model), t0)
     return 0
 
 
 def _sparse_streaming(
-    args: argparse.Namespace, plan: UpcyclePlan, model_dir: Path, config, layers: list[int], dtype, t0: float
+    args: argparse.Namespace,
+    plan: UpcyclePlan,
+    model_dir: Path,
+    config,
+    layers: list[int],
+    structure: dict | None,
+    dtype,
+    t0: float,
 ) -> None:
     """`upcycle sparse` for safetensors sources: tensor by tensor, never the whole model in memory."""
     from upcycle.formats.native import stream_upcycle
@@ -145,10 +154,9 @@ def _sparse_streaming(
     transform = write_config = None
     if args.format != "native":
         from upcycle.formats.stock import stock_config, stock_items
-        from upcycle.methods.streaming import upcycled_structure
 
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
-        st = upcycled_structure(plan, config)
+        st = structure
         transform = lambda items: stock_items(
             items,
             args.format,
@@ -170,22 +178,30 @@ def _sparse_streaming(
         progress=not args.quiet,
         transform=transform,
         write_config=write_config,
+        config=config,  # read once, by cmd_sparse
     )
     model = meta_model(config)  # parameter counts from shapes alone
     dense_total = _num_params(model)
-    convert_structure(model, plan)
-    _report(args, plan, model_dir, config, dense_total, *_count(model), t0)
+    convert_structure(model, plan, layers)
+    _report(args, plan, model_dir, config, layers, dense_total, *_count(model), t0)
 
 
 def _report(
-    args, plan: UpcyclePlan, model_dir: Path, config, dense_total: int, total: int, active: int, t0: float
+    args,
+    plan: UpcyclePlan,
+    model_dir: Path,
+    config,
+    layers: list[int],
+    dense_total: int,
+    total: int,
+    active: int,
+    t0: float,
 ) -> None:
     from upcycle.adapters import adapter_for
-    from upcycle.methods.layers import select_layers
 
     num_layers = adapter_for(config).dims(config)[0]
     print(
-        f"upcycled {model_dir.name}: {len(select_layers(plan.layers, num_layers))}/{num_layers} layers -> MoE "
+        f"upcycled {model_dir.name}: {len(layers)}/{num_layers} layers -> MoE "
         f"({plan.num_experts} experts, router {plan.router}"
         + (f", top_k {plan.top_k}" if plan.router == "topk" else "")
         + ")"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from upcycle import yamlio
 from upcycle.errors import UpcycleError
+from upcycle.yamlio import option
 
 MIXES = ("btx", "bam", "bam_shared")
 
@@ -18,37 +19,33 @@ MIXES = ("btx", "bam", "bam_shared")
 LABELS = {"btx": "BTX", "bam": "BAM, KV experts", "bam_shared": "BAM, KV shared"}
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class BamRecipe:
-    name: str = _f("bam", "name shown in the results")
-    seed: int = _f(0, "seed of the split, data order, model and router initialisations")
-    domains: dict = _f(None, "{name: data spec}: corpus:python|man|pypi[:MAX_CHARS] or a path")
-    max_chars: int | None = _f(3_000_000, "characters per corpus domain (a seeded sample of documents)")
-    val_fraction: float = _f(0.1, "share of each domain's documents held out")
-    seq_len: int = _f(128, "tokens per sequence")
-    batch_size: int = _f(16, "sequences per step")
-    vocab_size: int = _f(4096, "byte-level BPE vocabulary trained on the training documents")
-    model: dict = _f(None, "{hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads}")
-    pretrain_steps: int = _f(800, "seed pretraining steps")
-    pretrain_lr: float = _f(2e-3, "seed peak LR (warmup, cosine to 10%)")
-    warmup: int = _f(20, "warmup steps of the seed, branches and mixtures")
-    branch_steps: int = _f(300, "steps per specialist")
-    branch_lr: float = _f(1e-3, "specialists' peak LR (cosine to 10%; BAM: half the pretraining's)")
-    general_share: float = _f(0.1, "share of general (union) data in each specialist's training")
-    mix_steps: int = _f(300, "mixture training steps (the data-matched budget)")
-    mix_lr: float = _f(1e-3, "mixtures' LR, constant after warmup")
-    mixes: tuple = _f(MIXES, "which mixtures")
-    eval_batches: int = _f(8, "evaluation sequences per domain = eval_batches x batch_size")
-    eval_every: int = _f(50, "mixtures' validation (equal-mix) every N steps")
-    latency_prompt: int = _f(32, "prompt tokens of the generation latency")
-    latency_new_tokens: int = _f(64, "greedy tokens generated for the latency")
-    latency_repeats: int = _f(3, "timed repeats (median)")
-    threads: int = _f(1, "torch CPU threads")
-    tiny: dict | None = _f(None, "overrides applied by --tiny")
+    name: str = option("bam", "name shown in the results")
+    seed: int = option(0, "seed of the split, data order, model and router initialisations")
+    domains: dict = option(None, "{name: data spec}: corpus:python|man|pypi[:MAX_CHARS] or a path")
+    max_chars: int | None = option(3_000_000, "characters per corpus domain (a seeded sample of documents)")
+    val_fraction: float = option(0.1, "share of each domain's documents held out")
+    seq_len: int = option(128, "tokens per sequence")
+    batch_size: int = option(16, "sequences per step")
+    vocab_size: int = option(4096, "byte-level BPE vocabulary trained on the training documents")
+    model: dict = option(None, "{hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads}")
+    pretrain_steps: int = option(800, "seed pretraining steps")
+    pretrain_lr: float = option(2e-3, "seed peak LR (warmup, cosine to 10%)")
+    warmup: int = option(20, "warmup steps of the seed, branches and mixtures")
+    branch_steps: int = option(300, "steps per specialist")
+    branch_lr: float = option(1e-3, "specialists' peak LR (cosine to 10%; BAM: half the pretraining's)")
+    general_share: float = option(0.1, "share of general (union) data in each specialist's training")
+    mix_steps: int = option(300, "mixture training steps (the data-matched budget)")
+    mix_lr: float = option(1e-3, "mixtures' LR, constant after warmup")
+    mixes: tuple = option(MIXES, "which mixtures")
+    eval_batches: int = option(8, "evaluation sequences per domain = eval_batches x batch_size")
+    eval_every: int = option(50, "mixtures' validation (equal-mix) every N steps")
+    latency_prompt: int = option(32, "prompt tokens of the generation latency")
+    latency_new_tokens: int = option(64, "greedy tokens generated for the latency")
+    latency_repeats: int = option(3, "timed repeats (median)")
+    threads: int = option(1, "torch CPU threads")
+    tiny: dict | None = option(None, "overrides applied by --tiny")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixes", tuple(self.mixes))

@@ -106,7 +106,7 @@ def budget_steps(
     return every, {f: max(1, round(f * budget_flops / (fpt * tokens_per_step))) for f in shares}
 
 
-def _split_seen(data, recipe: Recipe, pretrain_steps: int):
+def split_seen(data, recipe: Recipe, pretrain_steps: int):
     """The training sequences the dense pretraining did not read (for the continued arms)."""
     import torch
 
@@ -133,7 +133,7 @@ def _split_seen(data, recipe: Recipe, pretrain_steps: int):
     return PackedData(data.train[torch.tensor(rest)], data.val, dict(data.info, continuation_sequences=len(rest)))
 
 
-def _cumulative_time(rows: list[dict]) -> dict[int, float]:
+def cumulative_time(rows: list[dict]) -> dict[int, float]:
     out, t = {}, 0.0
     tps = None
     for r in rows:
@@ -145,7 +145,7 @@ def _cumulative_time(rows: list[dict]) -> dict[int, float]:
     return out
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     from upcycle.eval.plots import read_metrics
 
     cols = read_metrics(path)

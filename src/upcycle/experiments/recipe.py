@@ -9,6 +9,7 @@ from typing import Any
 
 from upcycle import yamlio
 from upcycle.errors import UpcycleError
+from upcycle.yamlio import option
 
 ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
 
@@ -25,62 +26,60 @@ LABELS = {
 PRETRAINED = ("smollm2",)
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class Recipe:
     """One experiment; every field is a YAML key. `tiny:` holds overrides for `--tiny`."""
 
-    name: str = _f("experiment", "name shown in the results")
-    seed: int = _f(0, "seed of the split, data order, model and router initialisations")
-    corpus: str = _f(
+    name: str = option("experiment", "name shown in the results")
+    seed: int = option(0, "seed of the split, data order, model and router initialisations")
+    corpus: str = option(
         "python",
         "offline corpus: python (stdlib source) | man | pypi (see data.corpus_documents), "
         "or a path to your own text (file, folder, .jsonl)",
     )
-    max_chars: int | None = _f(4_000_000, "characters of the corpus to use (a seeded sample of documents)")
-    val_fraction: float = _f(0.05, "share of documents held out for validation")
-    seq_len: int = _f(128, "tokens per sequence")
-    batch_size: int = _f(16, "sequences per optimizer step")
+    max_chars: int | None = option(4_000_000, "characters of the corpus to use (a seeded sample of documents)")
+    val_fraction: float = option(0.05, "share of documents held out for validation")
+    seq_len: int = option(128, "tokens per sequence")
+    batch_size: int = option(16, "sequences per optimizer step")
     tokenizer: Any = field(
         default_factory=lambda: {"vocab_size": 4096},
         metadata={"help": "{vocab_size: N}: byte-level BPE trained on the training documents | model"},
     )
-    model: Any = _f(None, "{hidden_size, intermediate_size, num_layers, num_heads[, num_kv_heads]} | smollm2")
-    pretrain_tokens: int | None = _f(None, "dense pretraining budget B in tokens (a from-scratch model)")
-    reference_tokens: int | None = _f(None, "smollm2: B = dense FLOPs of this many tokens (the unit of extra)")
-    lr: float = _f(2e-3, "pretraining (and moe_scratch) peak learning rate, constant after warmup")
-    warmup: int = _f(20, "pretraining (and moe_scratch) warmup steps")
-    continue_lr: float | None = _f(None, "learning rate of the continued arms (default: lr, the dense run's)")
-    continue_warmup: int = _f(5, "warmup steps of the continued arms")
-    weight_decay: float = _f(0.1, "AdamW weight decay")
-    clip: float = _f(1.0, "gradient clipping")
-    dense_keeps_optimizer: bool = _f(True, "the dense continued arm starts from the pretraining's AdamW state")
-    extra: tuple = _f((0.1, 0.2, 0.4), "extra compute budgets as fractions of B")
-    arms: tuple = _f(ARMS, "which arms to run")
-    plan: dict = _f(None, "the upcycling plan (UpcyclePlan keys); default E=8, top-2, every_k:2:1, aux 0.01")
-    variants: dict | None = _f(
+    model: Any = option(None, "{hidden_size, intermediate_size, num_layers, num_heads[, num_kv_heads]} | smollm2")
+    pretrain_tokens: int | None = option(None, "dense pretraining budget B in tokens (a from-scratch model)")
+    reference_tokens: int | None = option(None, "smollm2: B = dense FLOPs of this many tokens (the unit of extra)")
+    lr: float = option(2e-3, "pretraining (and moe_scratch) peak learning rate, constant after warmup")
+    warmup: int = option(20, "pretraining (and moe_scratch) warmup steps")
+    continue_lr: float | None = option(None, "learning rate of the continued arms (default: lr, the dense run's)")
+    continue_warmup: int = option(5, "warmup steps of the continued arms")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    clip: float = option(1.0, "gradient clipping")
+    dense_keeps_optimizer: bool = option(True, "the dense continued arm starts from the pretraining's AdamW state")
+    extra: tuple = option((0.1, 0.2, 0.4), "extra compute budgets as fractions of B")
+    arms: tuple = option(ARMS, "which arms to run")
+    plan: dict = option(None, "the upcycling plan (UpcyclePlan keys); default E=8, top-2, every_k:2:1, aux 0.01")
+    variants: dict | None = option(
         None,
         "more upcycled arms: {arm name: plan keys overriding `plan`}, e.g. "
         "{drop: {expert_init: drop}}; list their names in `arms`",
     )
-    depth_factor: float = _f(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
-    depth_mode: str = _f("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
-    eval_batches: int = _f(12, "validation batches (of batch_size sequences) per evaluation; the same set each time")
-    eval_spread: bool = _f(
+    depth_factor: float = option(2.0, "depth tiling: layers of the deeper model / layers of the dense one")
+    depth_mode: str = option("stack", "depth tiling: stack ([0..L-1, 0..L-1]) | interleave ([0,0,1,1,..])")
+    eval_batches: int = option(
+        12, "validation batches (of batch_size sequences) per evaluation; the same set each time"
+    )
+    eval_spread: bool = option(
         False,
         "evaluate on evenly spaced validation sequences (not the first ones), so a small "
         "evaluation set covers every held-out document",
     )
-    threads: int | None = _f(
+    threads: int | None = option(
         None,
         "torch CPU threads (default: torch's choice); 1 is fastest for small models on "
         "a shared CPU, where spinning OpenMP threads wait on each other",
     )
-    checkpoint_every: int = _f(0, "checkpoint every N steps inside a run (0: only a finished run is kept)")
-    tiny: dict | None = _f(None, "overrides applied by --tiny (a CPU smoke test)")
+    checkpoint_every: int = option(0, "checkpoint every N steps inside a run (0: only a finished run is kept)")
+    tiny: dict | None = option(None, "overrides applied by --tiny (a CPU smoke test)")
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> UpcycleError:

@@ -39,12 +39,12 @@ from pathlib import Path
 
 from upcycle.errors import UpcycleError
 from upcycle.experiments.common import (
-    _cumulative_time,
-    _read_rows,
-    _split_seen,
     budget_steps,
+    cumulative_time,
     dense_config,
     machine,
+    read_rows,
+    split_seen,
     train_bpe,
 )
 from upcycle.experiments.recipe import Recipe
@@ -153,7 +153,7 @@ class Experiment:
         if (d / "summary.json").is_file():
             self.log(f"{name}: finished before, reading {d}/metrics.csv")
             vals = {int(k): v for k, v in json.loads(f_budgets.read_text()).items()} if f_budgets.is_file() else {}
-            return _read_rows(d / "metrics.csv"), json.loads((d / "summary.json").read_text()), vals
+            return read_rows(d / "metrics.csv"), json.loads((d / "summary.json").read_text()), vals
         vals = (
             {int(k): v for k, v in json.loads(f_budgets.read_text()).items()}
             if f_budgets.is_file() and checkpoints(d)
@@ -259,7 +259,7 @@ class Experiment:
             def load_dense():
                 return AutoModelForCausalLM.from_pretrained(self.out / "pretrain" / "model", dtype=torch.float32)
 
-            cont_data = _split_seen(self.data, r, pretrain_steps)
+            cont_data = split_seen(self.data, r, pretrain_steps)
             del dense
             dense = load_dense()
         dense_val = self._start_loss("dense", dense)
@@ -273,7 +273,7 @@ class Experiment:
         if not r.pretrained:
             whole["pretrain"] = [
                 (x["flops"], x["val_loss"])
-                for x in _read_rows(self.out / "pretrain" / "metrics.csv")
+                for x in read_rows(self.out / "pretrain" / "metrics.csv")
                 if x.get("val_loss") is not None
             ]
         summaries: dict[str, dict] = {}
@@ -323,7 +323,7 @@ class Experiment:
             summ["flops_per_token"] = fpt
             summaries[arm] = summ
             del model
-            times = _cumulative_time(rows)
+            times = cumulative_time(rows)
             by_step = {int(x["step"]): x for x in rows}
             offset = B if scratch else 0.0
             pts = [] if start is None else [(0.0, start)]

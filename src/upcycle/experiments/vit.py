@@ -25,14 +25,12 @@ draws, the linear few-shot evaluation of the paper's vision models), over `seeds
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -42,41 +40,36 @@ import torch.nn.functional as F
 from upcycle import yamlio
 from upcycle.errors import UpcycleError
 from upcycle.experiments.vit_report import _row, plot, results_markdown, write_csv
+from upcycle.yamlio import option
 
 ARMS = ("dense", "upcycled", "upcycled_nonorm", "upcycled_fresh")
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class VitRecipe:
-    name: str = _f("vit-small", "name of the experiment")
-    seed: int = _f(0, "seed of the split, the dense pretraining and the routers")
-    seeds: int = _f(1, "continuation seeds per arm (data order, augmentation, router initialisation)")
-    test_size: int = _f(497, "held-out test images (of 1,797)")
-    model: dict = _f(
+    name: str = option("vit-small", "name of the experiment")
+    seed: int = option(0, "seed of the split, the dense pretraining and the routers")
+    seeds: int = option(1, "continuation seeds per arm (data order, augmentation, router initialisation)")
+    test_size: int = option(497, "held-out test images (of 1,797)")
+    model: dict = option(
         dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, patch_size=2), "the dense ViT"
     )
-    batch_size: int = _f(128, "images per step")
-    pretrain_steps: int = _f(2000, "dense pretraining steps (budget B)")
-    lr: float = _f(1e-3, "peak learning rate")
-    warmup: int = _f(200, "warmup steps, then inverse square root")
-    weight_decay: float = _f(0.05, "AdamW weight decay")
-    extra: list = _f([0.1, 0.25, 0.5, 1.0], "extra compute budgets, as shares of the pretraining FLOPs")
-    arms: list = _f(list(ARMS), "arms to run")
-    plan: dict = _f(
+    batch_size: int = option(128, "images per step")
+    pretrain_steps: int = option(2000, "dense pretraining steps (budget B)")
+    lr: float = option(1e-3, "peak learning rate")
+    warmup: int = option(200, "warmup steps, then inverse square root")
+    weight_decay: float = option(0.05, "AdamW weight decay")
+    extra: list = option([0.1, 0.25, 0.5, 1.0], "extra compute budgets, as shares of the pretraining FLOPs")
+    arms: list = option(list(ARMS), "arms to run")
+    plan: dict = option(
         dict(num_experts=8, router="expert_choice", capacity_factor=2.0, layers="every_k:2:1"),
         "the upcycling plan (upcycled_nonorm sets normalize: false)",
     )
-    shots: int = _f(10, "images per class for the linear probe")
-    probe_draws: int = _f(5, "random draws of the few-shot training set")
-    ridge: float = _f(1e-2, "ridge regularisation of the linear probe (times the feature dimension)")
-    threads: int = _f(1, "torch CPU threads")
-    tiny: dict = _f({}, "overrides for --tiny (smoke tests)")
+    shots: int = option(10, "images per class for the linear probe")
+    probe_draws: int = option(5, "random draws of the few-shot training set")
+    ridge: float = option(1e-2, "ridge regularisation of the linear probe (times the feature dimension)")
+    threads: int = option(1, "torch CPU threads")
+    tiny: dict = option({}, "overrides for --tiny (smoke tests)")
 
     def __post_init__(self) -> None:
         if not self.extra or any(not isinstance(x, (int, float)) or x <= 0 for x in self.extra):

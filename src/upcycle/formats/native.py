@@ -24,6 +24,7 @@ through `f` (an iterable of `Item` in, an iterable of `Item` out: rename, fuse, 
 
 from __future__ import annotations
 
+import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,10 +35,10 @@ import torch.nn as nn
 
 from upcycle.errors import UpcycleError
 from upcycle.io.dirs import (
-    _fsync_path,
     atomic_dir,
     check_disk_space,
     copy_side_files,
+    fsync_path,
     parse_size,
     refuse_existing,
     sha256_files,
@@ -69,6 +70,7 @@ def stream_upcycle(
     fsync: bool = True,
     transform: Transform | None = None,
     write_config: ConfigWriter | None = None,
+    config: Any = None,
 ) -> Path:
     """Upcycle a safetensors checkpoint directory to `out_dir` without loading the model.
 
@@ -81,13 +83,14 @@ def stream_upcycle(
         MoE layout; items must announce their shape and dtype truthfully.
     write_config: `f(config, directory)` writes config.json instead of the native one (the base
         config with an "upcycle" entry). The config it gets already has `config.upcycle` set.
+    config: the source's config when the caller has read it already (a copy is used); else read here.
     """
     from tqdm.auto import tqdm
     from transformers import AutoConfig
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     refuse_existing(out_dir, overwrite)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir) if config is None else copy.deepcopy(config)
     from upcycle.methods.surgery import applied_plan
 
     plan = applied_plan(plan, config)
@@ -117,10 +120,10 @@ def stream_upcycle(
             if fsync:
                 for f in tmp.iterdir():
                     if not f.name.endswith(".safetensors"):
-                        _fsync_path(f)
-                _fsync_path(tmp)
+                        fsync_path(f)
+                fsync_path(tmp)
     if fsync:
-        _fsync_path(out_dir.parent)
+        fsync_path(out_dir.parent)
     return out_dir
 
 

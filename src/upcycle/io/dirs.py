@@ -15,7 +15,7 @@ from typing import Iterator
 from upcycle.errors import UpcycleError
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +33,7 @@ from upcycle import yamlio
 from upcycle.adapters import adapter_for
 from upcycle.errors import PlanError, UpcycleError
 from upcycle.methods.record import ConversionRecord
+from upcycle.yamlio import option
 
 METHODS = ("bam", "btx")
 
@@ -47,26 +48,22 @@ ATTN, ATTN_PROJ, ATTN_NORMS = "self_attn", ("q_proj", "k_proj", "v_proj", "o_pro
 PARALLEL_BLOCK_TYPES = ("cohere",)  # y = x + Attn(LN x) + MLP(LN x)
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class BamPlan:
     """How N dense models are mixed. `for_method` fills the method's defaults."""
 
-    method: str = _f("bam", "bam | btx", choices=METHODS)
-    num_experts: int = _f(2, "N: the number of dense models mixed (one FFN and attention expert each)")
-    kv: str = _f(
+    method: str = option("bam", "bam | btx", choices=METHODS)
+    num_experts: int = option(2, "N: the number of dense models mixed (one FFN and attention expert each)")
+    kv: str = option(
         "experts", "attention: experts (own Wq,Wk,Wv,Wo) | shared (Wk,Wv averaged) | averaged (BTX)", choices=KV
     )
-    top_k: int = _f(1, "FFN experts per token")
-    normalize: bool = _f(False, "renormalise the top-k FFN weights to sum to 1 (BTX) or not (BAM)")
-    aux_loss_coef: float = _f(0.01, "FFN load-balancing coefficient alpha")
-    z_loss_coef: float = _f(0.001, "FFN router z-loss coefficient beta")
-    router_std: float = _f(0.02, "standard deviation of the new routers (FFN and attention)")
-    seed: int = _f(0, "seed of the router initialisation")
-    layers: str = _f("all", "mixed layers: all of them (BAM and BTX mix every layer)")
+    top_k: int = option(1, "FFN experts per token")
+    normalize: bool = option(False, "renormalise the top-k FFN weights to sum to 1 (BTX) or not (BAM)")
+    aux_loss_coef: float = option(0.01, "FFN load-balancing coefficient alpha")
+    z_loss_coef: float = option(0.001, "FFN router z-loss coefficient beta")
+    router_std: float = option(0.02, "standard deviation of the new routers (FFN and attention)")
+    seed: int = option(0, "seed of the router initialisation")
+    layers: str = option("all", "mixed layers: all of them (BAM and BTX mix every layer)")
 
     # What make_moe_block / RouterConfig.from_plan read off a plan.
     router = "topk"

@@ -197,7 +197,7 @@ def _reinit_neurons(
                 t[e][sets[e]] = vals[e]
 
 
-def _drop_sets(plan, layer: int, E: int, width: int) -> list[torch.Tensor]:
+def drop_sets(plan, layer: int, E: int, width: int) -> list[torch.Tensor]:
     """One index set per expert, floor(r * width) neurons, sorted."""
     n = int(math.floor(plan.drop_ratio * width))
     g = _generator(plan.seed, layer, _S_DROP_SETS)
@@ -275,7 +275,7 @@ def init_layer(
         experts = {n: init_experts(plan, layer, dense[n], _TENSORS.index(n)) for n in names}
     elif kind == "drop":
         experts = {n: dense[n].float().unsqueeze(0).expand(E, *dense[n].shape).clone() for n in names}
-        _reinit_neurons(experts, dense, _drop_sets(plan, layer, E, F), plan, layer)
+        _reinit_neurons(experts, dense, drop_sets(plan, layer, E, F), plan, layer)
     elif kind == "partition":
         experts = _gather(dense, partition_sets(plan, layer, dense))
         c = partition_scale(plan)
@@ -295,7 +295,7 @@ def init_layer(
         g = _generator(plan.seed, layer, _S_QWEN2_PERM)
         idx = torch.cat([torch.randperm(F, generator=g) for _ in range(copies)])
         experts = _gather(dense, _distinct_slices(idx, E, h))
-        _reinit_neurons(experts, dense, _drop_sets(plan, layer, E, h), plan, layer)
+        _reinit_neurons(experts, dense, drop_sets(plan, layer, E, h), plan, layer)
     else:
         raise PlanError(f"unknown expert_init {kind!r}")
 

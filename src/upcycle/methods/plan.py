@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from upcycle import yamlio
 from upcycle.errors import PlanError
 from upcycle.methods.layers import DEFAULT_LAYERS, parse_layers
 from upcycle.moe.routing import EC_CAPACITY_FACTOR
+from upcycle.yamlio import option
 
 ROUTERS = ("topk", "expert_choice", "soft")
 ROUTER_INITS = ("normal", "zeros", "uniform", "data")
@@ -32,109 +33,105 @@ EC_CAUSAL = (
 )
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class UpcyclePlan:
     """Sparse upcycling (Komatsuzaki et al., ICLR 2023): MLPs of the chosen layers become MoE layers
     whose experts start as copies of the dense MLP, behind a new router."""
 
-    num_experts: int = _f(8, "experts per MoE layer (the paper used 32)")
-    layers: str | tuple[int, ...] = _f(
+    num_experts: int = option(8, "experts per MoE layer (the paper used 32)")
+    layers: str | tuple[int, ...] = option(
         DEFAULT_LAYERS, "which layers: all | every_k:K[:OFFSET] | first_n:N | last_n:N | middle_n:N | 1,3,5"
     )
-    router: str | None = _f(
+    router: str | None = option(
         None,
         "routing: topk (token choice) | expert_choice | soft; default: the family's, as "
         "the paper routes: expert_choice in encoders and ViT (T5: its encoder, the decoder "
         "gets topk), topk in decoders",
         choices=ROUTERS,
     )
-    top_k: int = _f(2, "experts per token for the topk router")
-    normalize: bool | None = _f(
+    top_k: int = option(2, "experts per token for the topk router")
+    normalize: bool | None = option(
         None,
         "make each token's combine weights sum to 1 over its selected experts "
         "(topk: renormalised top-k, Mixtral style; expert_choice: 'normalise after routing'); "
         "default: on for topk and expert_choice",
     )
-    capacity_factor: float | None = _f(
+    capacity_factor: float | None = option(
         None,
         "topk: optional token dropping, capacity = ceil(C * tokens * top_k / num_experts) assignments per "
         "expert (default: no dropping); expert_choice: capacity = ceil(C * tokens / num_experts) tokens per "
         "expert (default C = 2)",
     )
-    ec_group: str = _f(
+    ec_group: str = option(
         "sequence",
         "expert_choice routes within each sequence (capacity from its real, non-"
         "padding tokens; a sequence's output never depends on the rest of the batch) or across the "
         "whole batch (one group; capacity from the batch's real tokens)",
         choices=EC_GROUPS,
     )
-    router_init: str = _f(
+    router_init: str = option(
         "normal",
         "router weights: normal (std router_std) | zeros | uniform (std router_std) | "
         "data (mean hidden state entering the layer's MLP on each expert's router_prompts)",
         choices=ROUTER_INITS,
     )
-    router_prompts: str | None = _f(
+    router_prompts: str | None = option(
         None,
         "router_init=data: YAML list of prompt sets, one per expert (per group of "
         "granularity experts for granular), or a text file of sets separated by ---",
     )
-    router_std: float = _f(0.02, "standard deviation of the router initialisation")
-    expert_init: str = _f(
+    router_std: float = option(0.02, "standard deviation of the router initialisation")
+    expert_init: str = option(
         "copy",
         "experts: copy (of the dense MLP) | noise (copy plus N(0, noise_std) per weight) | "
         "drop (Drop-Upcycling) | partition (LLaMA-MoE neuron split) | granular (virtual groups) "
         "| qwen2 (fine-grained: replicate, permute, slice, re-init); see upcycle.methods.init",
         choices=EXPERT_INITS,
     )
-    noise_std: float = _f(0.01, "standard deviation of the noise added by expert_init=noise")
-    drop_ratio: float = _f(
+    noise_std: float = option(0.01, "standard deviation of the noise added by expert_init=noise")
+    drop_ratio: float = option(
         0.5,
         "drop / qwen2: share of each expert's intermediate neurons re-initialised from the "
         "dense matrix's mean and std (one index set per expert, shared by gate/up/down)",
     )
-    partition_method: str = _f(
+    partition_method: str = option(
         "random",
         "partition: how the neurons are split into experts: random | kmeans (size-balanced k-means on the gate rows)",
         choices=PARTITION_METHODS,
     )
-    partition_scale: float | None = _f(
+    partition_scale: float | None = option(
         None,
         "partition: factor folded into the experts' down projections "
         "(default E: each of the top_k active experts gets E/K on average)",
     )
-    granularity: int = _f(
+    granularity: int = option(
         1,
         "granular: G, experts of width d_ff/G in virtual groups of G sharing a router row; "
         "qwen2: expert width d_ff/G unless expert_width is given",
     )
-    expert_width: int | None = _f(None, "qwen2: width of each fine-grained expert (intermediate size)")
-    shared_mlp: str = _f(
+    expert_width: int | None = option(None, "qwen2: width of each fine-grained expert (intermediate size)")
+    shared_mlp: str = option(
         "none",
         "the dense MLP also as an always-on shared expert: none | gated (Qwen2-MoE "
         "sigmoid gate, zero at init) | ungated (plain sum, DeepSeek style)",
         choices=SHARED_EXPERTS,
     )
-    shared_split: float = _f(
+    shared_split: float = option(
         0.5,
         "shared_mlp: share of the dense output the routed experts carry at init "
         "(their down projections are scaled by it, the shared expert carries the rest); "
         "0 starts the routed branch at zero",
     )
-    aux_loss_coef: float = _f(0.01, "load-balancing loss coefficient (alpha)")
-    z_loss_coef: float = _f(0.0, "router z-loss coefficient (beta)")
-    seed: int = _f(0, "seed for the router and expert initialisations")
-    decoder_router: str | None = _f(
+    aux_loss_coef: float = option(0.01, "load-balancing loss coefficient (alpha)")
+    z_loss_coef: float = option(0.0, "router z-loss coefficient (beta)")
+    seed: int = option(0, "seed for the router and expert initialisations")
+    decoder_router: str | None = option(
         None,
         "router of an encoder-decoder model's decoder (T5): topk | soft; default: topk when router is "
         "expert_choice (a decoder must stay causal), else the same as router",
         choices=ROUTERS,
     )
-    decoder_normalize: bool | None = _f(
+    decoder_normalize: bool | None = option(
         None, "renormalise the decoder's top-k weights (T5); default: off, as the paper's T5 decoder"
     )
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from upcycle import yamlio
 from upcycle.errors import UpcycleError
+from upcycle.yamlio import option
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 
@@ -22,46 +23,42 @@ DTYPES = ("auto", "float32", "bfloat16")
 SCHEDULES = ("cosine", "wsd")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; every field is a YAML key and an `upcycle train` flag of the same name."""
 
-    lr: float = _f(3e-4, "peak learning rate")
-    min_lr: float = _f(3e-5, "learning rate at the end of the decay")
-    warmup: int = _f(100, "linear warmup steps (from lr/warmup to lr)")
-    schedule: str = _f(
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "learning rate at the end of the decay")
+    warmup: int = option(100, "linear warmup steps (from lr/warmup to lr)")
+    schedule: str = option(
         "cosine",
         "after the warmup: cosine (to min_lr at the last step) | wsd (warmup-stable-decay: "
         "lr until the last decay_fraction of the steps, then linear to min_lr)",
         choices=SCHEDULES,
     )
-    decay_fraction: float = _f(0.2, "wsd: share of the steps spent decaying from lr to min_lr")
-    steps: int = _f(1000, "optimizer steps (ignored when tokens is set)")
-    tokens: int | None = _f(None, "token budget: steps = ceil(tokens / tokens per step)")
-    batch_size: int = _f(8, "sequences per micro-batch and process")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    seq_len: int = _f(512, "tokens per sequence")
-    clip: float = _f(1.0, "gradient clipping by global norm (0: off)")
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices and experts only)")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    eps: float = _f(1e-8, "AdamW epsilon")
-    aux_loss_coef: float | None = _f(None, "load-balancing coefficient alpha (default: the model's plan, 0.01)")
-    z_loss_coef: float | None = _f(None, "router z-loss coefficient beta (default: the model's plan, 0)")
-    eval_every: int = _f(100, "validation every N steps, and at the end (0: only at the end)")
-    eval_batches: int = _f(8, "validation sequences per evaluation = eval_batches * batch_size (all processes)")
-    checkpoint_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
-    keep_checkpoints: int = _f(2, "checkpoints to keep (the newest)")
-    seed: int = _f(0, "seed for the data order and torch/python/numpy RNGs")
-    dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16", choices=DTYPES)
-    parallel: str = _f("auto", "auto (DDP under torchrun) | none | ddp | fsdp", choices=PARALLEL)
-    pretrain_tokens: float | None = _f(None, "dense pretraining tokens, to report this run's compute as a share")
-    pretrain_flops: float | None = _f(None, "dense pretraining FLOPs (instead of pretrain_tokens)")
-    log_every: int = _f(1, "write a metrics row every N steps")
+    decay_fraction: float = option(0.2, "wsd: share of the steps spent decaying from lr to min_lr")
+    steps: int = option(1000, "optimizer steps (ignored when tokens is set)")
+    tokens: int | None = option(None, "token budget: steps = ceil(tokens / tokens per step)")
+    batch_size: int = option(8, "sequences per micro-batch and process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    seq_len: int = option(512, "tokens per sequence")
+    clip: float = option(1.0, "gradient clipping by global norm (0: off)")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices and experts only)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    aux_loss_coef: float | None = option(None, "load-balancing coefficient alpha (default: the model's plan, 0.01)")
+    z_loss_coef: float | None = option(None, "router z-loss coefficient beta (default: the model's plan, 0)")
+    eval_every: int = option(100, "validation every N steps, and at the end (0: only at the end)")
+    eval_batches: int = option(8, "validation sequences per evaluation = eval_batches * batch_size (all processes)")
+    checkpoint_every: int = option(0, "checkpoint every N steps (0: only the final model)")
+    keep_checkpoints: int = option(2, "checkpoints to keep (the newest)")
+    seed: int = option(0, "seed for the data order and torch/python/numpy RNGs")
+    dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16", choices=DTYPES)
+    parallel: str = option("auto", "auto (DDP under torchrun) | none | ddp | fsdp", choices=PARALLEL)
+    pretrain_tokens: float | None = option(None, "dense pretraining tokens, to report this run's compute as a share")
+    pretrain_flops: float | None = option(None, "dense pretraining FLOPs (instead of pretrain_tokens)")
+    log_every: int = option(1, "write a metrics row every N steps")
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> UpcycleError:

@@ -151,7 +151,7 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
 def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, config) -> None:
     """Drop-Upcycling re-draws a share of each expert's neurons: their moments start at zero (Adam's state
     of a new parameter), the kept neurons keep the dense moments (research/algorithms.md F.5)."""
-    from upcycle.methods.init import _drop_sets
+    from upcycle.methods.init import drop_sets
     from upcycle.methods.surgery import plan_stacks
 
     for adapter, stack_plan, layers in plan_stacks(plan, config):
@@ -163,7 +163,7 @@ def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, conf
                 proj = name[len(prefix) :]
                 for t in s.values():
                     E, width = t.shape[0], t.shape[2] if proj == "down_proj" else t.shape[1]
-                    for e, S in enumerate(_drop_sets(stack_plan, i, E, width)):
+                    for e, S in enumerate(drop_sets(stack_plan, i, E, width)):
                         if proj == "down_proj":
                             t[e][:, S] = 0
                         elif proj != "down_bias":
