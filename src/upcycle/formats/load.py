@@ -84,9 +84,8 @@ def _config(path: Path):
 
 
 def load_dense(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A dense model for mixing (safetensors only); upcycled (native) directories are refused."""
-    from upcycle.formats.load import load_any
-
+    """A dense model for mixing (safetensors only), through `load_any`; upcycled (native) directories
+    are refused."""
     model_dir = Path(model_dir)
     if (model_dir / "upcycle.json").is_file():
         raise UpcycleError(f"{model_dir} is an upcycled (MoE) model; mix dense models (the seed and its branches)")
