@@ -65,17 +65,6 @@ class BamPlan:
     seed: int = option(0, "seed of the router initialisation")
     layers: str = option("all", "mixed layers: all of them (BAM and BTX mix every layer)")
 
-    # What make_moe_block / RouterConfig.from_plan read off a plan.
-    router = "topk"
-    capacity = None
-    ec_group = "sequence"
-    expert_init = "copy"  # experts are the models' own FFNs, full width (init.plan_structure)
-    shared_mlp = "none"
-
-    @property
-    def normalize_weights(self) -> bool:
-        return self.normalize
-
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> PlanError:
             return PlanError(f"{name}: {why}")
@@ -114,6 +103,20 @@ class BamPlan:
         )
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(method=method, num_experts=num_experts, **base)
+
+    # BAM and BTX route their FFN experts top-k: a fact of the method (surgery.applied_plan reads it and
+    # leaves a plan that names its router as it is), not a field a plan file sets.
+    router = "topk"
+
+    def ffn_plan(self):
+        """The FFN side as the sparse-upcycling plan it is: N full-width experts (the models' own FFNs,
+        copied) behind a top-k router, normalised or not. The MoE blocks are built from this, so a
+        BamPlan never has to pass for an UpcyclePlan."""
+        from upcycle.methods.plan import UpcyclePlan
+
+        return UpcyclePlan(
+            num_experts=self.num_experts, top_k=self.top_k, router="topk", normalize=self.normalize, seed=self.seed
+        )
 
     @property
     def attention_experts(self) -> bool:
@@ -279,10 +282,11 @@ def convert_structure(
     adapter = adapter_for(config)
     blocks = adapter.layer_list(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
+    ffn = plan.ffn_plan()
     for i in layers:
         old = getattr(blocks[i], adapter.mlp)
         ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
-        adapter.set_mlp(blocks[i], make_moe_block(config, plan, adapter, ref.dtype, ref.device, structure))
+        adapter.set_mlp(blocks[i], make_moe_block(config, ffn, adapter, ref.dtype, ref.device, structure))
         if plan.attention_experts:
             attn = getattr(blocks[i], ATTN)
             if not isinstance(attn, MoAttention):  # in the block's train/eval mode, as set_mlp puts the MLP
