@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.data.tokens import load_data
     from upcycle.formats.load import load_any
     from upcycle.hub import cache_root, default_model_dir
+    from upcycle.train.checkpoint import refuse_mixed_runs
     from upcycle.train.flops import model_on_meta
     from upcycle.train.loop import train
     from upcycle.train.optim import carry_over_optimizer_state
@@ -125,13 +126,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.val_fraction < 1:
         raise UpcycleError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = args.out
-    if args.resume and not (out / "checkpoints").is_dir():
-        raise UpcycleError(f"nothing to resume: {out}/checkpoints does not exist")
-    if not args.resume and out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UpcycleError(
-            f"output directory already exists and is not empty: {out} (pass --resume to continue "
-            "its run, --overwrite to start over, or choose another --out)"
-        )
+    refuse_mixed_runs(out, args.resume, args.overwrite)  # before the model and data are loaded
     dense_state = _dense_state(args.dense_optimizer_state) if args.dense_optimizer_state else None
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     if not model_dir.is_dir():

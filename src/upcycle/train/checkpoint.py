@@ -86,6 +86,19 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def refuse_mixed_runs(out_dir: Path, resume, overwrite: bool) -> None:
+    """A run's output-directory rule, checkable before any work: resuming needs the run's checkpoints,
+    and a fresh run starts in an empty (or new) directory unless overwrite. Never mixes two runs."""
+    out_dir = Path(out_dir)
+    if resume is True and not (out_dir / "checkpoints").is_dir():
+        raise UpcycleError(f"nothing to resume: {out_dir}/checkpoints does not exist")
+    if not resume and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UpcycleError(
+            f"output directory already exists and is not empty: {out_dir} (pass --resume to continue "
+            "its run, --overwrite to start over, or choose another --out)"
+        )
+
+
 def checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(out_dir) / "checkpoints"

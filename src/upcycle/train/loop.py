@@ -46,6 +46,7 @@ from upcycle.train.checkpoint import (
     _save_checkpoint,
     _set_rng_state,
     checkpoints,
+    refuse_mixed_runs,
 )
 from upcycle.train.config import TrainConfig
 from upcycle.train.dist import _all_mean, _barrier, _Dist, _setup_dist, _wrap, devices
@@ -96,6 +97,7 @@ def evaluate_loss(
 
 def _prepare_out(out_dir: Path, resume, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to mix runs."""
+    refuse_mixed_runs(out_dir, resume, overwrite)
     if resume:
         if resume is True:
             found = checkpoints(out_dir)
@@ -106,12 +108,7 @@ def _prepare_out(out_dir: Path, resume, overwrite: bool) -> Path | None:
         if not (ckpt / "state.json").is_file():
             raise UpcycleError(f"{ckpt} is not a checkpoint (no state.json); give a checkpoints/step-N directory")
         return ckpt
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UpcycleError(
-                f"output directory already exists and is not empty: {out_dir} (pass --resume to "
-                "continue its run, --overwrite to start over, or choose another --out)"
-            )
+    if out_dir.exists() and any(out_dir.iterdir()):  # overwrite (refuse_mixed_runs let it through)
         shutil.rmtree(out_dir)
     return None
 
