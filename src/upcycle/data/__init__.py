@@ -14,7 +14,9 @@
 
 Offline corpora for experiments: `corpus_documents("python")` (the Python standard library's source),
 `"man"` (English manual pages, roff stripped to text), `"pypi"` (the long descriptions of the
-installed Python packages: READMEs in English prose), then `pack_documents` or `corpus_tokens`.
+installed Python packages: READMEs in English prose), `"python+packages"` (the standard library and the
+source of torch, what torch installs, and numpy: about 80 MB of code), then `pack_documents` or
+`corpus_tokens`.
 
 Modules: documents (reading and the split), tokens (tokenizing, packing, Batches, load_data),
 corpora (the offline corpora). `load_data` and `corpus_tokens`, the entry points the README shows,

@@ -15,7 +15,12 @@ from upcycle.data.documents import Document, _read_text, doc_hash
 from upcycle.data.tokens import PackedData, pack_documents
 from upcycle.errors import UpcycleError
 
-CORPORA = ("python", "man", "pypi")
+CORPORA = ("python", "man", "pypi", "python+packages")
+# The installed packages whose source joins the standard library in "python+packages": torch (pinned to
+# 2.13.0 by the README and CI) and what it installs, plus numpy; tests are left out. Their versions are
+# part of the corpus's identity (`corpus_fingerprint`).
+CORPUS_PACKAGES = ("torch", "sympy", "mpmath", "networkx", "numpy")
+_SKIP_DIRS = {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
 
 
 def python_stdlib_documents(max_files: int | None = None) -> list[Document]:
@@ -29,6 +34,54 @@ def python_stdlib_documents(max_files: int | None = None) -> list[Document]:
         if text and text.strip():
             docs.append(Document(f"stdlib/{f.relative_to(root)}", text))
     return docs
+
+
+def package_source_documents(packages: Sequence[str] = CORPUS_PACKAGES) -> list[Document]:
+    """The .py source of installed packages (their test folders and test_*.py files left out), one
+    document per file, with ids `pkg/<package>/<path>`; a package that is not installed is skipped."""
+    import importlib.util
+
+    docs = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(
+            p
+            for p in root.rglob("*.py")
+            if not _SKIP_DIRS & set(p.relative_to(root).parts) and not p.name.startswith("test_")
+        )
+        for f in files:
+            text = _read_text(f)
+            if text and text.strip():
+                docs.append(Document(f"pkg/{name}/{f.relative_to(root)}", text))
+    return docs
+
+
+def corpus_fingerprint(name: str, docs: Sequence[Document]) -> dict:
+    """What a corpus was on this machine: its name, size, the versions of the packages it reads and a
+    sha256 of its documents (ids and texts), so two machines can tell whether they trained on the same text."""
+    import hashlib
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
+    versions = {"python": sys.version.split()[0]}
+    if name == "python+packages":
+        for pkg in CORPUS_PACKAGES:
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+    return {
+        "corpus": name,
+        "documents": len(docs),
+        "chars": sum(len(d.text) for d in docs),
+        "sha256": h.hexdigest(),
+        "versions": versions,
+    }
 
 
 _ROFF_ESCAPES = [
@@ -154,7 +207,7 @@ def pypi_readme_documents(min_chars: int = 1000) -> list[Document]:
 
 
 def corpus_documents(name: str, max_chars: int | None = None, seed: int = 0) -> list[Document]:
-    """Documents of an offline corpus ("python", "man", "pypi"); with max_chars, a seeded sample of
+    """Documents of an offline corpus ("python", "man", "pypi", "python+packages"); with max_chars, a seeded sample of
     documents adding up to about that many characters (whole documents, so the split stays clean)."""
     if name == "python":
         docs = python_stdlib_documents()
@@ -162,6 +215,8 @@ def corpus_documents(name: str, max_chars: int | None = None, seed: int = 0) -> 
         docs = man_page_documents(max_chars=max_chars, seed=seed)
     elif name == "pypi":
         docs = pypi_readme_documents()
+    elif name == "python+packages":
+        docs = python_stdlib_documents() + package_source_documents()
     else:
         raise UpcycleError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     if not docs:

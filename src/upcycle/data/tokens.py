@@ -163,7 +163,8 @@ class Batches:
         self.consumed = 0
         self._perm_epoch, self._perm = -1, None
 
-    def _perm_for(self, epoch: int) -> torch.Tensor:
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the train sequences in `epoch` (a seeded permutation of their indices)."""
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(self.seqs.shape[0], generator=g), epoch
@@ -173,7 +174,7 @@ class Batches:
         N = self.seqs.shape[0]
         out = []
         for k in range(start, start + n):
-            out.append(int(self._perm_for(k // N)[k % N]))
+            out.append(int(self.permutation(k // N)[k % N]))
         return out
 
     def next_step(self, accum: int) -> list[torch.Tensor]:

@@ -123,7 +123,7 @@ def split_seen(data, recipe: Recipe, pretrain_steps: int):
         )
     b = Batches(data.train, recipe.batch_size, recipe.seed)
     seen = set(b.indices(0, consumed))
-    rest = [i for i in b._perm_for(0).tolist() if i not in seen]
+    rest = [i for i in b.permutation(0).tolist() if i not in seen]
     need = max(recipe.extra) * pretrain_steps * recipe.batch_size
     if len(rest) < need:
         print(

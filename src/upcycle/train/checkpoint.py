@@ -135,7 +135,7 @@ def _save_checkpoint(
     _barrier(d)
 
 
-def _load_model_weights(raw: nn.Module, path: Path) -> None:
+def load_model_weights(raw: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
     sd = load_file(str(path))

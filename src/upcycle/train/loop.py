@@ -42,10 +42,10 @@ from upcycle.errors import UpcycleError
 from upcycle.moe.block import aux_losses
 from upcycle.train.checkpoint import (
     _load_full_state_fsdp,
-    _load_model_weights,
     _save_checkpoint,
     _set_rng_state,
     checkpoints,
+    load_model_weights,
     refuse_mixed_runs,
 )
 from upcycle.train.config import TrainConfig
@@ -181,7 +181,7 @@ def train(
                 f"{ckpt} was written by a run of {state.get('world_size')} processes; resume it "
                 f"with the same number (this run has {d.world})"
             )
-        _load_model_weights(raw, ckpt / "model.safetensors")
+        load_model_weights(raw, ckpt / "model.safetensors")
     model = _wrap(raw, d, device)
     raw.train()
     opt = build_optimizer(raw, config)  # DDP shares raw's parameters; fully_shard converts raw in place
