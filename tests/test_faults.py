@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, save_tiny_tokenizer, tiny_model
 from safetensors.torch import load_file, save_file
 
 import upcycle
+from conftest import WORDS, save_tiny_tokenizer, tiny_model
 from upcycle.cli import main
 from upcycle.errors import UpcycleError
 
