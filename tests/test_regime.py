@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from upcycle.cli import main
-from upcycle.experiments.regime import Job, RegimeRecipe, job_dir, load_recipe_mapping, plan_jobs, sha256_file
+from upcycle.experiments.regime_recipe import Job, RegimeRecipe, job_dir, load_recipe_mapping, plan_jobs, sha256_file
 from upcycle.train.config import TrainConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "upcycling-regime.yaml"
@@ -163,6 +163,25 @@ def test_a_second_call_trains_nothing(study):
     again = json.loads((out / "results.json").read_text())
     assert again["arms"] == res["arms"] and again["map"] == res["map"]
     assert time.perf_counter() - t0 < 60
+
+
+def test_the_saved_state_resumes_on_a_fresh_machine(study, tmp_path):
+    """save_state keeps the branch points and the finished runs, not the sequences: a study restored
+    from it rebuilds its data (checked against the corpus fingerprint), trains nothing and reports the same."""
+    from upcycle.experiments.regime_recipe import save_state
+
+    r, out, res = study
+    kept = save_state(out, tmp_path / "state")
+    assert not any(k.endswith("sequences.pt") or "/stable/" in k for k in kept)
+    assert main(["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "state"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "state" / "results.json").read_text())
+    assert again["arms"] == res["arms"] and again["map"] == res["map"] and again["missing_runs"] == []
+    # a different corpus under the same study is refused
+    info = json.loads((tmp_path / "state" / "data" / "data.json").read_text())
+    info["fingerprint"]["sha256"] = "0" * 64
+    (tmp_path / "state" / "data" / "data.json").write_text(json.dumps(info))
+    (tmp_path / "state" / "data" / "sequences.pt").unlink()
+    assert main(["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "state"), "--quiet"]) == 2
 
 
 def test_wsd_schedule():

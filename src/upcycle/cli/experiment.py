@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from upcycle.experiments.regime import is_regime_recipe, load_recipe_mapping
+    from upcycle.experiments.regime_recipe import is_regime_recipe, load_recipe_mapping
 
     if is_regime_recipe(load_recipe_mapping(args.recipe)):
         return _run_regime(args)
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_regime(args: argparse.Namespace) -> int:
-    from upcycle.experiments.regime import RegimeRecipe, load_recipe_mapping, run_study
+    from upcycle.experiments.regime import run_study
+    from upcycle.experiments.regime_recipe import RegimeRecipe, load_recipe_mapping
 
     recipe = RegimeRecipe.from_dict(load_recipe_mapping(args.recipe), source=str(args.recipe), tiny=args.tiny)
     for flag in ("threads", "workers"):

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from upcycle.eval.plots import PALETTE, pyplot, save_figure
-from upcycle.experiments.regime import RegimeRecipe
+from upcycle.experiments.regime_recipe import RegimeRecipe
 
 
 def _colour(r: RegimeRecipe, arm: str) -> str:

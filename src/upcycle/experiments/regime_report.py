@@ -10,7 +10,7 @@ import math
 import statistics
 from pathlib import Path
 
-from upcycle.experiments.regime import RegimeRecipe, best_other_arm, job_dir, job_done, plan_jobs
+from upcycle.experiments.regime_recipe import RegimeRecipe, best_other_arm, job_dir, job_done, plan_jobs
 
 
 def _stats(vals: list[float]) -> tuple[float, float]:

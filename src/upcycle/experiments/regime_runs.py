@@ -14,7 +14,14 @@ from types import SimpleNamespace
 import torch
 
 from upcycle.errors import UpcycleError
-from upcycle.experiments.regime import Job, RegimeRecipe, copy_checkpoint, job_dir, sha256_file, tokens_per_param_steps
+from upcycle.experiments.regime_recipe import (
+    Job,
+    RegimeRecipe,
+    copy_checkpoint,
+    job_dir,
+    sha256_file,
+    tokens_per_param_steps,
+)
 
 # ----------------------------------------------------------------------------------------------- data
 
@@ -50,6 +57,17 @@ def prepare_data(r: RegimeRecipe, out: Path, log=print) -> None:
         eos=tok.eos_token_id,
         train_tokens=int(packed.train.numel()),
     )
+    if (d / "data.json").is_file():  # a study resumed on another machine: the same text, or refuse
+        before = json.loads((d / "data.json").read_text())
+        keys = ("sha256", "documents", "chars")
+        if {k: before["fingerprint"][k] for k in keys} != {k: info["fingerprint"][k] for k in keys} or (
+            before["train_sequences"] != info["train_sequences"]
+        ):
+            raise UpcycleError(
+                f"{d}: this machine's corpus {r.corpus!r} ({info['fingerprint']['versions']}) differs from the "
+                f"one the study started with ({before['fingerprint']['versions']}); install the same versions "
+                "or start the study in another --out"
+            )
     dtype = torch.int16 if len(tok) < 2**15 else torch.int32
     tmp = d / ".sequences.pt.tmp"
     torch.save({"train": packed.train.to(dtype), "val": val.to(dtype)}, tmp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from upcycle.experiments.regime import RegimeRecipe
+from upcycle.experiments.regime_recipe import RegimeRecipe
 
 
 def _pm(m: float, s: float) -> str:
