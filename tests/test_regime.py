@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -171,8 +172,12 @@ def test_the_saved_state_resumes_on_a_fresh_machine(study, tmp_path):
     from upcycle.experiments.regime_recipe import save_state
 
     r, out, res = study
-    kept = save_state(out, tmp_path / "state")
+    kept = save_state(out, tmp_path / "kept")
     assert not any(k.endswith("sequences.pt") or "/stable/" in k for k in kept)
+    assert main(["experiment", str(RECIPE), "--tiny", "--out", str(out), "--publish", str(tmp_path / "pub")]) == 0
+    published = json.loads((tmp_path / "pub" / "results.json").read_text())
+    assert published["arms"] == res["arms"] and (tmp_path / "pub" / "main_budgets.png").is_file()
+    shutil.move(tmp_path / "pub" / "state", tmp_path / "state")
     assert main(["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "state"), "--quiet"]) == 0
     again = json.loads((tmp_path / "state" / "results.json").read_text())
     assert again["arms"] == res["arms"] and again["map"] == res["map"] and again["missing_runs"] == []

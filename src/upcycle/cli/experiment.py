@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe's threads)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--workers", type=int, help="regime study: runs side by side (overrides the recipe's workers)")
+    p.add_argument(
+        "--publish",
+        type=Path,
+        metavar="DIR",
+        help="regime study: write OUT's report and the state to resume it from (DIR/state) into DIR, train nothing",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_regime(args: argparse.Namespace) -> int:
-    from upcycle.experiments.regime import run_study
+    from upcycle.experiments.regime import publish, run_study
     from upcycle.experiments.regime_recipe import RegimeRecipe, load_recipe_mapping
 
     recipe = RegimeRecipe.from_dict(load_recipe_mapping(args.recipe), source=str(args.recipe), tiny=args.tiny)
@@ -83,6 +89,15 @@ def _run_regime(args: argparse.Namespace) -> int:
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     command = f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+    if args.publish:
+        if not (out / "recipe.json").is_file():
+            raise UpcycleError(f"--publish: {out} holds no regime study (no recipe.json); give the study's --out")
+        res = publish(recipe, out, args.publish, command=command)
+        print(
+            f"wrote {args.publish}/results.md, results.json, results.csv, {', '.join(res['figures'])} and state/ "
+            f"({len(res['missing_runs'])} runs not finished)"
+        )
+        return 0
     res = run_study(
         recipe,
         out,

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from upcycle.errors import UpcycleError
-from upcycle.experiments.regime_recipe import Job, RegimeRecipe, best_other_arm, job_done, plan_jobs
+from upcycle.experiments.regime_recipe import Job, RegimeRecipe, best_other_arm, job_done, plan_jobs, save_state
 from upcycle.experiments.regime_report import regime_report
 from upcycle.experiments.regime_runs import prepare_data, run_job
 
@@ -96,3 +96,17 @@ def run_study(r: RegimeRecipe, out: str | Path, log=print, command: str | None =
             "results.md; run the same command again to retry them"
         )
     return report
+
+
+def publish(r: RegimeRecipe, out: str | Path, dest: str | Path, command: str | None = None) -> dict:
+    """The study in `out` as it stands, written to dest (e.g. results/upcycling-regime): the report
+    (results.md/json/csv, figures) and, under dest/state, what a fresh machine needs to resume it
+    (`save_state`). Trains nothing; a study still running is read as far as it has finished."""
+    import shutil
+
+    out, dest = Path(out), Path(dest)
+    save_state(out, dest / "state")
+    res = regime_report(r, dest / "state", command=command)
+    for name in ["results.md", "results.json", "results.csv", *res["figures"]]:
+        shutil.move(str(dest / "state" / name), dest / name)
+    return res

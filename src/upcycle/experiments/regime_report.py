@@ -166,6 +166,7 @@ def regime_report(
     res["crossover"] = crossover(res["map"], r)
     res["branch_points"] = {f"{s}/{t:g}": v for (s, t), v in branches.items()}
     res["missing_runs"] = [j.name for j in plan_jobs(r, best) if not job_done(out, j)]
+    res["runs_wall_s"] = sum(x["wall_s"] for rs in runs.values() for x in rs)
     write_csv(runs, r, out / "results.csv")
     from upcycle.experiments.regime_plots import plot_all
     from upcycle.experiments.regime_text import results_markdown
@@ -178,19 +179,24 @@ def regime_report(
 
 def crossover(rows: list[dict], r: RegimeRecipe) -> dict:
     """Per size and budget: the tokens per parameter where upcycled - dense changes sign, interpolated in
-    log(tokens per parameter) between the map's points (None where it does not change sign)."""
+    log(tokens per parameter) between the map's points ("above N" / "below N" where it does not change
+    sign within the points, None where it changes back and forth)."""
     out: dict = {}
     for s in r.sizes:
         for x in r.extra:
             pts = sorted((m["tokens_per_param"], m["gap_mean"]) for m in rows if m["size"] == s and m["extra"] == x)
             if len(pts) < 2:
                 continue
-            found = None
+            found: float | str | None = None
             for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
                 if g0 > 0 >= g1:
                     f = g0 / (g0 - g1)
                     found = math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
                     break
+            if found is None:  # no sign change between the points: say on which side of the range it lies
+                found = (
+                    f"above {pts[-1][0]:g}" if pts[-1][1] > 0 else f"below {pts[0][0]:g}" if pts[0][1] <= 0 else None
+                )
             out.setdefault(s, {})[f"{x:g}"] = found
     return out
 

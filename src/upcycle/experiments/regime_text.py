@@ -33,7 +33,8 @@ def results_markdown(res: dict, r: RegimeRecipe) -> str:
     L += [
         f"Machine: {m['cpu']}, {m['cores']} cores, {r.workers} runs side by side with {r.threads} torch thread(s) "
         f"each; torch {m['torch']}, transformers {m.get('transformers', '?')}, device {m['device']}.",
-        f"Command: `{res.get('command')}`; this call took {res['wall_s_this_call'] / 60:.1f} min.",
+        f"Command: `{res.get('command')}`; the finished runs took {res['runs_wall_s'] / 3600:.2f} h of worker time "
+        f"(the dense phases not counted).",
         f"Corpus `{r.corpus}`: {fp.get('documents', '?')} documents, {fp.get('chars', 0) / 1e6:.1f}M characters "
         f"(sha256 {str(fp.get('sha256', '?'))[:16]}…; versions {fp.get('versions')}), "
         f"{res['data'].get('train_tokens', 0) / 1e6:.1f}M training tokens ({r.vocab_size}-token byte-level BPE), "
@@ -123,10 +124,11 @@ def results_markdown(res: dict, r: RegimeRecipe) -> str:
             L.append(f"| {g['size']} | {g['tokens_per_param']:g} | +{g['extra']:.0%} | {_gap(g)} | {other} |")
         L += ["", "Crossover (tokens per parameter where upcycled − dense turns negative, log-interpolated):", ""]
         for s, per in res["crossover"].items():
-            L.append(
-                f"- {s}: "
-                + ", ".join(f"+{float(x):.0%}: {'none in range' if v is None else f'{v:.0f}'}" for x, v in per.items())
-            )
+            cells = [
+                f"+{float(x):.0%}: " + (v if isinstance(v, str) else "no single crossing" if v is None else f"{v:.0f}")
+                for x, v in per.items()
+            ]
+            L.append(f"- {s}: " + ", ".join(cells))
         L += [""]
     L += ["Figures: " + ", ".join(f"`{f}`" for f in res.get("figures", [])), ""]
     return "\n".join(L)
