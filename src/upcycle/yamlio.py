@@ -46,6 +46,18 @@ def check_fields(cls: type, d: Any, source: str, what: str, error: type[UpcycleE
         raise error(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
 
 
+def with_tiny(cls: type, d: dict[str, Any], source: str, default_name: str) -> dict[str, Any]:
+    """A recipe mapping with its `tiny:` overrides applied (what `--tiny` runs: a smoke-test size), its
+    name marked "(tiny)"; the overrides' keys are checked against the dataclass `cls`."""
+    over = d.get("tiny")
+    if not over:
+        raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
+    bad = sorted(set(over) - {f.name for f in dataclasses.fields(cls)} - {"tiny"})
+    if bad:
+        raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
+    return dict(d, **over, name=f"{d.get('name', default_name)} (tiny)")
+
+
 def dump(d: dict[str, Any], path: str | Path | None = None) -> str:
     """YAML text of `d` in field order, also written to `path` when given."""
     text = yaml.safe_dump(d, sort_keys=False)

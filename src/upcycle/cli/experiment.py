@@ -43,29 +43,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    from upcycle.experiments.regime_recipe import is_regime_recipe, load_recipe_mapping
+def _with_flags(recipe, args: argparse.Namespace, flags: tuple[str, ...]):
+    """The recipe with the command line's --threads (and --workers) over it."""
+    for flag in flags:
+        v = getattr(args, flag)
+        if v is not None:
+            if v < 1:
+                raise UpcycleError(f"--{flag} must be at least 1, got {v}")
+            recipe = dataclasses.replace(recipe, **{flag: v})
+    return recipe
 
-    if is_regime_recipe(load_recipe_mapping(args.recipe)):
-        return _run_regime(args)
-    from upcycle.experiments.recipe import Recipe
-    from upcycle.experiments.sparse import run_experiment
 
-    recipe = Recipe.from_yaml(args.recipe, tiny=args.tiny)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UpcycleError(f"--threads must be at least 1, got {args.threads}")
-        recipe = dataclasses.replace(recipe, threads=args.threads)
+def _out(args: argparse.Namespace) -> tuple[Path, str]:
+    """(OUT, the command line recorded with the results); --overwrite empties OUT first."""
     out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out {out} is a file")
     if args.overwrite and out.exists():
         shutil.rmtree(out)
+    return out, f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from upcycle.experiments.regime_recipe import is_regime_recipe, load_recipe_mapping
+
+    if is_regime_recipe(load_recipe_mapping(args.recipe)):
+        return _run_regime(args)
+    if args.publish or args.workers is not None:
+        raise UpcycleError("--publish and --workers belong to the regime study (a recipe with study: regime)")
+    from upcycle.experiments.recipe import Recipe
+    from upcycle.experiments.sparse import run_experiment
+
+    recipe = _with_flags(Recipe.from_yaml(args.recipe, tiny=args.tiny), args, ("threads",))
+    out, command = _out(args)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    command = f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
     res = run_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), command=command)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.md, results.csv, loss_vs_flops.png ({res['info']['wall_s'] / 60:.1f} min)")
@@ -77,18 +91,10 @@ def _run_regime(args: argparse.Namespace) -> int:
     from upcycle.experiments.regime_recipe import RegimeRecipe, load_recipe_mapping
 
     recipe = RegimeRecipe.from_dict(load_recipe_mapping(args.recipe), source=str(args.recipe), tiny=args.tiny)
-    for flag in ("threads", "workers"):
-        v = getattr(args, flag)
-        if v is not None:
-            if v < 1:
-                raise UpcycleError(f"--{flag} must be at least 1, got {v}")
-            recipe = dataclasses.replace(recipe, **{flag: v})
-    out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
-    if out.exists() and not out.is_dir():
-        raise UpcycleError(f"--out {out} is a file")
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    command = f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+    recipe = _with_flags(recipe, args, ("threads", "workers"))
+    if args.publish and args.overwrite:
+        raise UpcycleError("--publish reads the study in --out; it does not go with --overwrite")
+    out, command = _out(args)
     if args.publish:
         if not (out / "recipe.json").is_file():
             raise UpcycleError(f"--publish: {out} holds no regime study (no recipe.json); give the study's --out")

@@ -165,17 +165,9 @@ class Recipe:
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "Recipe":
         yamlio.check_fields(cls, d, source, "recipe keys")
-        names = [f.name for f in dataclasses.fields(cls)]
         d = dict(d)
         if tiny:
-            over = d.get("tiny")
-            if not over:
-                raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
-            bad = sorted(set(over) - set(names) - {"tiny"})
-            if bad:
-                raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
-            d.update(over)
-            d["name"] = f"{d.get('name', 'experiment')} (tiny)"
+            d = yamlio.with_tiny(cls, d, source, "experiment")
         for k in ("lr", "continue_lr", "weight_decay", "clip", "val_fraction"):
             if isinstance(d.get(k), str):
                 d[k] = float(d[k])

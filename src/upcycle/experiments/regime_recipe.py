@@ -139,14 +139,7 @@ class RegimeRecipe:
         yamlio.check_fields(cls, d, source, "recipe keys")
         d = dict(d)
         if tiny:
-            over = d.get("tiny")
-            if not over:
-                raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
-            bad = sorted(set(over) - {f.name for f in dataclasses.fields(cls)} - {"tiny"})
-            if bad:
-                raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
-            d.update(over)
-            d["name"] = f"{d.get('name', 'upcycling-regime')} (tiny)"
+            d = yamlio.with_tiny(cls, d, source, "upcycling-regime")
         for k in (
             "lr",
             "rewarm",
