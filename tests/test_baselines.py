@@ -9,7 +9,7 @@ from upcycle import UpcycleError, UpcyclePlan, upcycle
 from upcycle.methods.baselines import moe_from_scratch, num_params
 from upcycle.methods.tiling import depth_tile, tile_order
 from upcycle.moe.block import moe_blocks
-from upcycle.train.flops import flops_per_token
+from upcycle.train.flops import active_params, flops_per_token
 
 
 def test_tile_order():
@@ -145,3 +145,14 @@ def test_flops_per_token_counts_active_experts():
         + 12 * L * ctx * attn_width
     )
     assert V * D == dense.lm_head.weight.numel()
+
+
+def test_active_params_with_the_embedding_as_upcycle_sparse_prints():
+    """Model cards' 'active parameters' count the input embedding: a lookup, so not in the FLOPs count."""
+    plan = UpcyclePlan(num_experts=4, top_k=2)
+    tied = upcycle(tiny_model("llama"), plan)
+    assert active_params(tied, embedding=True) == active_params(tied)  # counted once, as the head
+    untied = upcycle(tiny_model("llama", tie_word_embeddings=False), plan)
+    V, D, mlp = TINY["vocab_size"], TINY["hidden_size"], 3 * TINY["hidden_size"] * TINY["intermediate_size"]
+    assert active_params(untied, embedding=True) == active_params(untied) + V * D
+    assert active_params(untied, embedding=True) == num_params(untied) - 2 * (4 - 2) * mlp  # 2 of 4 experts idle

@@ -117,12 +117,7 @@ def _num_params(model) -> int:
 
 
 def _count(model) -> tuple[int, int]:
-    """(total parameters, parameters active per token)."""
-    from upcycle.moe.block import moe_blocks
+    """(total parameters, parameters active per token: the embedding counted, as model cards count them)."""
+    from upcycle.train.flops import active_params
 
-    total = _num_params(model)
-    active = total
-    for _, b in moe_blocks(model):
-        per_expert = sum(p.numel() for p in b.experts.parameters()) // b.num_experts
-        active -= int(per_expert * (b.num_experts - b.router_config.experts_per_token(b.num_experts)))
-    return total, active
+    return _num_params(model), active_params(model, embedding=True)

@@ -12,12 +12,12 @@ The schedule is linear warmup then inverse square root (T5 / the paper: continui
 it), so every arm is one run to the largest budget, evaluated at each budget. Budgets are extra compute
 as a share of the dense pretraining FLOPs; an arm gets as many steps as its FLOPs per step allow.
 
-FLOPs per example (training, forward + backward): 6 T N_body + 6 N_head + 12 L d T^2, with T tokens (the
-patches and CLS), N_body the matmul parameters a token passes through (patch projection, attention,
-MLP; MoE experts counted E ceil(C T / E) / T / E of their size for expert choice, each image being one
-routing group: 40/17 experts per token at C = 2, E = 8, T = 17, not C = 2; as `train.active_params`; plus
-the router), N_head the classifier (once per image) and the last term attention scores and values.
-Biases, norms and position embeddings are left out.
+FLOPs per image (training, forward + backward): `train.flops.flops_per_example`, 6 T N_body + 6 N_head +
+12 L d T^2, with T tokens (the patches and CLS), N_body the matmul weights a token passes through (patch
+projection, attention, MLP; MoE experts counted E ceil(C T / E) / T / E of their size for expert choice,
+each image being one routing group: 40/17 experts per token at C = 2, E = 8, T = 17, not C = 2; plus the
+router), N_head the classifier (once per image) and the last term attention scores and values. Biases,
+norms and position embeddings are left out.
 
 Reported per budget: test accuracy of the classifier and 10-shot linear-probe accuracy (closed-form
 ridge regression on the CLS features of 10 training images per class, averaged over `probe_draws`
@@ -157,27 +157,9 @@ def tokens_per_image(config) -> int:
 
 def flops_per_image(model: nn.Module, dense: bool = False) -> int:
     """Training FLOPs per image (module docstring). dense=True: the dense model this one came from."""
-    from upcycle.moe.block import moe_blocks
+    from upcycle.train.flops import flops_per_example
 
-    scale: dict[int, float] = {}
-    routers: set[int] = set()
-    T = tokens_per_image(model.config)
-    for _, b in moe_blocks(model):
-        k = 1.0 if dense else b.router_config.experts_per_token(b.num_experts, T)  # one group per image
-        for p in b.experts.parameters():  # (E, ...) weights; the (E, F) / (E, D) biases are not matmuls
-            scale[id(p)] = k / b.num_experts if p.dim() >= 3 else 0.0
-        routers.update(id(p) for p in b.router.parameters())
-    head = {id(p) for p in model.classifier.parameters()}
-    body = 0.0
-    for name, p in model.named_parameters():
-        if id(p) in head or p.dim() < 2 or "position_embeddings" in name or "cls_token" in name:
-            continue
-        if dense and id(p) in routers:
-            continue
-        body += p.numel() * scale.get(id(p), 1.0)
-    c = model.config
-    n_head = model.classifier.weight.numel()
-    return int(round(6 * T * body + 6 * n_head + 12 * c.num_hidden_layers * c.hidden_size * T * T))
+    return flops_per_example(model, tokens_per_image(model.config), dense, head=model.classifier)
 
 
 def lr_at(step: int, recipe: VitRecipe) -> float:
