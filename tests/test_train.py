@@ -32,6 +32,7 @@ from upcycle.train.optim import (
     load_named_optimizer_state,
     named_optimizer_state,
 )
+from upcycle.train.step import optimizer_step
 
 PLAN = UpcyclePlan(num_experts=4, top_k=2)  # layers 1 and 3 of 4
 SEQ = 32
@@ -216,6 +217,27 @@ def test_flops_by_hand():
     assert active_params(ec) == dense_n + 2 * (E * D + 0.5 * mlp)
     soft = model_on_meta(dense.config, PLAN.replace(router="soft"))
     assert active_params(soft) == dense_n + 2 * (E * D + (E - 1) * mlp)
+
+
+def test_optimizer_step_averages_micro_batches_and_clears_stale_gradients():
+    """The step both loops take: micro-batches average to the whole batch; the caller's gradients are not
+    added in; the returned terms are (loss, task loss, load balancing, z-loss)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 1, generator=g)
+    ref = torch.nn.Linear(4, 1)
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+    want = ref.weight.detach() - 0.5 * ref.weight.grad
+    for micro in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]):
+        m = torch.nn.Linear(4, 1)
+        m.load_state_dict(ref.state_dict())
+        m.weight.grad = torch.ones_like(m.weight)  # stale: must not count
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        sums, gn = optimizer_step(
+            m, opt, 0.5, micro, lambda b, m=m: torch.nn.functional.mse_loss(m(b[0]), b[1]), (0.01, 0.0), 0.0
+        )
+        assert opt.param_groups[0]["lr"] == 0.5 and gn is None and all(p.grad is None for p in m.parameters())
+        assert sums.tolist()[2:] == [0.0, 0.0] and sums[0] == sums[1]  # no MoE block: no aux terms
+        torch.testing.assert_close(m.weight.detach(), want)
 
 
 def test_compute_share(tmp_path, data):

@@ -184,7 +184,11 @@ def train_steps(
     """`steps` AdamW steps from global step `start` (the schedule's position); returns the losses."""
     from tqdm.auto import tqdm
 
-    from upcycle.moe.block import aux_losses
+    from upcycle.train.step import optimizer_step
+
+    def image_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(pixel_values=images).logits, labels)
 
     g = torch.Generator().manual_seed(seed)
     x, y = data["x_train"], data["y_train"]
@@ -197,16 +201,9 @@ def train_steps(
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos : pos + recipe.batch_size]
         pos += recipe.batch_size
-        for group in opt.param_groups:
-            group["lr"] = lr_at(start + i, recipe)
-        logits = model(pixel_values=augment(x[idx], g)).logits
-        loss = F.cross_entropy(logits, y[idx])
-        aux = sum(aux_losses(model, aux_coef, 0.0).values()) if aux_coef else 0.0
-        opt.zero_grad(set_to_none=True)
-        (loss + aux).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        batch = (augment(x[idx], g), y[idx])
+        sums, _ = optimizer_step(model, opt, lr_at(start + i, recipe), [batch], image_loss, (aux_coef, 0.0), 1.0)
+        losses.append(sums[1].item())  # the classification loss, without the aux terms
         if on_step is not None:
             on_step(start + i + 1, i + 1)
     model.eval()

@@ -83,6 +83,16 @@ def _wrap(model: nn.Module, d: _Dist, device: torch.device) -> nn.Module:
     return model
 
 
+def _grad_sync(model: nn.Module, d: _Dist, last: bool):
+    """The context of one micro-batch's forward and backward: gradients are reduced across processes on
+    the last micro-batch of a step only (DDP: no_sync before it; FSDP2: unsharded gradients accumulate,
+    then one reduce-scatter)."""
+    sync = d.mode == "none" or last
+    if d.mode == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return nullcontext() if sync or d.mode != "ddp" else model.no_sync()
+
+
 def devices(config: TrainConfig, d_local_rank: int):
     if torch.cuda.is_available():
         device = torch.device("cuda", d_local_rank)

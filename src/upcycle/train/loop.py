@@ -16,7 +16,8 @@
     outputs     out/metrics.csv, out/tb/ (TensorBoard events), out/summary.json, out/model/ (native
                 format for upcycled models, a transformers directory for dense ones)
 
-The pieces live beside this loop: config (TrainConfig), flops (the FLOP convention), optim (AdamW and
+The pieces live beside this loop: config (TrainConfig), step (the optimizer step of a micro-batched
+loss, which the ViT experiment's loop takes too), flops (the FLOP convention), optim (AdamW and
 its carry-over), dist (DDP/FSDP, devices), checkpoint, metrics (csv and TensorBoard), final (the saved
 model). `upcycle.train` exports this loop and TrainConfig; the rest is imported from the module that owns it.
 """
@@ -39,7 +40,6 @@ import torch.nn as nn
 
 from upcycle.data.tokens import Batches, PackedData
 from upcycle.errors import UpcycleError
-from upcycle.moe.block import aux_losses
 from upcycle.train.checkpoint import (
     _load_full_state_fsdp,
     _save_checkpoint,
@@ -49,11 +49,12 @@ from upcycle.train.checkpoint import (
     refuse_mixed_runs,
 )
 from upcycle.train.config import TrainConfig
-from upcycle.train.dist import _all_mean, _barrier, _Dist, _setup_dist, _wrap, devices
+from upcycle.train.dist import _all_mean, _barrier, _Dist, _grad_sync, _setup_dist, _wrap, devices
 from upcycle.train.final import _save_final
 from upcycle.train.flops import active_params, flops_per_token
 from upcycle.train.metrics import METRICS, TensorBoardScalars, _local, _router_summary
 from upcycle.train.optim import build_optimizer, load_named_optimizer_state
+from upcycle.train.step import optimizer_step
 
 
 def _coefs(model: nn.Module, config: TrainConfig) -> tuple[float, float]:
@@ -200,6 +201,10 @@ def train(
         else:
             load_named_optimizer_state(opt, init_optimizer_state, config)
 
+    def lm_loss(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        return model(input_ids=x, labels=x).loss
+
     batches = Batches(data.train, config.batch_size, config.seed, d.rank, d.world)
     if ckpt is not None:
         batches.load_state_dict(state["data"])
@@ -220,28 +225,18 @@ def train(
                 break
             t0 = time.perf_counter()
             lr = config.lr_at(step, total_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            micro = batches.next_step(config.grad_accum)
-            sums = None  # loss, lm, load balancing, z: summed on the device, read once per step
-            for m, x in enumerate(micro):
-                x = x.to(device)
-                sync = d.mode == "none" or m == len(micro) - 1
-                if d.mode == "fsdp":  # accumulate unsharded gradients; reduce-scatter once, on the last one
-                    model.set_requires_gradient_sync(sync)
-                with nullcontext() if sync or d.mode != "ddp" else model.no_sync():
-                    with autocast():
-                        lm = model(input_ids=x, labels=x).loss
-                        aux = aux_losses(raw, alpha, beta)
-                        lb = aux.get("load_balancing", lm.new_zeros(()))
-                        z = aux.get("z_loss", lm.new_zeros(()))
-                        loss = lm + lb + z
-                    (loss / len(micro)).backward()
-                part = torch.stack([v.detach().double() for v in (loss, lm, lb, z)]) / len(micro)
-                sums = part if sums is None else sums + part
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip) if config.clip > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            sums, gn = optimizer_step(  # loss, lm, load balancing, z: on the device, read once per step
+                model,
+                opt,
+                lr,
+                batches.next_step(config.grad_accum),
+                lm_loss,
+                (alpha, beta),
+                config.clip,
+                raw=raw,
+                grad_sync=lambda last: _grad_sync(model, d, last),
+                autocast=autocast,
+            )
             # One device-to-host read per step for every metric (a float() each would stall a GPU ~65 times)
             router, gn = _router_summary(raw), _local(gn)
             vals = torch.cat([sums] + [t.reshape(-1).to(sums) for t in (router, gn) if t is not None]).tolist()
