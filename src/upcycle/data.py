@@ -14,7 +14,9 @@
 
 Offline corpora for experiments: `corpus_documents("python")` (the Python standard library's source),
 `"man"` (English manual pages, roff stripped to text), `"pypi"` (the long descriptions of the
-installed Python packages: READMEs in English prose), then `pack_documents` or `corpus_tokens`.
+installed Python packages: READMEs in English prose), `"python+packages"` (the standard library and the
+source of torch, what torch installs, and numpy: about 80 MB of code), then `pack_documents` or
+`corpus_tokens`.
 """
 
 from __future__ import annotations
@@ -318,20 +320,65 @@ class Batches:
 
 # ------------------------------------------------------------------------------------ offline corpora
 
-CORPORA = ("python", "man", "pypi")
+CORPORA = ("python", "man", "pypi", "python+packages")
+# The installed packages whose source joins the standard library in "python+packages": torch (pinned to
+# 2.13.0 by the README and CI) and what it installs, plus numpy; tests are left out. Their versions are
+# part of the corpus's identity (`corpus_fingerprint`).
+CORPUS_PACKAGES = ("torch", "sympy", "mpmath", "networkx", "numpy")
+_SKIP_DIRS = {"test", "tests", "testing", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
 
 
 def python_stdlib_documents(max_files: int | None = None) -> list[Document]:
     """The running Python's standard-library source files (no tests, no site-packages): real code."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3", "__pycache__"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    files = sorted(p for p in root.rglob("*.py") if not {"test", "tests", "idle_test", "site-packages",
+                                                          "dist-packages", "lib2to3", "__pycache__"}
+                   & set(p.relative_to(root).parts))
     docs = []
     for f in files[:max_files]:
         text = _read_text(f)
         if text and text.strip():
             docs.append(Document(f"stdlib/{f.relative_to(root)}", text))
     return docs
+
+
+def package_source_documents(packages: Sequence[str] = CORPUS_PACKAGES) -> list[Document]:
+    """The .py source of installed packages (their test folders left out), one document per file, with
+    ids `pkg/<package>/<path>`; a package that is not installed is skipped."""
+    import importlib.util
+
+    docs = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(p for p in root.rglob("*.py") if not _SKIP_DIRS & set(p.relative_to(root).parts)
+                       and not p.name.startswith("test_"))
+        for f in files:
+            text = _read_text(f)
+            if text and text.strip():
+                docs.append(Document(f"pkg/{name}/{f.relative_to(root)}", text))
+    return docs
+
+
+def corpus_fingerprint(name: str, docs: Sequence[Document]) -> dict:
+    """What a corpus was on this machine: its name, size, the versions of the packages it reads and a
+    sha256 of its documents (ids and texts), so two machines can tell whether they trained on the same text."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.id.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
+    versions = {"python": sys.version.split()[0]}
+    if name == "python+packages":
+        for pkg in CORPUS_PACKAGES:
+            try:
+                versions[pkg] = metadata.version(pkg)
+            except metadata.PackageNotFoundError:
+                versions[pkg] = None
+    return {"corpus": name, "documents": len(docs), "chars": sum(len(d.text) for d in docs),
+            "sha256": h.hexdigest(), "versions": versions}
 
 
 _ROFF_ESCAPES = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
@@ -421,6 +468,8 @@ def corpus_documents(name: str, max_chars: int | None = None, seed: int = 0) -> 
         docs = man_page_documents(max_chars=max_chars, seed=seed)
     elif name == "pypi":
         docs = pypi_readme_documents()
+    elif name == "python+packages":
+        docs = python_stdlib_documents() + package_source_documents()
     else:
         raise UpcycleError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
     if not docs:

@@ -1,0 +1,334 @@
+"""The regime study: when does sparse upcycling beat dense continuation, and by how much?
+
+The literature's wins come from capacity-limited dense models and long upcycling budgets
+(`shared/research/regime.md`); this study measures where that regime starts, at CPU size.
+
+    dense phase  a Llama from scratch per model size, warmup then a constant LR (a warmup-stable-decay
+                 run stopped in its stable phase): a checkpoint at each branch point, `tokens_per_param`
+                 training tokens per non-embedding parameter (the main setting, and each point of the map)
+    budgets      B = the dense FLOPs up to the branch point; an arm gets share x B FLOPs (`extra`)
+    LR path      every continued arm: a re-warm over `rewarm` x B FLOPs, the stable LR, then a linear
+                 decay to `final_lr_ratio` x lr over the last `decay_fraction` of its budget. One stable run
+                 per (arm, seed) to the largest budget; each smaller budget is a decay branch from the
+                 stable run's checkpoint at its decay start (the LR before a decay does not depend on the
+                 budget, so the branch is exactly that budget's run)
+    arms         dense (continued) | upcycled (plan variants, `surgery.upcycle`) | moe_scratch (the
+                 upcycled shape from a random init, for B + extra) | dense_wide_scratch (the positive
+                 control: the dense model with the MoE layers' MLPs as wide as all their experts together,
+                 from scratch, for the same tokens as the dense arm: B + extra FLOPs of the dense model)
+    optimizer    `optimizer: reset` (a fresh AdamW state for every arm) or carry (the dense run's state,
+                 mapped onto the experts); an arm may override it
+    data         one split by document; the pretraining reads its first sequences in a fixed order; the
+                 continued arms read the sequences it did not, in the order of their seed; the scratch
+                 arms read the pretraining's sequences and then the dense arm's; no sequence twice in a run
+    seeds        a run's seed sets its data order and its router and expert initialisations
+    map          dense vs upcycled (and the best other arm of the main setting) over the dense model's
+                 training amount, per model size, every point with `map_seeds` seeds
+
+Every run writes OUT/<size>/tpp-<N>/<arm>/seed-<s>/result.json when it has finished; running the study
+again skips finished runs and resumes unfinished ones from their newest checkpoint. `regime_report`
+turns whatever has finished into results.json, results.csv, results.md and the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import yamlio
+from .errors import UpcycleError
+
+KINDS = ("dense", "upcycled", "moe_scratch", "dense_wide_scratch")
+OPTIMIZER = ("reset", "carry")
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class RegimeRecipe:
+    """The regime study; every field is a YAML key (`study: regime` selects this kind of recipe)."""
+
+    study: str = _f("regime", "the kind of recipe: regime")
+    name: str = _f("upcycling-regime", "name shown in the results")
+    corpus: str = _f("python+packages", "offline corpus (see data.corpus_documents)")
+    max_chars: int | None = _f(None, "characters of the corpus to use (a seeded sample of documents; null: all)")
+    val_fraction: float = _f(0.02, "share of documents held out for validation")
+    eval_sequences: int = _f(256, "held-out sequences per evaluation (the same ones every time)")
+    seq_len: int = _f(128, "tokens per sequence")
+    batch_size: int = _f(16, "sequences per optimizer step")
+    vocab_size: int = _f(1024, "byte-level BPE trained on the training documents, shared by every size")
+    sizes: dict = _f(None, "{size name: {hidden_size, intermediate_size, num_layers, num_heads}}")
+    main: dict = _f(None, "{size: NAME, tokens_per_param: N}: the main setting, where every arm runs")
+    lr: float = _f(3e-3, "the stable learning rate (pretraining and every continued arm)")
+    warmup: int = _f(100, "pretraining (and scratch arms') warmup steps")
+    rewarm: float = _f(0.01, "continued arms: re-warm over this share of B FLOPs")
+    decay_fraction: float = _f(0.2, "share of each budget spent decaying")
+    final_lr_ratio: float = _f(0.1, "the decay ends at this share of lr")
+    weight_decay: float = _f(0.1, "AdamW weight decay")
+    clip: float = _f(1.0, "gradient clipping")
+    optimizer: str = _f("reset", "reset: a fresh AdamW state in every arm | carry: the dense run's (mapped)")
+    extra: tuple = _f((0.25, 0.5, 1.0), "budgets: extra FLOPs as shares of B")
+    plan: dict = _f(None, "the base upcycling plan (UpcyclePlan keys)")
+    arms: dict = _f(None, "{arm: {kind: dense|upcycled|moe_scratch|dense_wide_scratch, plan: {overrides}, "
+                          "seeds: N, optimizer: reset|carry}} in the order they run")
+    map: dict | None = _f(None, "{size name: [tokens per parameter, ...]}: the crossover map's branch points")
+    map_arms: tuple = _f(("dense", "upcycled"), "arms at every map point")
+    map_best_other: bool = _f(True, "also run, at every map point, the best other arm of the main setting "
+                                    "(lowest mean loss at the largest budget), once the main setting is done")
+    map_seeds: int = _f(3, "seeds at every map point")
+    eval_every: float = _f(0.05, "evaluate every this share of B FLOPs along each run")
+    checkpoint_every: float = _f(0.1, "checkpoint every this share of a run's steps (resume after a kill)")
+    pretrain_seed: int = _f(0, "seed of the dense pretraining (its data order and initialisation)")
+    threads: int = _f(1, "torch threads per run")
+    workers: int = _f(2, "runs side by side (processes)")
+    tiny: dict | None = _f(None, "overrides applied by --tiny (the smoke test)")
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> UpcycleError:
+            return UpcycleError(f"recipe {self.name!r}: {key}: {why}")
+
+        object.__setattr__(self, "extra", tuple(sorted(float(x) for x in self.extra)))
+        object.__setattr__(self, "map_arms", tuple(self.map_arms))
+        if self.study != "regime":
+            raise bad("study", f"this runner takes study: regime, got {self.study!r}")
+        if not self.extra or any(not 0 < x <= 100 for x in self.extra):
+            raise bad("extra", f"give positive shares of B, got {list(self.extra)}")
+        if not isinstance(self.sizes, dict) or not self.sizes:
+            raise bad("sizes", "give {name: {hidden_size, intermediate_size, num_layers, num_heads}}")
+        for n, m in self.sizes.items():
+            missing = {"hidden_size", "intermediate_size", "num_layers", "num_heads"} - set(m or {})
+            if missing:
+                raise bad(f"sizes.{n}", f"missing {sorted(missing)}")
+        if not isinstance(self.main, dict) or self.main.get("size") not in self.sizes or not (
+                isinstance(self.main.get("tokens_per_param"), (int, float)) and self.main["tokens_per_param"] > 0):
+            raise bad("main", "give {size: one of sizes, tokens_per_param: N > 0}")
+        if not isinstance(self.arms, dict) or "dense" not in self.arms:
+            raise bad("arms", "give {arm: {kind: ...}, ...}, with a dense arm")
+        for a, spec in self.arms.items():
+            if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
+                raise bad(f"arms.{a}", f"kind must be one of {', '.join(KINDS)}")
+            unknown = set(spec) - {"kind", "plan", "seeds", "optimizer"}
+            if unknown:
+                raise bad(f"arms.{a}", f"unknown key {sorted(unknown)[0]!r}")
+            if spec.get("optimizer", self.optimizer) not in OPTIMIZER:
+                raise bad(f"arms.{a}.optimizer", f"reset or carry, got {spec.get('optimizer')!r}")
+            if spec["kind"] in ("upcycled", "moe_scratch"):
+                self.arm_plan(a)  # validates
+        for a in self.map_arms:
+            if a not in self.arms:
+                raise bad("map_arms", f"{a!r} is not an arm")
+        for n, amounts in (self.map or {}).items():
+            if n not in self.sizes or not amounts or any(not x > 0 for x in amounts):
+                raise bad(f"map.{n}", "give a size name and positive tokens per parameter")
+        if self.optimizer not in OPTIMIZER:
+            raise bad("optimizer", f"reset or carry, got {self.optimizer!r}")
+        if not 0 < self.decay_fraction < 1 or not 0 < self.final_lr_ratio <= 1 or not 0 <= self.rewarm < 0.5:
+            raise bad("decay_fraction", "decay_fraction in (0, 1), final_lr_ratio in (0, 1], rewarm in [0, 0.5)")
+
+    def arm_plan(self, arm: str):
+        from .plan import UpcyclePlan
+
+        over = self.arms[arm].get("plan") or {}
+        return UpcyclePlan.from_dict(dict(self.plan or {}) | dict(over), source=f"recipe {self.name!r} arm {arm!r}")
+
+    def seeds(self, arm: str) -> int:
+        return int(self.arms[arm].get("seeds", 1))
+
+    def arm_optimizer(self, arm: str) -> str:
+        return self.arms[arm].get("optimizer", self.optimizer)
+
+    def branch_points(self, size: str) -> list[float]:
+        pts = set((self.map or {}).get(size, []))
+        if size == self.main["size"]:
+            pts.add(float(self.main["tokens_per_param"]))
+        return sorted(float(x) for x in pts)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["extra"], d["map_arms"] = list(self.extra), list(self.map_arms)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "RegimeRecipe":
+        yamlio.check_fields(cls, d, source, "recipe keys")
+        d = dict(d)
+        if tiny:
+            over = d.get("tiny")
+            if not over:
+                raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
+            bad = sorted(set(over) - {f.name for f in dataclasses.fields(cls)} - {"tiny"})
+            if bad:
+                raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
+            d.update(over)
+            d["name"] = f"{d.get('name', 'upcycling-regime')} (tiny)"
+        for k in ("lr", "rewarm", "decay_fraction", "final_lr_ratio", "weight_decay", "clip", "val_fraction",
+                  "eval_every", "checkpoint_every"):
+            if isinstance(d.get(k), str):
+                d[k] = float(d[k])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UpcycleError(f"{source}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: a size's dense pretraining (arm None) or one (arm, seed) at a branch point."""
+
+    size: str
+    tpp: float | None = None
+    arm: str | None = None
+    seed: int = 0
+
+    @property
+    def name(self) -> str:
+        if self.arm is None:
+            return f"{self.size}/pretrain"
+        return f"{self.size}/tpp-{self.tpp:g}/{self.arm}/seed-{self.seed}"
+
+
+def plan_jobs(r: RegimeRecipe, best_other: str | None = None) -> list[Job]:
+    """Every job of the study in the order they should run: pretrainings, the main setting's arms
+    (seed by seed, so that every arm has a first seed early), then the map."""
+    jobs = [Job(s) for s in r.sizes if r.branch_points(s)]
+    main = (r.main["size"], float(r.main["tokens_per_param"]))
+    for seed in range(max(r.seeds(a) for a in r.arms)):
+        jobs += [Job(*main, arm=a, seed=seed) for a in r.arms if seed < r.seeds(a)]
+    map_arms = list(r.map_arms) + ([best_other] if best_other and best_other not in r.map_arms else [])
+    for size, amounts in (r.map or {}).items():
+        for tpp in sorted(float(x) for x in amounts):
+            for seed in range(r.map_seeds):
+                jobs += [Job(size, tpp, a, seed) for a in map_arms
+                         if not ((size, tpp) == main and seed < r.seeds(a))]
+    seen, out = set(), []
+    for j in jobs:
+        if j not in seen:
+            seen.add(j)
+            out.append(j)
+    return out
+
+
+def job_dir(out: Path, job: Job) -> Path:
+    return out / job.name
+
+
+def job_done(out: Path, job: Job) -> bool:
+    if job.arm is None:
+        return (job_dir(out, job) / "done.json").is_file()
+    return (job_dir(out, job) / "result.json").is_file()
+
+
+def best_other_arm(r: RegimeRecipe, out: Path) -> str | None:
+    """The MoE arm (upcycled or from scratch, the study's optimizer treatment) other than the map's with
+    the lowest mean loss at the largest budget of the main setting, once all of them have finished."""
+    size, tpp = r.main["size"], float(r.main["tokens_per_param"])
+    means = {}
+    for a in r.arms:  # the MoE alternatives under the study's own optimizer treatment
+        if a in r.map_arms or r.arms[a]["kind"] not in ("upcycled", "moe_scratch") or r.arm_optimizer(a) != r.optimizer:
+            continue
+        runs = [job_dir(out, Job(size, tpp, a, s)) / "result.json" for s in range(r.seeds(a))]
+        if not all(p.is_file() for p in runs):
+            return None
+        vals = [json.loads(p.read_text())["points"][-1]["val_loss"] for p in runs]
+        means[a] = sum(vals) / len(vals)
+    return min(means, key=means.get) if means else None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def run_study(r: RegimeRecipe, out: str | Path, log=print, command: str | None = None, progress: bool = False
+              ) -> dict:
+    """Run (or resume) the study; `workers` runs side by side. Returns the report (see regime_report)."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    from .regime_report import regime_report
+    from .regime_runs import prepare_data, run_job
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "recipe.json"
+    new = r.to_dict()
+    if saved.is_file():
+        old = json.loads(saved.read_text())
+        diff = sorted(k for k in set(old) | set(new) if k not in ("arms", "map", "tiny", "workers", "map_seeds")
+                      and old.get(k) != new.get(k))
+        if diff:
+            raise UpcycleError(f"{out} holds a study with a different recipe ({', '.join(diff)}); pass --overwrite "
+                               "or another --out")
+    saved.write_text(json.dumps(new, indent=1) + "\n")
+    t0 = time.perf_counter()
+    prepare_data(r, out, log)  # tokenizer and packed sequences, cached for the workers
+    done_before = {j for j in plan_jobs(r) if job_done(out, j)}
+    running: dict = {}
+    failed: list[str] = []
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, r.workers), mp_context=ctx) as pool:
+        while True:
+            jobs = plan_jobs(r, best_other_arm(r, out))
+            todo = [j for j in jobs if not job_done(out, j) and j not in running.values()
+                    and j.name not in failed]
+            ready = [j for j in todo if j.arm is None or job_done(out, Job(j.size))]
+            while ready and len(running) < max(1, r.workers):
+                j = ready.pop(0)
+                log(f"start {j.name}")
+                running[pool.submit(run_job, r, str(out), j, progress)] = j
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                j = running.pop(fut)
+                try:
+                    msg = fut.result()
+                    log(f"done  {j.name}: {msg}")
+                except Exception as e:  # one failed run does not stop the others; it is reported
+                    failed.append(j.name)
+                    log(f"FAILED {j.name}: {type(e).__name__}: {e}")
+    report = regime_report(r, out, command=command, wall_s=time.perf_counter() - t0,
+                           resumed=len(done_before))
+    if failed:
+        raise UpcycleError(f"{len(failed)} run(s) failed: {', '.join(failed)}; the finished ones are in {out}/"
+                           "results.md; run the same command again to retry them")
+    return report
+
+
+def load_recipe_mapping(path: str | Path) -> dict:
+    return yamlio.read_mapping(path, "recipe")
+
+
+def is_regime_recipe(d: dict) -> bool:
+    return isinstance(d, dict) and d.get("study") == "regime"
+
+
+def tokens_per_param_steps(r: RegimeRecipe, non_embedding: int, tpp: float) -> int:
+    """Optimizer steps of the dense pretraining up to a branch point of `tpp` tokens per parameter."""
+    return max(1, math.ceil(tpp * non_embedding / (r.batch_size * r.seq_len)))
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """A checkpoint directory copied into place atomically (a kill leaves no half copy)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.replace(dst)
