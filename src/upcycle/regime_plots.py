@@ -30,7 +30,7 @@ def plot_budgets(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
         ys = [p["val_loss_mean"] for p in pts]
         es = [0 if math.isnan(p["val_loss_std"]) else p["val_loss_std"] for p in pts]
         n = max(p["seeds"] for p in pts)
-        label = f"{arm} (n={n})"
+        label = f"{arm} (n={n}" + (", the dense arm's tokens)" if a["kind"] == "dense_wide_scratch" else ")")
         scratch = a["kind"] in ("moe_scratch", "dense_wide_scratch")
         xs_f = [100 * p["extra"] for p in pts]
         xs_t = [100 * (p["tokens"] - (0 if not scratch else T)) / T for p in pts]
@@ -44,10 +44,12 @@ def plot_budgets(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
     axes[1].set_xlabel("extra training tokens, % of the dense pretraining's tokens")
     axes[0].set_ylabel("validation loss (mean ± std over seeds)")
     d = res["dense"]
-    axes[0].set_title(f"{r.name}: {d['non_embedding_params'] / 1e3:.0f}k non-embedding params, "
-                      f"{d['tokens_per_param']:.0f} tokens/param", loc="left", fontweight="bold")
-    axes[1].set_title("the same points by tokens", loc="left", fontweight="bold")
-    axes[1].legend(frameon=False, fontsize=9, loc="upper right")
+    fig.suptitle(f"{r.name}: validation loss at each budget ({d['non_embedding_params'] / 1e3:.0f}k non-embedding "
+                 f"parameters, branched at {d['tokens_per_param']:.0f} tokens/parameter)", x=0.01, ha="left",
+                 fontweight="bold")
+    axes[0].set_title("by FLOPs", loc="left")
+    axes[1].set_title("by tokens", loc="left")
+    axes[1].legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -55,7 +57,7 @@ def plot_budgets(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
 def plot_curves(runs: dict, res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
     """Stable-phase validation loss and routing (entropy, max/mean expert load) along each arm's run."""
     size, tpp = r.main["size"], float(r.main["tokens_per_param"])
-    arms = [a for a in r.arms if (size, tpp, a) in runs]
+    arms = [a for a in r.arms if (size, tpp, a) in runs and r.arms[a]["kind"] != "dense_wide_scratch"]
     if not arms:
         return None
     plt = _plt()
@@ -80,7 +82,7 @@ def plot_curves(runs: dict, res: dict, r: RegimeRecipe, out_png: Path) -> Path |
         lo = min(a["points"][-1]["val_loss_mean"] for a in res["arms"].values()) if res["arms"] else None
         if lo is not None:
             axes[0].set_ylim(lo - 0.05, res["dense"]["val_loss"] + 0.15)
-    axes[0].set_xlim(-5, None)
+    axes[0].set_xlim(-5, 105)
     axes[1].set_ylabel("router entropy (nats, mean over MoE layers; seed 0)")
     axes[2].set_ylabel("max / mean expert load (seed 0)")
     for ax, t in zip(axes, ("stable phase of the largest budget", "routing entropy", "expert load balance")):
@@ -100,7 +102,8 @@ def plot_map(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
     plt = _plt()
     import numpy as np
 
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6.5 * len(sizes), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(7.5 * len(sizes), 4.6), squeeze=False,
+                             gridspec_kw={"wspace": 0.25})
     vmax = max(abs(m["gap_mean"]) for m in rows) or 1.0
     for ax, s in zip(axes[0], sizes):
         tpps = sorted({m["tokens_per_param"] for m in rows if m["size"] == s})
@@ -114,10 +117,12 @@ def plot_map(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
         im = ax.imshow(grid, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
         ax.set_xticks(range(len(tpps)), [f"{t:g}" for t in tpps])
         ax.set_yticks(range(len(r.extra)), [f"+{x:.0%}" for x in r.extra])
-        ax.set_xlabel("dense training tokens per non-embedding parameter")
-        ax.set_ylabel("extra compute (share of B)")
+        ax.set_xlabel("dense tokens per non-embedding parameter")
+        if s == sizes[0]:
+            ax.set_ylabel("extra compute (share of B)")
         m = r.sizes[s]
-        ax.set_title(f"{s}: d={m['hidden_size']}, {m['num_layers']} layers", loc="left", fontweight="bold")
+        ax.set_title(f"{s}: d={m['hidden_size']}, {m['num_layers']} layers (upcycled − dense)", loc="left",
+                     fontweight="bold")
     fig.colorbar(im, ax=axes[0].tolist(), label="val loss: upcycled − dense (blue: upcycling wins)")
     return _save(fig, out_png)
 

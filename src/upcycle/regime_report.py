@@ -129,12 +129,12 @@ def regime_report(r: RegimeRecipe, out: Path, command: str | None = None, wall_s
     res["crossover"] = crossover(res["map"], r)
     res["branch_points"] = {f"{s}/{t:g}": v for (s, t), v in branches.items()}
     res["missing_runs"] = [j.name for j in plan_jobs(r, best) if not job_done(out, j)]
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     write_csv(runs, r, out / "results.csv")
     from .regime_plots import plot_all
     from .regime_text import results_markdown
 
     res["figures"] = plot_all(res, runs, r, out)
+    (out / "results.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     (out / "results.md").write_text(results_markdown(res, r))
     return res
 

@@ -1,0 +1,168 @@
+"""The regime study's mechanics at its smoke size (`recipes/upcycling-regime.yaml --tiny`): every arm
+branches from the same checkpoint bytes, every continued arm follows the same LR path (re-warm, stable,
+decay over the last 20% of each budget) step by step, each budget point spends its target FLOPs to
+within 1%, a decay branch is exactly the run of its budget, the seeds really differ, and a second call
+trains nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from upcycle.cli import main
+from upcycle.regime import Job, RegimeRecipe, job_dir, load_recipe_mapping, plan_jobs, sha256_file
+from upcycle.train import TrainConfig
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "upcycling-regime.yaml"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("regime") / "tiny"
+    assert main(["experiment", str(RECIPE), "--tiny", "--out", str(out), "--quiet"]) == 0
+    r = RegimeRecipe.from_dict(load_recipe_mapping(RECIPE), tiny=True)
+    return r, out, json.loads((out / "results.json").read_text())
+
+
+def _results(r, out):
+    return {j: json.loads((job_dir(out, j) / "result.json").read_text()) for j in plan_jobs(r) if j.arm}
+
+
+def _lrs(path: Path) -> list[float]:
+    with open(path) as fh:
+        return [float(row["lr"]) for row in csv.DictReader(fh)]
+
+
+def test_the_real_recipe_is_valid_and_sized_as_documented():
+    r = RegimeRecipe.from_dict(load_recipe_mapping(RECIPE))
+    assert r.main["tokens_per_param"] >= 80 and r.extra == (0.25, 0.5, 1.0)
+    need = {"dense", "upcycled", "upcycled_unnormalized", "upcycled_top1", "granular", "drop", "moe_scratch",
+            "dense_wide_scratch"}
+    assert need <= set(r.arms) and r.seeds("dense") >= 3 and r.seeds("upcycled") >= 3
+    assert r.arm_plan("drop").drop_ratio == 0.5 and r.arm_plan("upcycled").top_k == 2
+    assert len(r.sizes) >= 2 and r.map_seeds >= 3
+
+
+def test_every_run_finished_with_a_finite_loss(study):
+    r, out, res = study
+    assert res["missing_runs"] == []
+    assert set(res["arms"]) == set(r.arms)
+    for a in res["arms"].values():
+        assert all(math.isfinite(p["val_loss_mean"]) for p in a["points"])
+    d = res["arms"]["dense"]["points"]
+    assert d[-1]["val_loss_mean"] < res["dense"]["val_loss"] - 0.02  # continued training learns
+    assert {"main_budgets.png", "main_curves.png", "map_heatmap.png"} <= set(res["figures"])
+    assert (out / "results.csv").is_file() and "## Crossover map" in (out / "results.md").read_text()
+
+
+def test_every_arm_branches_from_the_same_checkpoint_bytes(study):
+    r, out, res = study
+    for j, x in _results(r, out).items():
+        branch = out / j.size / "pretrain" / f"branch-{j.tpp:g}" / "model.safetensors"
+        assert x["branch_sha256"] == sha256_file(branch), j.name
+    runs = _results(r, out)
+    main_ = {j.arm: x for j, x in runs.items() if (j.size, j.tpp) == ("main", 20.0) and j.seed == 0}
+    dense = main_["dense"]["start_val_loss"]
+    assert dense == pytest.approx(res["dense"]["val_loss"], rel=1e-6)
+    for arm in ("upcycled", "upcycled_carry"):  # copies + renormalised top-2 start as the dense model
+        assert main_[arm]["start_val_loss"] == pytest.approx(dense, rel=1e-5), arm
+    assert main_["drop"]["start_val_loss"] != pytest.approx(dense, rel=1e-3)  # re-drawn neurons move it
+    assert abs(main_["moe_scratch"]["start_val_loss"] - dense) > 1.0  # a random init is far away
+
+
+def test_every_continued_arm_follows_the_same_lr_path(study):
+    r, out, _ = study
+    paths = {}
+    for j, x in _results(r, out).items():
+        if x["kind"] not in ("dense", "upcycled"):
+            continue
+        d = job_dir(out, j)
+        B, fpt, tps = x["B_flops"], x["flops_per_token"], r.batch_size * r.seq_len
+        for k, p in enumerate(x["points"]):
+            lrs = _lrs(d / ("stable" if k == len(x["points"]) - 1 else f"branch-{p['extra']:g}") / "metrics.csv")
+            assert len(lrs) == p["steps"]  # one row a step, from the arm's first step (a branch keeps the stable rows)
+            warm, start = x["warmup_steps"], p["steps"] - max(1, round(r.decay_fraction * p["steps"]))
+            # the same path in FLOPs: re-warm over rewarm x B, decay over the last 20% of the budget
+            assert abs(warm * fpt * tps - r.rewarm * B) <= fpt * tps
+            assert abs(start * fpt * tps - (1 - r.decay_fraction) * p["target_flops"]) <= 2 * fpt * tps
+            assert lrs[warm - 1] == pytest.approx(r.lr) and lrs[0] == pytest.approx(r.lr / warm)
+            assert all(v == pytest.approx(r.lr) for v in lrs[warm:start])
+            assert lrs[-1] == pytest.approx(r.lr * r.final_lr_ratio)
+            assert all(a >= b for a, b in zip(lrs[start - 1:], lrs[start:]))
+            paths.setdefault((j.size, j.tpp, p["extra"], x["flops_per_token"]), []).append(lrs)
+    for group in paths.values():  # arms and seeds with one FLOPs per token: identical step by step
+        assert all(g == group[0] for g in group)
+    assert any(len(g) > 1 for g in paths.values())
+
+
+def test_each_budget_spends_its_target_flops(study):
+    r, out, res = study
+    for j, x in _results(r, out).items():
+        if (j.size, j.tpp) != ("main", 20.0):
+            continue
+        for p in x["points"]:
+            assert abs(p["flops"] - p["target_flops"]) <= 0.01 * p["target_flops"], (j.name, p)
+            if x["kind"] in ("dense", "upcycled"):
+                assert p["extra_flops"] == p["flops"]
+    # the positive control reads exactly the dense arm's tokens (its pretraining's and its continuation's)
+    dense, wide = res["arms"]["dense"]["points"], res["arms"]["dense_wide_scratch"]["points"]
+    for a, b in zip(dense, wide):
+        assert b["tokens"] == a["tokens"] + res["dense"]["tokens"]
+
+
+def test_the_seeds_differ(study):
+    r, out, _ = study
+    runs = _results(r, out)
+    for arm in ("dense", "upcycled"):
+        a, b = (runs[Job("main", 20.0, arm, s)] for s in (0, 1))
+        assert a["points"][-1]["val_loss"] != b["points"][-1]["val_loss"], arm
+        assert a["curve"]["val_loss"][1] != b["curve"]["val_loss"][1], arm
+
+
+def test_a_decay_branch_is_exactly_the_run_of_its_budget(study, tmp_path):
+    """The 25% budget's point (stable run to its decay start, then the branch) against one run of that
+    budget from the branch point, no stop: the same losses, bit for bit."""
+    import torch
+
+    from upcycle.regime_runs import _config, arm_data, build_arm, load_data, size_config
+    from upcycle.train import train
+
+    r, out, _ = study
+    j = Job("main", 20.0, "upcycled", 0)
+    x = json.loads((job_dir(out, j) / "result.json").read_text())
+    p = x["points"][0]
+    data = load_data(out)
+    branch = out / "main" / "pretrain" / "branch-20"
+    binfo = json.loads((branch / "branch.json").read_text())
+    torch.set_num_threads(1)
+    model, _ = build_arm(r, "upcycled", 0, size_config(r, "main", data.info), branch)
+    arm_d = arm_data(r, data, binfo["steps"], 0, None)
+    every = max(1, round(r.eval_every * x["B_flops"] / (x["flops_per_token"] * r.batch_size * r.seq_len)))
+    cfg = _config(r, p["steps"], x["warmup_steps"], 0, every, 10**6)
+    rows = train(model, arm_d, cfg, tmp_path / "direct", progress=False, save_model=False)
+    assert rows[-1]["val_loss"] == p["val_loss"]
+
+
+def test_a_second_call_trains_nothing(study):
+    r, out, res = study
+    t0 = time.perf_counter()
+    assert main(["experiment", str(RECIPE), "--tiny", "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["arms"] == res["arms"] and again["map"] == res["map"]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_wsd_schedule():
+    c = TrainConfig(lr=1.0, min_lr=0.1, warmup=4, schedule="wsd", decay_fraction=0.2, steps=100)
+    lrs = [c.lr_at(s, 100) for s in range(100)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and set(lrs[4:80]) == {1.0}
+    assert lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.1) and c.decay_start(100) == 80
+    # before its decay, a longer run's LR is the shorter one's: a checkpoint there is a branch point
+    assert [c.lr_at(s, 1000) for s in range(80)] == lrs[:80]
+    with pytest.raises(Exception, match="decay_fraction"):
+        TrainConfig(schedule="wsd", decay_fraction=0.0)
