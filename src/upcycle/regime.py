@@ -59,7 +59,8 @@ class RegimeRecipe:
 
     study: str = _f("regime", "the kind of recipe: regime")
     name: str = _f("upcycling-regime", "name shown in the results")
-    corpus: str = _f("python+packages", "offline corpus (see data.corpus_documents)")
+    corpus: str = _f("python+packages", "offline corpus (see data.corpus_documents), or a path to your own text "
+                                        "(file, folder, .jsonl)")
     max_chars: int | None = _f(None, "characters of the corpus to use (a seeded sample of documents; null: all)")
     val_fraction: float = _f(0.02, "share of documents held out for validation")
     eval_sequences: int = _f(256, "held-out sequences per evaluation (the same ones every time)")

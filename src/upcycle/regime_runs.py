@@ -23,7 +23,7 @@ from .regime import Job, RegimeRecipe, copy_checkpoint, job_dir, sha256_file, to
 def prepare_data(r: RegimeRecipe, out: Path, log=print) -> None:
     """OUT/data: the BPE tokenizer (trained on the training documents) and the packed sequences (train,
     and the fixed evaluation set), made once and read by every run."""
-    from .data import corpus_documents, corpus_fingerprint, pack_documents, split_documents
+    from .data import CORPORA, corpus_documents, corpus_fingerprint, pack_documents, read_documents, split_documents
     from .experiment import train_bpe
 
     d = out / "data"
@@ -31,7 +31,10 @@ def prepare_data(r: RegimeRecipe, out: Path, log=print) -> None:
         return
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    docs = corpus_documents(r.corpus, r.max_chars, 0)
+    if r.corpus in CORPORA:
+        docs = corpus_documents(r.corpus, r.max_chars, 0)
+    else:  # your own text: a file, a folder of text files or a .jsonl file
+        docs = read_documents(r.corpus)
     train_docs, _ = split_documents(docs, r.val_fraction, 0)
     tok = train_bpe(train_docs, r.vocab_size, d / "tokenizer")
     packed = pack_documents(docs, tok, r.seq_len, r.val_fraction, 0, source=f"corpus:{r.corpus}")
@@ -176,7 +179,7 @@ def run_pretrain(r: RegimeRecipe, out: Path, job: Job, data, progress: bool) -> 
         rows = _advance(model, data, cfg, d / "run", k, progress)
         ck = checkpoints(d / "run")[-1]
         copy_checkpoint(ck, b)
-        val = float(evaluate_loss(model, data.val, r.batch_size, cfg.eval_batches, torch.device("cpu")))
+        val = float(evaluate_loss(model, data.val, r.batch_size, cfg.eval_batches, next(model.parameters()).device))
         (b / "branch.json").write_text(json.dumps({
             "tokens_per_param": tpp, "steps": k, "tokens": k * r.batch_size * r.seq_len,
             "flops": rows[-1]["flops"] if rows else k * r.batch_size * r.seq_len * fpt, "flops_per_token": fpt,
@@ -246,7 +249,7 @@ def run_arm(r: RegimeRecipe, out: Path, job: Job, data, progress: bool) -> str:
         else:
             dense = _load_weights(_dense(config, 0), branch / "model.safetensors")
             init_opt = carry_over_optimizer_state(dense_opt, dense, model, plan)
-    start = float(evaluate_loss(model, arm_d.val, r.batch_size, cfgs[max(r.extra)].eval_batches, torch.device("cpu")))
+    start = float(evaluate_loss(model, arm_d.val, r.batch_size, cfgs[max(r.extra)].eval_batches, next(model.parameters()).device))
     stable = d / "stable"
     points = []
     for x in r.extra:
