@@ -201,12 +201,15 @@ class Job:
 
 
 def plan_jobs(r: RegimeRecipe, best_other: str | None = None) -> list[Job]:
-    """Every job of the study in the order they should run: pretrainings, the main setting's arms
-    (seed by seed, so that every arm has a first seed early), then the map."""
+    """Every job of the study in the order they should run: pretrainings, the main setting's arms with
+    several seeds (seed by seed: the core comparison and its spread first), its other arms in the
+    recipe's order, then the map."""
     jobs = [Job(s) for s in r.sizes if r.branch_points(s)]
     main = (r.main["size"], float(r.main["tokens_per_param"]))
-    for seed in range(max(r.seeds(a) for a in r.arms)):
-        jobs += [Job(*main, arm=a, seed=seed) for a in r.arms if seed < r.seeds(a)]
+    multi = [a for a in r.arms if r.seeds(a) > 1]
+    for seed in range(max([r.seeds(a) for a in multi], default=0)):
+        jobs += [Job(*main, arm=a, seed=seed) for a in multi if seed < r.seeds(a)]
+    jobs += [Job(*main, arm=a, seed=s) for a in r.arms if a not in multi for s in range(r.seeds(a))]
     map_arms = list(r.map_arms) + ([best_other] if best_other and best_other not in r.map_arms else [])
     for size, amounts in (r.map or {}).items():
         for tpp in sorted(float(x) for x in amounts):
