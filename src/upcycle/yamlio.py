@@ -31,9 +31,32 @@ def read_mapping(path: str | Path, what: str, error: type[UpcycleError] = Upcycl
     if not path.is_file():
         raise error(f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def check_fields(cls: type, d: Any, source: str, what: str, error: type[UpcycleError] = UpcycleError) -> None:

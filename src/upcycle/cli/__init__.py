@@ -10,6 +10,7 @@ too); flags override the plan file. Any bad input ends with a one-line error and
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from upcycle.cli import (
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="upcycle", description="Turn dense Transformer checkpoints into MoE models.")
     p.add_argument("--version", action="version", version=f"upcycle {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback behind an error (before the command)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, mod in COMMANDS.items():
         if name in BUILT_IN:
@@ -71,13 +73,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_OS_ADVICE = {
+    errno.EROFS: "the file system is read-only: give an output directory on a writable disk",
+    errno.ENOSPC: "the disk is full: free some space or give an output directory on another disk",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or give an output directory elsewhere",
+    errno.ENAMETOOLONG: "a file name is too long: give a shorter output directory name",
+    errno.EACCES: "permission denied: give a path you can write to",
+    errno.EPERM: "operation not permitted: give a path you can write to",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file, what the system said, and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f) or "a file"
+    what = e.strerror or str(e)
+    return f"{where}: {what}; {_OS_ADVICE.get(e.errno, 'check the path and the disk, then run again')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
     except UpcycleError as e:
+        if args.debug:
+            raise
         print(f"upcycle: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk said no while reading or writing: say which file and what to do
+        if args.debug:
+            raise
+        print(f"upcycle: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("upcycle: interrupted; nothing was written", file=sys.stderr)
