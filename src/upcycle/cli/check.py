@@ -54,6 +54,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
     tok = AutoTokenizer.from_pretrained(tok_dir)
     ids = tok(text, return_tensors="pt").input_ids[0, : args.tokens]
+    if ids.numel() < 2:
+        raise UpcycleError(f"{text_name}: {ids.numel()} token(s); check needs at least 2: give a longer --text")
     moe = load(args.model, dtype=torch.float32)
     dense = AutoModelForCausalLM.from_pretrained(args.against, dtype=torch.float32, use_safetensors=True).eval()
     r = compare(moe, dense, ids, args.context)

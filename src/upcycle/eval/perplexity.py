@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from upcycle.errors import UpcycleError
+
 
 def held_out_text() -> tuple[str, str]:
     """Default evaluation text: the source of Python's own `textwrap` module (ships with every Python)."""
@@ -66,6 +68,12 @@ def compare(moe: nn.Module, dense: nn.Module, ids_N: torch.Tensor, context: int 
     for window in _windows(ids_N, context):
         a = moe(window.to(_device(moe))).logits.float()
         b = dense(window.to(_device(dense))).logits.float().to(a.device)
+        for name, logits in (("dense", b), ("upcycled", a)):
+            if not torch.isfinite(logits).all():
+                raise UpcycleError(
+                    f"the {name} model computes non-finite logits (NaN or Inf): its weights hold NaN/Inf or overflow "
+                    "in this dtype; check the checkpoint (or load it in float32)"
+                )
         max_abs = max(max_abs, (a - b).abs().max().item())
         ref_max = max(ref_max, b.abs().max().item())
         agree += (a.argmax(-1) == b.argmax(-1)).sum().item()

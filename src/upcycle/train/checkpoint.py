@@ -104,8 +104,8 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))  # stray copies (step-000030.bak) are not checkpoints
 
 
 def _save_checkpoint(
