@@ -156,7 +156,10 @@ def test_not_enough_disk_space(tmp_path, tiny_dir, monkeypatch):
         total, used, free = 10**12, 10**12, 1000
 
     monkeypatch.setattr(dirs.shutil, "disk_usage", lambda p: Usage)
-    with pytest.raises(UpcycleError, match=r"not enough disk space for .*out: need 0\.\d\d GB, only 0\.00 GB free"):
+    with pytest.raises(
+        UpcycleError,
+        match=r"not enough disk space for .*out: need \d+\.\d MB plus a 67\.1 MB reserve, .* has 0\.0 MB free",
+    ):
         stream_upcycle(tiny_dir, UpcyclePlan(), tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
 

@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.train.loop import train
     from upcycle.train.optim import carry_over_optimizer_state
 
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UpcycleError(f"--stop-at must be at least 1 (the step after which the run stops), got {args.stop_at}")
+
     config = resolve_config(args)
     if not args.data.exists():
         raise UpcycleError(f"data path not found: {args.data}")

@@ -31,9 +31,13 @@ def check_disk_space(out_dir: Path, nbytes: int, margin: int = 64 << 20) -> None
     free = shutil.disk_usage(parent).free
     if free < nbytes + margin:
         raise UpcycleError(
-            f"not enough disk space for {out_dir}: need {nbytes / 1e9:.2f} GB, only "
-            f"{free / 1e9:.2f} GB free on {parent}; free some space or choose another --out"
+            f"not enough disk space for {out_dir}: need {_size(nbytes)} plus a {_size(margin)} reserve, "
+            f"{parent} has {_size(free)} free; free some space or choose another --out"
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 SIDE_FILES = (
