@@ -262,15 +262,20 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 def save_state(out: str | Path, dest: str | Path) -> list[str]:
     """What a fresh machine needs to resume the study in `out` (copied to dest, atomically): the recipe,
     the tokenizer and the corpus fingerprint (the sequences are rebuilt from them, checked against the
-    fingerprint), each branch point's checkpoint, and every finished run's result and budget points.
-    Unfinished runs start over. Returns the copied paths, relative to out."""
+    fingerprint), each branch point's checkpoint, every finished run's result and budget points, and an
+    unfinished run's finished budgets and newest checkpoints. Returns the copied paths, relative to out."""
     out, dest = Path(out), Path(dest)
     keep = ["recipe.json", "data/data.json"]
     keep += [str(p.relative_to(out)) for p in sorted((out / "data" / "tokenizer").glob("*"))]
     for p in sorted(out.glob("*/pretrain/branch-*/*")) + sorted(out.glob("*/pretrain/done.json")):
         keep.append(str(p.relative_to(out)))
-    for res in sorted(out.glob("*/tpp-*/*/seed-*/result.json")):
-        keep += [str(p.relative_to(out)) for p in [res, *sorted(res.parent.glob("budget-*.json"))]]
+    for run in sorted(out.glob("*/tpp-*/*/seed-*")):
+        keep += [str(p.relative_to(out)) for p in sorted(run.glob("result.json")) + sorted(run.glob("budget-*.json"))]
+        if not (run / "result.json").is_file():  # unfinished: its newest checkpoints, to go on from there
+            for ckpts in sorted(run.glob("*/checkpoints")):
+                steps = sorted((p for p in ckpts.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+                if steps and (steps[-1] / "state.json").is_file():
+                    keep += [str(p.relative_to(out)) for p in sorted(steps[-1].iterdir())]
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for rel in keep:
