@@ -124,6 +124,23 @@ def test_each_budget_spends_its_target_flops(study):
         assert b["tokens"] == a["tokens"] + res["dense"]["tokens"]
 
 
+def test_a_scratch_arm_with_decay_extra_decays_over_the_continued_arms_flops(study):
+    r, out, _ = study
+    runs = _results(r, out)
+    short, dense = runs[Job("main", 20.0, "moe_scratch_short_decay", 0)], runs[Job("main", 20.0, "dense", 0)]
+    long_ = runs[Job("main", 20.0, "moe_scratch", 0)]
+    tps = r.batch_size * r.seq_len
+    for k, (p, q) in enumerate(zip(short["points"], dense["points"])):
+        name = "stable" if k == len(short["points"]) - 1 else f"branch-{p['extra']:g}"
+        lrs = _lrs(job_dir(out, Job("main", 20.0, "moe_scratch_short_decay", 0)) / name / "metrics.csv")
+        decay_steps = sum(1 for v in lrs[short["warmup_steps"] :] if v < r.lr)
+        dense_decay = max(1, round(r.decay_fraction * q["steps"]))  # the dense arm's decay, in FLOPs
+        assert abs(decay_steps * short["flops_per_token"] - dense_decay * dense["flops_per_token"]) * tps <= (
+            0.02 * dense_decay * dense["flops_per_token"] * tps + 2 * short["flops_per_token"] * tps
+        )
+    assert short["points"][-1]["val_loss"] != long_["points"][-1]["val_loss"]
+
+
 def test_the_seeds_differ(study):
     r, out, _ = study
     runs = _results(r, out)

@@ -93,9 +93,13 @@ class RegimeRecipe:
         for a, spec in self.arms.items():
             if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
                 raise bad(f"arms.{a}", f"kind must be one of {', '.join(KINDS)}")
-            unknown = set(spec) - {"kind", "plan", "seeds", "optimizer"}
+            unknown = set(spec) - {"kind", "plan", "seeds", "optimizer", "decay"}
             if unknown:
                 raise bad(f"arms.{a}", f"unknown key {sorted(unknown)[0]!r}")
+            if spec.get("decay", "budget") not in ("budget", "extra") or (
+                spec.get("decay") == "extra" and spec["kind"] not in ("moe_scratch", "dense_wide_scratch")
+            ):
+                raise bad(f"arms.{a}.decay", "budget (the default) or extra (scratch arms only)")
             if spec.get("optimizer", self.optimizer) not in OPTIMIZER:
                 raise bad(f"arms.{a}.optimizer", f"reset or carry, got {spec.get('optimizer')!r}")
             if spec["kind"] in ("upcycled", "moe_scratch"):
@@ -217,7 +221,9 @@ def best_other_arm(r: RegimeRecipe, out: Path) -> str | None:
     size, tpp = r.main["size"], float(r.main["tokens_per_param"])
     means = {}
     for a in r.arms:  # the MoE alternatives under the study's own optimizer treatment
-        if a in r.map_arms or r.arms[a]["kind"] not in ("upcycled", "moe_scratch") or r.arm_optimizer(a) != r.optimizer:
+        kind, decay = r.arms[a]["kind"], r.arms[a].get("decay", "budget")
+        matched = kind == "upcycled" or (kind == "moe_scratch" and decay == "extra")  # the continued arms' decay
+        if a in r.map_arms or not matched or r.arm_optimizer(a) != r.optimizer:
             continue
         runs = [job_dir(out, Job(size, tpp, a, s)) / "result.json" for s in range(r.seeds(a))]
         if not all(p.is_file() for p in runs):

@@ -161,7 +161,9 @@ def build_arm(r: RegimeRecipe, arm: str, seed: int, config, branch: Path):
 # ------------------------------------------------------------------------------------------- training
 
 
-def train_config(r: RegimeRecipe, steps: int, warmup: int, seed: int, every: int, ckpt: int):
+def train_config(
+    r: RegimeRecipe, steps: int, warmup: int, seed: int, every: int, ckpt: int, decay_fraction: float | None = None
+):
     from upcycle.train.config import TrainConfig
 
     return TrainConfig(
@@ -169,7 +171,7 @@ def train_config(r: RegimeRecipe, steps: int, warmup: int, seed: int, every: int
         min_lr=r.lr * r.final_lr_ratio,
         warmup=min(warmup, steps),
         schedule="wsd",
-        decay_fraction=r.decay_fraction,
+        decay_fraction=r.decay_fraction if decay_fraction is None else decay_fraction,
         steps=steps,
         batch_size=r.batch_size,
         seq_len=r.seq_len,
@@ -312,8 +314,20 @@ def run_arm(r: RegimeRecipe, out: Path, job: Job, data, progress: bool) -> str:
             "the study repeats no data: use fewer tokens per parameter or a larger corpus"
         )
     every = max(1, round(r.eval_every * B / (fpt * tps)))
+    # a scratch arm with `decay: extra` decays over the FLOPs the continued arms decay over (the last
+    # decay_fraction of the extra), not over the last decay_fraction of its whole run
+    short = kind in ("moe_scratch", "dense_wide_scratch") and r.arms[job.arm].get("decay", "budget") == "extra"
     cfgs = {
-        x: train_config(r, s, warm, job.seed, every, max(1, round(r.checkpoint_every * S))) for x, s in steps.items()
+        x: train_config(
+            r,
+            s,
+            warm,
+            job.seed,
+            every,
+            max(1, round(r.checkpoint_every * S)),
+            decay_fraction=r.decay_fraction * x / (1 + x) if short else None,
+        )
+        for x, s in steps.items()
     }
     init_opt = None
     if r.arm_optimizer(job.arm) == "carry" and kind in ("dense", "upcycled"):
