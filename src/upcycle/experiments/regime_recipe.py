@@ -270,6 +270,8 @@ def save_state(out: str | Path, dest: str | Path) -> list[str]:
     the tokenizer and the corpus fingerprint (the sequences are rebuilt from them, checked against the
     fingerprint), each branch point's checkpoint, every finished run's result and budget points, and an
     unfinished run's finished budgets and newest checkpoints. Returns the copied paths, relative to out."""
+    from upcycle.train.checkpoint import checkpoints
+
     out, dest = Path(out), Path(dest)
     keep = ["recipe.json", "data/data.json"]
     keep += [str(p.relative_to(out)) for p in sorted((out / "data" / "tokenizer").glob("*"))]
@@ -279,8 +281,8 @@ def save_state(out: str | Path, dest: str | Path) -> list[str]:
         keep += [str(p.relative_to(out)) for p in sorted(run.glob("result.json")) + sorted(run.glob("budget-*.json"))]
         if not (run / "result.json").is_file():  # unfinished: its newest checkpoints, to go on from there
             for ckpts in sorted(run.glob("*/checkpoints")):
-                steps = sorted((p for p in ckpts.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-                if steps and (steps[-1] / "state.json").is_file():
+                steps = checkpoints(ckpts.parent)
+                if steps:
                     keep += [str(p.relative_to(out)) for p in sorted(steps[-1].iterdir())]
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
