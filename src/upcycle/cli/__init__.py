@@ -10,7 +10,10 @@ too); flags override the plan file. Any bad input ends with a one-line error and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import os
+import signal
 import sys
 
 from upcycle.cli import (
@@ -90,10 +93,94 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {what}; {_OS_ADVICE.get(e.errno, 'check the path and the disk, then run again')}"
 
 
+# Arguments that name what a command writes (or a place inside it), never an input to protect from it.
+_NOT_INPUTS = {"command", "out", "publish", "resume", "debug"}
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """Every existing path the command line names as an input: positional or flag values, in lists too,
+    and the PATH of NAME=PATH forms (branch --domains)."""
+    found = []
+    for dest, value in vars(args).items():
+        if dest in _NOT_INPUTS or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)):
+                for cand in {str(v), str(v).split("=", 1)[-1]}:
+                    if cand and os.path.exists(cand):
+                        found.append(cand)
+    return found
+
+
+def refuse_outputs_over_inputs(args: argparse.Namespace) -> None:
+    """The one rule for every command that writes: its --out (and --publish) may not be an input, hold
+    one, or be the working directory or above it."""
+    from upcycle.io.dirs import refuse_out_over_inputs
+
+    if not getattr(COMMANDS[args.command], "OUT_REPLACES", True):
+        return
+    inputs = input_paths(args)
+    for flag in ("out", "publish"):
+        if getattr(args, flag, None) is not None:
+            others = inputs + ([str(args.out)] if flag == "publish" and getattr(args, "out", None) else [])
+            refuse_out_over_inputs(getattr(args, flag), others, flag=f"--{flag}")
+
+
+def _show_our_warnings() -> None:
+    """Our warnings as one `upcycle: warning:` line each, on stderr."""
+    import warnings
+
+    from upcycle.errors import UpcycleWarning
+
+    default = warnings.showwarning
+    if getattr(default, "upcycle", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UpcycleWarning):
+            print(f"upcycle: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.upcycle = True
+    warnings.showwarning = show
+    warnings.simplefilter("always", UpcycleWarning)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every temporary directory is removed on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM unwinds like Ctrl-C (the main thread only; the previous handler is put back)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _show_our_warnings()
+    with _sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        refuse_outputs_over_inputs(args)
         return COMMANDS[args.command].run(args)
     except UpcycleError as e:
         if args.debug:
@@ -106,8 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"upcycle: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("upcycle: interrupted; nothing was written", file=sys.stderr)
+        print(
+            "upcycle: interrupted; nothing was written (a training run resumes from its last checkpoint)",
+            file=sys.stderr,
+        )
         return 130
+    except Terminated:
+        print(
+            "upcycle: terminated (SIGTERM); nothing was written (a training run resumes from its last checkpoint)",
+            file=sys.stderr,
+        )
+        return 143
 
 
 if __name__ == "__main__":

@@ -23,14 +23,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import shutil
 
     import torch
 
     recipe = BamRecipe.from_yaml(args.recipe, tiny=args.tiny)
     out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
+    from upcycle.io.dirs import refuse_out_over_inputs, remove_for_overwrite
+
+    refuse_out_over_inputs(out, [args.recipe])
     if args.overwrite and out.exists():
-        shutil.rmtree(out)
+        remove_for_overwrite(out, [args.recipe])
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

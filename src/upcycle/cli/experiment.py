@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -59,8 +58,11 @@ def _out(args: argparse.Namespace) -> tuple[Path, str]:
     out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
     if out.exists() and not out.is_dir():
         raise UpcycleError(f"--out {out} is a file")
+    from upcycle.io.dirs import refuse_out_over_inputs, remove_for_overwrite
+
+    refuse_out_over_inputs(out, [args.recipe])
     if args.overwrite and out.exists():
-        shutil.rmtree(out)
+        remove_for_overwrite(out, [args.recipe])
     return out, f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
 
 
