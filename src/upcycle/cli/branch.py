@@ -73,7 +73,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
 
     from upcycle.cli.train import resolve_config
     from upcycle.hub import cache_root
@@ -87,10 +86,9 @@ def run(args: argparse.Namespace) -> int:
     names = [n for n, _ in domains]
     if len(set(names)) != len(names):
         raise UpcycleError(f"--domains: each name once, got {', '.join(names)}")
-    tok_dir = args.tokenizer or args.seed
-    if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
-        raise UpcycleError(f"no tokenizer files in {tok_dir}; pass --tokenizer DIR")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    from upcycle.formats.validate import load_tokenizer, read_config
+
+    tokenizer = load_tokenizer(args.tokenizer or args.seed, vocab_size=read_config(args.seed).vocab_size)
     data = branch_data(
         domains,
         tokenizer,

@@ -29,12 +29,12 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from upcycle.eval.perplexity import compare, format_table, held_out_text
     from upcycle.formats.load import load
     from upcycle.formats.native import read_meta
     from upcycle.formats.stock_import import is_stock_moe
+    from upcycle.formats.validate import load_tokenizer, read_config
 
     if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
         read_meta(args.model)
@@ -44,20 +44,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not is_causal_lm(load_dense_config(args.against)):  # encoders, ViT, T5: outputs, not perplexity
         return encoder_check(args)
     if args.text is not None:
-        if not args.text.is_file():
-            raise UpcycleError(f"text file not found: {args.text}")
-        text, text_name = args.text.read_text(errors="replace"), str(args.text)
+        from upcycle.data.documents import read_text_file
+
+        text, text_name = read_text_file(args.text), str(args.text)
     else:
         text, text_name = held_out_text()
     if args.tokens < 2 or args.context < 2:
         raise UpcycleError("--tokens and --context must be at least 2")
-    tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(args.model, args.against, vocab_size=read_config(args.model).vocab_size)
     ids = tok(text, return_tensors="pt").input_ids[0, : args.tokens]
     if ids.numel() < 2:
         raise UpcycleError(f"{text_name}: {ids.numel()} token(s); check needs at least 2: give a longer --text")
+    warn_if_not_the_source(args.model, args.against)
     moe = load(args.model, dtype=torch.float32)
-    dense = AutoModelForCausalLM.from_pretrained(args.against, dtype=torch.float32, use_safetensors=True).eval()
+    dense = load_any(args.against)
     r = compare(moe, dense, ids, args.context)
     rows = [
         ("text", f"{text_name}, {r.tokens} tokens, windows of {args.context}"),
@@ -76,23 +76,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def encoder_check(args) -> int:
     """`upcycle check` for encoders, ViT and T5 (cli.cmd_check hands over here)."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from upcycle.eval.perplexity import format_table, held_out_text
     from upcycle.formats.load import load
+    from upcycle.formats.validate import load_tokenizer, read_config
 
-    config = AutoConfig.from_pretrained(args.against)
+    config = read_config(args.against)
     tok = text = None
     text_name = "random images"
     if config.model_type != "vit":
         if args.text is not None:
-            if not args.text.is_file():
-                raise UpcycleError(f"text file not found: {args.text}")
-            text, text_name = args.text.read_text(errors="replace"), str(args.text)
+            from upcycle.data.documents import read_text_file
+
+            text, text_name = read_text_file(args.text), str(args.text)
         else:
             text, text_name = held_out_text()
-        tok_dir = args.model if (args.model / "tokenizer_config.json").is_file() else args.against
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = load_tokenizer(args.model, args.against)
         if tok.pad_token is None:  # sentences are padded to a batch; the attention mask hides the padding
             tok.pad_token = tok.eos_token or tok.unk_token
     moe = load(args.model, dtype=torch.float32)
@@ -125,3 +123,27 @@ def encoder_check(args) -> int:
 
 
 run = cmd_check
+
+
+def warn_if_not_the_source(model: Path, against: Path) -> None:
+    """Warn when --against's weights are not the bytes the conversion recorded as its source."""
+    import warnings
+
+    from upcycle.errors import UpcycleWarning
+    from upcycle.formats.native import read_meta
+    from upcycle.io.dirs import sha256_files
+    from upcycle.io.safetensors import weight_files
+
+    if not (Path(model) / "upcycle.json").is_file():
+        return
+    source = read_meta(model).get("source") or {}
+    recorded = source.get("weights") or {}
+    if not recorded:
+        return
+    if sha256_files(weight_files(Path(against))) != recorded:
+        warnings.warn(
+            f"{against}: its weights' sha256 differ from the source recorded in {model}/upcycle.json "
+            f"({source.get('path')}); the figures compare against another model than the one converted",
+            UpcycleWarning,
+            stacklevel=2,
+        )

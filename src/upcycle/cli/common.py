@@ -98,16 +98,9 @@ def family_plan(plan: UpcyclePlan, config, adapter) -> UpcyclePlan:
 
 
 def load_dense_config(model_dir: Path):
-    from transformers import AutoConfig
+    from upcycle.formats.validate import read_config
 
-    if not model_dir.exists():
-        raise UpcycleError(f"model directory not found: {model_dir}")
-    if not (model_dir / "config.json").is_file():
-        raise UpcycleError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    try:
-        return AutoConfig.from_pretrained(model_dir)
-    except Exception as e:  # transformers raises several types for unreadable configs
-        raise UpcycleError(f"{model_dir / 'config.json'}: cannot read it ({str(e).splitlines()[0]})") from None
+    return read_config(model_dir)
 
 
 def _num_params(model) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from upcycle.errors import UpcycleError
 
+OUT_REPLACES = False  # --out is a folder eval.json is written into, never replaced
 HELP = "perplexity and per-layer expert load of a model directory, with a heatmap"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -48,12 +49,9 @@ def _texts(files: list[Path] | None) -> list[tuple[str, str]]:
     if not files:
         text, name = held_out_text()
         return [(name, text)]
-    out = []
-    for f in files:
-        if not f.is_file():
-            raise UpcycleError(f"text file not found: {f}")
-        out.append((str(f), f.read_text(errors="replace")))
-    return out
+    from upcycle.data.documents import read_text_file
+
+    return [(str(f), read_text_file(f)) for f in files]
 
 
 def _write_atomic(path: Path, data: str) -> None:
@@ -64,10 +62,10 @@ def _write_atomic(path: Path, data: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from upcycle.eval.perplexity import ExpertLoad, markdown_table, perplexity_and_load
     from upcycle.formats.load import load_any
+    from upcycle.formats.validate import load_tokenizer, read_config
 
     t0 = time.time()
     if args.tokens < 2 or args.context < 2:
@@ -75,18 +73,8 @@ def run(args: argparse.Namespace) -> int:
     texts = _texts(args.text)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UpcycleError(f"--out {args.out} exists and is not a directory")
-    tok_dir = args.tokenizer or args.model
-    if not args.model.is_dir():
-        raise UpcycleError(f"model directory not found: {args.model}")
-    if not ((tok_dir / "tokenizer.json").is_file() or (tok_dir / "tokenizer_config.json").is_file()):
-        raise UpcycleError(f"{tok_dir} has no tokenizer (tokenizer.json); pass --tokenizer DIR")
-    if not ((args.model / "config.json").is_file() or (args.model / "upcycle.json").is_file()):
-        raise UpcycleError(f"{args.model} has no config.json: not a Hugging Face model directory")
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir)
-    except Exception as e:  # transformers raises many types for unreadable tokenizer files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UpcycleError(f"{tok_dir}: cannot load the tokenizer ({msg}); pass --tokenizer DIR") from None
+    vocab = getattr(read_config(args.model), "vocab_size", None)
+    tok = load_tokenizer(args.tokenizer or args.model, vocab_size=vocab)
     dtype = getattr(torch, args.dtype)
     model = load_any(args.model, dtype=dtype, device=args.device)
     from upcycle.eval.encoders import is_causal_lm

@@ -62,9 +62,9 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
     from upcycle.adapters import adapter_for
     from upcycle.formats.native import save
+    from upcycle.formats.validate import load_pretrained, load_tokenizer
     from upcycle.hub import default_model_dir
     from upcycle.io.dirs import refuse_existing, sha256_files
-    from upcycle.io.models import model_class
     from upcycle.io.safetensors import weight_files
     from upcycle.methods.layers import select_layers
     from upcycle.methods.surgery import upcycle
@@ -98,14 +98,12 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     if args.stream and adapter.causal and not adapter.stack:  # encoders, ViT, T5: small, upcycled in memory
         _sparse_streaming(args, plan, model_dir, config, layers, structure, dtype, t0)
         return 0
-    dense = model_class(config).from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    dense = load_pretrained(model_dir, dtype=dtype, config=config)
     dense_total = _num_params(dense)
     with tqdm(total=len(layers), desc="upcycling layers", disable=args.quiet) as bar:
         tok = None
         if plan.router_init == "data":
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(model_dir)
+            tok = load_tokenizer(model_dir, vocab_size=config.vocab_size, flag="a tokenizer in --model")
         model = upcycle(dense, plan, inplace=True, progress=bar, tokenizer=tok)
     if args.format != "native":
         from upcycle.formats.stock import export

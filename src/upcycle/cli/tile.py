@@ -59,13 +59,11 @@ def resolve(args: argparse.Namespace) -> DepthTilingPlan:
 def run(args: argparse.Namespace) -> int:
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from upcycle.cli.common import load_dense_config
-    from upcycle.errors import UpcycleError
+    from upcycle.formats.load import load_dense
+    from upcycle.formats.validate import open_weights, read_config
     from upcycle.hub import default_model_dir
     from upcycle.io.dirs import atomic_dir, copy_side_files, refuse_existing
-    from upcycle.io.safetensors import weight_files
     from upcycle.methods.baselines import num_params
     from upcycle.methods.tiling import depth_tile
 
@@ -73,14 +71,11 @@ def run(args: argparse.Namespace) -> int:
     plan = resolve(args)
     refuse_existing(args.out, args.overwrite)
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
-    load_dense_config(model_dir)
-    if not weight_files(model_dir):
-        raise UpcycleError(
-            f"{model_dir}: no safetensors weights (model.safetensors or model.safetensors.index.json); "
-            "convert the checkpoint to safetensors first"
-        )
+    config = read_config(model_dir)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
+    with open_weights(model_dir) as source:
+        size_check(source, config, plan, args.out, None if dtype == "auto" else dtype)
+    dense = load_dense(model_dir, dtype=dtype)
     deep = depth_tile(dense, num_layers=plan.num_layers, factor=plan.factor, mode=plan.mode)
     deep.config.depth_tiling["plan"] = plan.to_dict()
     with atomic_dir(args.out, args.overwrite) as tmp:
@@ -92,3 +87,44 @@ def run(args: argparse.Namespace) -> int:
         f"{num_params(deep) / 1e6:.1f}M; wrote {args.out} in {time.time() - t0:.1f} s"
     )
     return 0
+
+
+def size_check(source, config, plan: DepthTilingPlan, out: Path, dtype) -> None:
+    """The tiled model's size from the source's headers, against free disk and memory, before anything
+    is built (a huge --factor is refused at once)."""
+    import re
+
+    from upcycle.errors import UpcycleError
+    from upcycle.io.dirs import _size, check_disk_space
+
+    L = config.num_hidden_layers
+    new_layers = plan.num_layers if plan.num_layers is not None else round(L * plan.factor)
+    layer_bytes = other = 0
+    for k, t in source.tensors.items():
+        numel = 1
+        for d in t.shape:
+            numel *= d
+        n = numel * (dtype.itemsize if dtype is not None else t.dtype.itemsize)
+        if re.search(r"\blayers\.\d+\.", k):
+            layer_bytes += n
+        else:
+            other += n
+    total = other + layer_bytes * new_layers // max(L, 1)
+    check_disk_space(out, total)
+    avail = _available_memory()
+    if avail is not None and total + other + layer_bytes > avail:
+        raise UpcycleError(
+            f"the tiled model ({new_layers} layers) needs about {_size(total)} of memory besides the source's "
+            f"{_size(other + layer_bytes)}, and {_size(avail)} is available; choose a smaller --factor or --num_layers"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

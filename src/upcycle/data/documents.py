@@ -66,6 +66,18 @@ def _chunks(text: str, chunk_chars: int) -> list[str]:
     return [p for p in parts if p.strip()]
 
 
+def read_text_file(path: str | Path) -> str:
+    """A text file given as --text: refused when missing or binary (NUL bytes), decoded as UTF-8 with
+    undecodable bytes replaced."""
+    path = Path(path)
+    if not path.is_file():
+        raise UpcycleError(f"text file not found: {path}")
+    text = _read_text(path)
+    if text is None:
+        raise UpcycleError(f"{path}: looks binary (it has NUL bytes); give a text file")
+    return text
+
+
 def _read_text(path: Path) -> str | None:
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:

@@ -35,6 +35,28 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def _read_cache(cache: Path, n_docs: int) -> list[list[int]] | None:
+    """A token cache file's documents, or None when it is damaged (it is only a cache: it is rebuilt)."""
+    import warnings
+
+    from upcycle.errors import UpcycleWarning
+
+    try:
+        saved = torch.load(cache, weights_only=True, map_location="cpu")
+        lens = saved["lengths"].tolist()
+        flat = saved["ids"].tolist()
+        if len(lens) != n_docs or sum(lens) != len(flat) or min(lens, default=0) < 0:
+            raise ValueError("lengths do not match the ids")
+    except Exception as e:  # noqa: BLE001 - zip, pickle and shape errors alike
+        warnings.warn(f"{cache}: damaged token cache ({type(e).__name__}); rebuilding it", UpcycleWarning, stacklevel=3)
+        return None
+    out, pos = [], 0
+    for n in lens:
+        out.append(flat[pos : pos + n])
+        pos += n
+    return out
+
+
 def tokenize_documents(
     docs: Sequence[Document], tokenizer, cache_dir: str | Path | None = None, batch: int = 256
 ) -> list[list[int]]:
@@ -48,14 +70,9 @@ def tokenize_documents(
             h.update(d.id.encode() + b"\0" + d.text.encode("utf-8", errors="replace") + b"\0")
         cache = Path(cache_dir) / f"{h.hexdigest()[:32]}.pt"
         if cache.is_file():
-            saved = torch.load(cache, weights_only=True, map_location="cpu")
-            lens = saved["lengths"].tolist()
-            flat = saved["ids"].tolist()
-            out, pos = [], 0
-            for n in lens:
-                out.append(flat[pos : pos + n])
-                pos += n
-            return out
+            cached = _read_cache(cache, len(docs))
+            if cached is not None:
+                return cached
     out = []
     for i in range(0, len(docs), batch):
         enc = tokenizer([d.text for d in docs[i : i + batch]], add_special_tokens=False)["input_ids"]

@@ -40,6 +40,7 @@ from upcycle.io.dirs import (
     copy_side_files,
     fsync_path,
     parse_size,
+    read_json_object,
     refuse_existing,
     sha256_files,
     side_files,
@@ -218,7 +219,7 @@ def read_meta(path: Path) -> dict:
         raise UpcycleError(
             f"{path} has no upcycle.json: not an upcycled model (for a dense model use transformers' from_pretrained)"
         )
-    meta = json.loads(f.read_text())
+    meta = read_json_object(f, "the directory is damaged: convert the model again")
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise UpcycleError(
             f"{f}: format {meta.get('format')!r} v{meta.get('format_version')} is not one this "

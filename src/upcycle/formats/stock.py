@@ -243,7 +243,10 @@ def export(
             "versions": versions(),
         }
     else:
+        from upcycle.formats.validate import check_native
+
         source_dir = source_dir or source
+        check_native(source)  # every tensor against config.json and upcycle.json before a byte is written
         config, plan, moe_layers, structure = read_native(source)
         meta = read_meta(Path(source)) | {"versions": versions()}
         reader = s = SafetensorsSource(source)

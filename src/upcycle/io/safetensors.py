@@ -231,9 +231,24 @@ INDEX = "model.safetensors.index.json"
 
 
 def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model directory: the shards its index names (each a plain file name
+    inside the directory), or model.safetensors."""
+    model_dir = Path(model_dir)
     index = model_dir / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UpcycleError(
+                f"{index}: not a valid safetensors index ({type(e).__name__}: {e}); re-download or re-save the "
+                "checkpoint"
+            ) from None
+        for n in names:
+            if not isinstance(n, str) or not n or Path(n).name != n or n in (".", ".."):
+                raise UpcycleError(
+                    f"{index} names the shard {n!r}, which is not a file inside {model_dir}; the index is corrupt "
+                    "or unsafe: re-download the checkpoint"
+                )
         return [model_dir / n for n in names]
     single = model_dir / "model.safetensors"
     return [single] if single.is_file() else []

@@ -34,9 +34,10 @@ def parse_layers(spec: str | list[int] | tuple[int, ...]) -> str | tuple[int, ..
     spec = spec.strip()
     if spec[0].isdigit() or spec[0] == "-":
         try:
-            return parse_layers([int(s) for s in spec.split(",") if s.strip()])
+            ints = [int(s) for s in spec.split(",") if s.strip()]
         except ValueError:
             raise PlanError(f"layers: {spec!r} is not a comma-separated list of integers") from None
+        return parse_layers(ints)
     kind, *args = spec.split(":")
     if kind not in _KINDS:
         raise PlanError(f"layers: unknown selection {kind!r}; use one of {', '.join(_KINDS)} or a list like 1,3,5")

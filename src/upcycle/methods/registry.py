@@ -50,6 +50,8 @@ CONVERTERS = {"sparse": surgery.convert_structure, "bam": bam.convert_structure,
 
 def record_from_json(meta: dict, source: str = "upcycle.json") -> ConversionRecord:
     """The record an upcycle.json holds (its format header already checked)."""
+    if not isinstance(meta.get("plan"), dict) or not isinstance(meta.get("moe_layers"), (list, dict)):
+        raise UpcycleError(f"{source}: no plan or moe_layers entry; the directory is damaged: convert the model again")
     return ConversionRecord(
         plan=plan_from_dict(meta["plan"], source=source),
         moe_layers=meta["moe_layers"],

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from upcycle.errors import UpcycleError
+from upcycle.errors import UpcycleError, nonfinite
 from upcycle.io.models import meta_model
 from upcycle.io.safetensors import SafetensorsSource
 from upcycle.io.writer import Item
@@ -75,6 +75,7 @@ def upcycle_items(
 
     def load(key: str, dtype: torch.dtype) -> torch.Tensor:
         t = source.read(key)
+        nonfinite(key, t, str(source.info(key).file))
         return t.to(dtype) if t.dtype.is_floating_point else t
 
     def experts(i: int, n: int, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -91,6 +92,8 @@ def upcycle_items(
     def from_layer(i: int, name: str, dtype: torch.dtype) -> torch.Tensor:
         if i not in built:  # read_copy: the dense tensors are used after the next read
             mlp = {n: source.read_copy(k).to(dtype) for n, k in dense_keys[i].items() if k in source}
+            for n, t in mlp.items():
+                nonfinite(dense_keys[i][n], t, str(source.info(dense_keys[i][n]).file))
             built[i] = init_layer(plan, i, mlp, act)
         t = built[i].pop(name)
         if not built[i]:
@@ -113,6 +116,11 @@ def upcycle_items(
                     f"but config.json implies {list(dense_shapes[n])}"
                 )
 
+    for key, info in source.tensors.items():
+        if not info.dtype.is_floating_point and (key.endswith(".weight") or key.endswith(".bias")):
+            raise UpcycleError(
+                f"{info.file}: tensor {key} is {info.dtype}, not floating point; weights must be float: re-save the model"
+            )
     items, tied, seen = [], {}, {}
     for name, p in model.state_dict(keep_vars=True).items():
         if id(p) in seen:
