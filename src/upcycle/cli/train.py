@@ -69,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="dense run's checkpoint directory (or its optimizer.pt) to carry the AdamW state over from",
     )
     p.add_argument("--stop-at", "--stop_at", type=int, help="stop after this step with a checkpoint (resume later)")
+    p.add_argument(
+        "--accept-changes",
+        "--accept_changes",
+        action="store_true",
+        help="--resume with settings other than the run's (refused otherwise; the old train_config.yaml is kept)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
@@ -110,10 +116,10 @@ def _dense_state(path: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from upcycle.data.tokens import load_data
     from upcycle.formats.load import load_any
+    from upcycle.formats.validate import load_tokenizer, read_config
     from upcycle.hub import cache_root, default_model_dir
     from upcycle.train.checkpoint import refuse_mixed_runs
     from upcycle.train.flops import model_on_meta
@@ -134,14 +140,12 @@ def run(args: argparse.Namespace) -> int:
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     if not model_dir.is_dir():
         raise UpcycleError(f"model directory not found: {model_dir}")
-    tok_dir = args.tokenizer or model_dir
-    if not (tok_dir / "tokenizer_config.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
-        raise UpcycleError(f"no tokenizer files in {tok_dir}; pass --tokenizer DIR")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    vocab = read_config(model_dir).vocab_size
+    tokenizer = load_tokenizer(args.tokenizer or model_dir, vocab_size=vocab)
     data = load_data(
         args.data,
         tokenizer,
@@ -173,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         config,
         out,
         resume=args.resume,
+        accept_changes=args.accept_changes,
         overwrite=args.overwrite,
         init_optimizer_state=init_state,
         tokenizer=tokenizer,

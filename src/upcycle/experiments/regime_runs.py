@@ -353,7 +353,9 @@ def run_arm(r: RegimeRecipe, out: Path, job: Job, data, progress: bool) -> str:
                 _advance(model, arm_d, cfgs[max(r.extra)], stable, k, progress, init_opt)
                 bd = d / f"branch-{x:g}"
                 ck = checkpoints(bd) or checkpoints(stable)
-                rows = train(model, arm_d, cfg, bd, resume=ck[-1], progress=progress, save_model=False)
+                rows = train(
+                    model, arm_d, cfg, bd, resume=ck[-1], progress=progress, save_model=False, accept_changes=True
+                )
                 shutil.rmtree(bd / "checkpoints", ignore_errors=True)
             last = rows[-1]
             extra = last["flops"] - (B if kind != "dense" and kind != "upcycled" else 0.0)

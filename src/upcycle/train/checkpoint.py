@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +93,44 @@ def refuse_mixed_runs(out_dir: Path, resume, overwrite: bool) -> None:
     out_dir = Path(out_dir)
     if resume is True and not (out_dir / "checkpoints").is_dir():
         raise UpcycleError(f"nothing to resume: {out_dir}/checkpoints does not exist")
+    if not resume and not overwrite and killed_before_first_checkpoint(out_dir):
+        print(
+            f"upcycle: note: {out_dir} holds a run stopped before its first checkpoint; starting it again",
+            file=sys.stderr,
+        )
+        return
     if not resume and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UpcycleError(
             f"output directory already exists and is not empty: {out_dir} (pass --resume to continue "
             "its run, --overwrite to start over, or choose another --out)"
         )
+
+
+# What a training run writes before its first checkpoint
+_EARLY_RUN_FILES = {"train_config.yaml", "metrics.csv", "tb", "checkpoints"}
+
+
+def killed_before_first_checkpoint(out_dir: Path) -> bool:
+    """A run directory that holds only what a run writes before its first checkpoint (no checkpoint, no
+    final model): a run stopped early, which may start again from scratch."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or not (out_dir / "train_config.yaml").is_file():
+        return False
+    names = {p.name for p in out_dir.iterdir()}
+    ckpt_dir = out_dir / "checkpoints"
+    early = not ckpt_dir.is_dir() or not any(p.name.startswith("step-") for p in ckpt_dir.iterdir())
+    return early and names <= _EARLY_RUN_FILES
+
+
+def load_pt(path: Path):
+    """A checkpoint's torch file (optimizer state, RNG state), tensors only (weights_only)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - zip, pickle and unpickler errors of several kinds
+        raise UpcycleError(
+            f"{path}: not readable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume from "
+            "another checkpoint (--resume checkpoints/step-N) or start the run again with --overwrite"
+        ) from None
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -138,7 +172,10 @@ def _save_checkpoint(
 def load_model_weights(raw: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    sd = load_file(str(path))
+    try:
+        sd = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type
+        raise UpcycleError(f"{path}: not a readable safetensors file ({e}); resume from another checkpoint") from None
     missing, unexpected = raw.load_state_dict(sd, strict=False)
     tied = set(raw.state_dict()) - {n for n, _ in raw.named_parameters()} - {n for n, _ in raw.named_buffers()}
     missing = [k for k in missing if k not in tied]
@@ -147,3 +184,85 @@ def load_model_weights(raw: nn.Module, path: Path) -> None:
             f"{path}: checkpoint does not match the model: missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}; resume with the model the run started from"
         )
+
+
+def damage(ckpt: Path) -> str | None:
+    """What is wrong with a checkpoint directory (naming the file), or None when it is intact: state.json
+    readable, model.safetensors' header and byte ranges whole, optimizer.pt and rng.pt whole archives."""
+    import zipfile
+
+    from upcycle.io.safetensors import read_header
+
+    f = ckpt / "state.json"
+    try:
+        state = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{f}: no step recorded"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{f}: not readable ({type(e).__name__}: {e})"
+    try:
+        read_header(ckpt / "model.safetensors")
+    except UpcycleError as e:
+        return str(e).split(";")[0]
+    for name in ("optimizer.pt", "rng.pt"):
+        try:
+            with zipfile.ZipFile(ckpt / name) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{ckpt / name}: damaged or truncated ({e})"
+    return None
+
+
+def resume_point(out_dir: Path, resume, log=print) -> Path:
+    """The checkpoint a resumed run continues from: the given one (refused if damaged), or the newest
+    intact one, saying which damaged ones were passed over."""
+    if resume is not True:
+        ckpt = Path(resume)
+        if not (ckpt / "state.json").is_file():
+            raise UpcycleError(f"{ckpt} is not a checkpoint (no state.json); give a checkpoints/step-N directory")
+        bad = damage(ckpt)
+        if bad:
+            raise UpcycleError(f"cannot resume from {ckpt}: {bad}; give another checkpoint")
+        return ckpt
+    found = checkpoints(out_dir)
+    if not found:
+        raise UpcycleError(f"nothing to resume: {out_dir}/checkpoints has no complete checkpoint")
+    skipped = []
+    for ckpt in reversed(found):
+        bad = damage(ckpt)
+        if bad is None:
+            if skipped:
+                log(f"upcycle: note: resuming from {ckpt.name}, the newest intact checkpoint")
+            return ckpt
+        log(f"upcycle: warning: {bad}: passing over {ckpt.name}")
+        skipped.append(bad)
+    raise UpcycleError(
+        f"no intact checkpoint in {out_dir}/checkpoints ({skipped[0]}); start the run again with --overwrite"
+    )
+
+
+# Settings a resumed run may change without changing what it computes
+RESUMABLE_CHANGES = {"eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "parallel"}
+RESUMABLE_CHANGES |= {"pretrain_tokens", "pretrain_flops"}
+
+
+def config_changes(recorded: dict, config: TrainConfig) -> list[str]:
+    """The settings of `config` that differ from those a checkpoint recorded (`name old -> new`)."""
+    now = json.loads(json.dumps(config.to_dict()))
+    return [
+        f"{k} {recorded.get(k)!r} -> {v!r}"
+        for k, v in now.items()
+        if k not in RESUMABLE_CHANGES and k in recorded and recorded[k] != v
+    ]
+
+
+def read_state(ckpt: Path, config: TrainConfig, accept_changes: bool) -> dict:
+    """A checkpoint's state.json, with the run's recorded settings held against this run's."""
+    state = json.loads((ckpt / "state.json").read_text())
+    changes = config_changes(state.get("config") or {}, config)
+    if changes and not accept_changes:
+        raise UpcycleError(
+            f"{ckpt} was trained with other settings than this resume gives: {', '.join(changes)}; resume "
+            "with the run's own settings (drop those flags), or pass --accept-changes to continue with the new ones"
+        )
+    return state

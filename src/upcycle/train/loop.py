@@ -28,7 +28,7 @@ import csv
 import json
 import os
 import random
-import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -44,9 +44,12 @@ from upcycle.train.checkpoint import (
     _load_full_state_fsdp,
     _save_checkpoint,
     _set_rng_state,
-    checkpoints,
+    config_changes,
     load_model_weights,
+    load_pt,
+    read_state,
     refuse_mixed_runs,
+    resume_point,
 )
 from upcycle.train.config import TrainConfig
 from upcycle.train.dist import _all_mean, _barrier, _Dist, _grad_sync, _setup_dist, _wrap, devices
@@ -100,17 +103,11 @@ def _prepare_out(out_dir: Path, resume, overwrite: bool) -> Path | None:
     """The checkpoint to resume from (None: a fresh run); refuses to mix runs."""
     refuse_mixed_runs(out_dir, resume, overwrite)
     if resume:
-        if resume is True:
-            found = checkpoints(out_dir)
-            if not found:
-                raise UpcycleError(f"nothing to resume: {out_dir}/checkpoints has no complete checkpoint")
-            return found[-1]
-        ckpt = Path(resume)
-        if not (ckpt / "state.json").is_file():
-            raise UpcycleError(f"{ckpt} is not a checkpoint (no state.json); give a checkpoints/step-N directory")
-        return ckpt
-    if out_dir.exists() and any(out_dir.iterdir()):  # overwrite (refuse_mixed_runs let it through)
-        shutil.rmtree(out_dir)
+        return resume_point(out_dir, resume, log=lambda m: print(m, file=sys.stderr))
+    if out_dir.exists() and any(out_dir.iterdir()):  # overwrite, or a run killed before its first checkpoint
+        from upcycle.io.dirs import remove_for_overwrite
+
+        remove_for_overwrite(out_dir)
     return None
 
 
@@ -128,13 +125,15 @@ def train(
     progress: bool = True,
     save_model: bool = True,
     stop_at: int | None = None,
+    accept_changes: bool = False,
 ) -> list[dict]:
     """Train `model` (dense or upcycled transformers causal LM) on `data.train`, validating on `data.val`.
 
     resume: True picks the newest checkpoint under out_dir/checkpoints, a path picks that one; the run
     then continues exactly where it stopped (same losses, same parameters as an uninterrupted run).
     init_optimizer_state: a name-keyed AdamW state to start from (`carry_over_optimizer_state`).
-    stop_at: stop after this step with a checkpoint, as an interrupted run would (the schedule still
+    accept_changes: resume with settings other than the checkpoint's (refused otherwise; the run's earlier
+    train_config.yaml is kept as train_config.step-N.yaml). stop_at: stop after this step with a checkpoint, as an interrupted run would (the schedule still
     runs to the full length; resume later). tokenizer / source_dir: saved / copied next to the final
     model. Returns the history: one dict per
     logged step with the keys of METRICS (None where not measured at that step).
@@ -147,6 +146,18 @@ def train(
             f"the data is packed into sequences of {data.seq_len} tokens but seq_len is "
             f"{config.seq_len}; pack it with the same seq_len"
         )
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and config.seq_len > max_pos:
+        import warnings
+
+        from upcycle.errors import UpcycleWarning
+
+        warnings.warn(
+            f"seq_len {config.seq_len} is above the model's max_position_embeddings {max_pos}: positions past "
+            f"{max_pos} were never trained (and some models cannot represent them)",
+            UpcycleWarning,
+            stacklevel=2,
+        )
     device, autocast = devices(config, int(os.environ.get("LOCAL_RANK", "0")))
     d = _setup_dist(config, device.type)
     ckpt = _prepare_out(out_dir, resume, overwrite) if d.main else None
@@ -156,9 +167,15 @@ def train(
         box = [str(ckpt) if ckpt else None]
         dist.broadcast_object_list(box, src=0)
         ckpt = Path(box[0]) if box[0] else None
+    state: dict[str, Any] = {"history": [], "tokens": 0, "flops": 0, "train_time_s": 0.0}
+    if ckpt is not None:
+        state = read_state(ckpt, config, accept_changes)  # before anything is written
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        config.to_yaml(out_dir / "train_config.yaml")
+        recorded = out_dir / "train_config.yaml"
+        if ckpt is not None and recorded.is_file() and config_changes(state.get("config") or {}, config):
+            os.replace(recorded, out_dir / f"train_config.step-{int(state['step']):06d}.yaml")
+        config.to_yaml(recorded)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -174,9 +191,7 @@ def train(
     fpt_dense = flops_per_token(raw, config.seq_len, dense=True)
     pretrain_flops = config.pretrain_flops or (config.pretrain_tokens * fpt_dense if config.pretrain_tokens else None)
 
-    state: dict[str, Any] = {"history": [], "tokens": 0, "flops": 0, "train_time_s": 0.0}
     if ckpt is not None:
-        state = json.loads((ckpt / "state.json").read_text())
         if state.get("world_size", 1) != d.world:
             raise UpcycleError(
                 f"{ckpt} was written by a run of {state.get('world_size')} processes; resume it "
@@ -187,14 +202,14 @@ def train(
     raw.train()
     opt = build_optimizer(raw, config)  # DDP shares raw's parameters; fully_shard converts raw in place
     if ckpt is not None:
-        opt_sd = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        opt_sd = load_pt(ckpt / "optimizer.pt")
         if d.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(model, opt, opt_sd, options=StateDictOptions(full_state_dict=True))
         else:
             load_named_optimizer_state(opt, opt_sd)
-        _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True, map_location="cpu"))
+        _set_rng_state(load_pt(ckpt / "rng.pt"))
     elif init_optimizer_state is not None:
         if d.mode == "fsdp":
             _load_full_state_fsdp(model, opt, init_optimizer_state)
