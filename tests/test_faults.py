@@ -15,8 +15,8 @@ inputs untouched. Kinds, as the issue numbers them:
 
 Only the public surface is used: `upcycle.cli.main` in-process (an exception escaping it is what the console
 script shows as a traceback), `python -m upcycle` in a subprocess where a process must be paused or killed,
-and `upcycle.load`. Cases that fail today are strict xfails whose reason says what happens today: whoever
-fixes one removes its marker. tmpfs cases need root and `mount`; they skip with the reason elsewhere.
+and `upcycle.load`. A case that does not hold is a strict xfail whose reason says what happens instead (none
+today). tmpfs cases need root and `mount`; they skip with the reason elsewhere.
 """
 
 from __future__ import annotations
@@ -69,10 +69,6 @@ TRAIN = [
 
 
 TMP_PATHS = re.compile(r"\S*pytest-of-[^/\s]+/pytest-\d+/[^/\s'\"]+")
-
-
-def xfail(kind: str, today: str):
-    return pytest.mark.xfail(strict=True, reason=f"issue 18 {kind}: {today}")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -406,30 +402,9 @@ AT_OR_ABOVE = {
         "dense",
     ),
 }
-TODAY_AT_OR_ABOVE = {
-    "sparse --out MODEL": "the dense source is deleted and the MoE put in its place, exit 0",
-    "sparse --out PARENT": "the folder above --model is replaced, the source inside it deleted, exit 0",
-    "sparse --stream false --out MODEL": "the source is replaced by the MoE, exit 0",
-    "sparse --format mixtral --out MODEL": "the source is replaced by the Mixtral export, exit 0",
-    "export --out MODEL": "the native model is replaced by its export, exit 0",
-    "export --out PARENT": "the folder holding the native model is replaced, exit 0",
-    "tile --out MODEL": "the dense source is replaced by the tiled model, exit 0",
-    "tile --out PARENT": "the folder above --model is replaced, exit 0",
-    "bam --out SEED": "the seed model is replaced by the mixture, exit 0",
-    "btx --out PARENT of an expert": "the folder holding an expert is replaced, exit 0",
-    "train --out MODEL": "--overwrite deletes the model directory it trains, exit 0",
-    "train --out PARENT": "--overwrite deletes the folder holding --model, exit 0",
-    "branch --out PARENT of the seed": "a branch named like the seed's folder retrains over the seed, exit 0",
-}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(k, marks=xfail("1 data loss", TODAY_AT_OR_ABOVE[k])) if k in TODAY_AT_OR_ABOVE else k
-        for k in AT_OR_ABOVE
-    ],
-)
+@pytest.mark.parametrize("case", list(AT_OR_ABOVE))
 def test_out_at_or_above_an_input_is_refused(base, tmp_path, case):
     argv, guarded = AT_OR_ABOVE[case]
     for name in ("dense", "other", "moe"):
@@ -456,7 +431,6 @@ def test_out_at_an_input_without_overwrite_is_refused(base, tmp_path):
     assert tree_hash(dense) == before
 
 
-@xfail("1 data loss", "the recipe's folder is deleted by --overwrite before the run fails, exit 2")
 def test_experiment_out_above_its_recipe_is_refused(tmp_path):
     d = tmp_path / "study"
     d.mkdir()
@@ -469,7 +443,6 @@ def test_experiment_out_above_its_recipe_is_refused(tmp_path):
     refused(r, r"--out|recipe|input")
 
 
-@xfail("1 data loss", "plot overwrites its input when --out names it, exit 0")
 def test_plot_out_onto_its_input_is_refused(base, tmp_path):
     curves = tmp_path / "curves.png"  # a metrics.csv under a .png name
     shutil.copy(base / "run" / "metrics.csv", curves)
@@ -479,7 +452,6 @@ def test_plot_out_onto_its_input_is_refused(base, tmp_path):
     refused(r, r"--out|input")
 
 
-@xfail("1 data loss", "the first writer's final rename replaces the second's finished output, both exit 0")
 def test_two_conversions_to_one_out(base, wide, tmp_path):
     out = tmp_path / "moe"
     first = ["sparse", "--model", wide, "--out", out, "--layers", "all", "--num_experts", 8, "--quiet"]
@@ -497,6 +469,39 @@ def test_two_conversions_to_one_out(base, wide, tmp_path):
     if winners == ["second"]:
         assert tree_hash(out) == after_second, "the second conversion's output was replaced"
     assert leftovers(tmp_path) == []
+
+
+def test_the_final_rename_never_replaces(tmp_path):
+    """The primitive under every output: an existing file or directory (empty or not) at the target stays."""
+    from upcycle.io.dirs import rename_noreplace
+
+    for kind in ("empty dir", "dir", "file"):
+        src_dir, dst = tmp_path / f"src-{len(kind)}", tmp_path / f"dst-{len(kind)}"
+        src_dir.mkdir()
+        (src_dir / "new.txt").write_text("new\n")
+        if kind == "file":
+            dst.write_text("mine\n")
+        else:
+            dst.mkdir()
+            if kind == "dir":
+                (dst / "mine.txt").write_text("mine\n")
+        before = tree_hash(dst)
+        with pytest.raises(FileExistsError):
+            rename_noreplace(src_dir, dst)
+        assert tree_hash(dst) == before and (src_dir / "new.txt").is_file()
+    rename_noreplace(src_dir, tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "new.txt").read_text() == "new\n"
+
+
+def test_publish_onto_the_study_is_refused(tmp_path):
+    d = tmp_path / "study"
+    d.mkdir()
+    (d / "recipe.json").write_text("{}\n")
+    recipe = ROOT / "recipes" / "upcycling-regime.yaml"
+    before = tree_hash(d)
+    r = cli("experiment", recipe, "--out", d, "--publish", d)
+    refused(r, r"--publish")
+    assert tree_hash(d) == before
 
 
 DIR_APPEARS = {
@@ -519,7 +524,6 @@ DIR_APPEARS = {
 }
 
 
-@xfail("1 data loss", "the final rename moves the new directory aside and deletes it, exit 0")
 @pytest.mark.parametrize("case", list(DIR_APPEARS))
 def test_directory_appearing_at_out_during_a_run_survives(wide, tmp_path, case):
     out = tmp_path / "out"
@@ -547,14 +551,12 @@ def drop_tensor(d: Path, key: str = "model.layers.1.mlp.up_proj.weight") -> None
     rewrite_tensors(d, lambda sd: sd.pop(key))
 
 
-@xfail("2 silently wrong", "tile loads the MoE as a dense model, drops the experts, random MLPs, exit 0")
 def test_tile_refuses_an_upcycled_model(base, tmp_path):
     out = tmp_path / "deep"
     refused(cli("tile", "--model", base / "moe", "--factor", 2, "--out", out), r"upcycle|MoE|expert|native")
     nothing_written(out)
 
 
-@xfail("2 silently wrong", "export writes a stock checkpoint that transformers cannot load, exit 0")
 def test_export_refuses_an_expert_tensor_lacking_experts(base, tmp_path):
     moe = src(base, tmp_path, "moe")
     drop_experts(moe)
@@ -589,9 +591,7 @@ MISSING_TENSOR = {
 }
 
 
-@pytest.mark.parametrize(
-    "cmd", [pytest.param(k, marks=xfail("2 silently wrong", v[1])) for k, v in MISSING_TENSOR.items()]
-)
+@pytest.mark.parametrize("cmd", list(MISSING_TENSOR))
 def test_a_dense_input_missing_a_tensor_is_refused(base, tmp_path, cmd):
     d = src(base, tmp_path, "dense")
     drop_tensor(d)
@@ -694,7 +694,6 @@ def test_sparse_to_a_full_filesystem_is_refused_before_writing(base, tmpfs):
     assert list(full.iterdir()) == []
 
 
-@xfail("3 traceback", "ENOSPC in save_pretrained escapes main() as a traceback, exit 1")
 def test_tile_to_a_full_filesystem(base, tmpfs):
     full = tmpfs("512k")  # the tiled model is ~1 MB
     out = full / "deep"
@@ -702,7 +701,6 @@ def test_tile_to_a_full_filesystem(base, tmpfs):
     assert list(full.iterdir()) == []
 
 
-@xfail("3 traceback", "ENOSPC while writing a checkpoint escapes main() as a traceback, exit 1")
 def test_train_checkpoint_to_a_full_filesystem(base, tmpfs):
     full = tmpfs("1m")  # metrics fit; a checkpoint (~2.7 MB of weights and AdamW moments) does not
     out = full / "run"
@@ -737,7 +735,6 @@ def test_out_name_too_long_once_the_temporary_prefix_is_added(base, tmp_path, cm
     nothing_written(out)
 
 
-@xfail("3 traceback", "--out . --overwrite ends in an OSError traceback from the final rename, exit 1")
 def test_out_dot_with_overwrite(base, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
@@ -789,24 +786,12 @@ NATIVE_READERS = {
     "train": ["train", "--model", "{d}", "--data", "{data}", "--out", "{out}", "--steps", "1", *TRAIN],
     "export": ["export", "{d}", "--to", "qwen2_moe", "--out", "{out}", "--quiet"],
 }
-# (damage, reader) pairs that already end in one clean line today
-NATIVE_CLEAN_TODAY = {("truncated shard", "export"), ("invalid index", "export")}
-NATIVE_TODAY = {
-    ("wrong shape", "export"): (
-        "2 silently wrong",
-        "export writes the wrong-shaped tensor into a stock checkpoint, exit 0",
-    )
-}
 
 
 def _native_cases():
     for dmg in NATIVE_DAMAGE:
         for reader in [*NATIVE_READERS, "upcycle.load"]:
-            kind, today = NATIVE_TODAY.get(
-                (dmg, reader), ("3 traceback", f"{dmg}: the reader's exception escapes as a traceback, exit 1")
-            )
-            marks = () if (dmg, reader) in NATIVE_CLEAN_TODAY else (xfail(kind, today),)
-            yield pytest.param(dmg, reader, marks=marks, id=f"{dmg}-{reader}")
+            yield pytest.param(dmg, reader, id=f"{dmg}-{reader}")
 
 
 @pytest.mark.parametrize("damage, reader", list(_native_cases()))
@@ -837,18 +822,12 @@ DENSE_READERS = {
     "bam": ["bam", "--seed", "{seed}", "--experts", "{d}", "--out", "{out}"],
     "eval": ["eval", "{d}", "--text", "{data}", "--tokens", "64", "--context", "32"],
 }
-DENSE_CLEAN_TODAY = {("truncated model.safetensors", "sparse")}
 
 
 def _dense_cases():
     for dmg in DENSE_DAMAGE:
         for reader in DENSE_READERS:
-            marks = (
-                ()
-                if (dmg, reader) in DENSE_CLEAN_TODAY
-                else (xfail("3 traceback", f"{dmg}: transformers' exception escapes as a traceback, exit 1"),)
-            )
-            yield pytest.param(dmg, reader, marks=marks, id=f"{dmg}-{reader}")
+            yield pytest.param(dmg, reader, id=f"{dmg}-{reader}")
 
 
 @pytest.mark.parametrize("damage, reader", list(_dense_cases()))
@@ -864,7 +843,6 @@ def test_damaged_dense_directory(base, tmp_path, damage, reader):
     assert tree_hash(d) == before
 
 
-@xfail("3 traceback", "AutoTokenizer's error escapes check as a traceback, exit 1")
 def test_check_with_no_tokenizer_anywhere(base, tmp_path):
     moe, dense = src(base, tmp_path, "moe"), src(base, tmp_path, "dense")
     for d in (moe, dense):
@@ -948,11 +926,9 @@ def test_check_nan_weights(base, tmp_path):
 @pytest.mark.parametrize(
     "cmd",
     [
-        pytest.param(
-            "sparse", marks=xfail("3 traceback", "a negative intermediate_size: traceback from torch, exit 1")
-        ),
-        pytest.param("tile", marks=xfail("3 traceback", "a negative intermediate_size: traceback from torch, exit 1")),
-        pytest.param("eval", marks=xfail("3 traceback", "a negative intermediate_size: traceback from torch, exit 1")),
+        "sparse",
+        "tile",
+        "eval",
     ],
 )
 def test_negative_size_in_config(base, tmp_path, cmd):
@@ -985,8 +961,8 @@ def big_tokenizer(d: Path) -> Path:
 @pytest.mark.parametrize(
     "cmd",
     [
-        pytest.param("train", marks=xfail("3 traceback", "IndexError in the embedding during training, exit 1")),
-        pytest.param("eval", marks=xfail("3 traceback", "IndexError in the embedding, exit 1")),
+        "train",
+        "eval",
     ],
 )
 def test_tokenizer_larger_than_the_vocabulary(base, tmp_path, cmd):
@@ -1013,7 +989,6 @@ def test_tokenizer_larger_than_the_vocabulary(base, tmp_path, cmd):
     nothing_written(out)
 
 
-@xfail("3 traceback", "a truncated token cache file: torch.load's error escapes as a traceback, exit 1")
 def test_damaged_token_cache_is_rebuilt(base, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("UPCYCLE_CACHE", str(cache))
@@ -1078,7 +1053,6 @@ RESUME_DAMAGE = {
 }
 
 
-@xfail("4 resume", "the damaged newest checkpoint is loaded as it is: a traceback, exit 1")
 @pytest.mark.parametrize("damage", list(RESUME_DAMAGE))
 def test_resume_skips_a_damaged_newest_checkpoint(base, tmp_path, damage):
     run = src(base, tmp_path, "run")
@@ -1090,7 +1064,6 @@ def test_resume_skips_a_damaged_newest_checkpoint(base, tmp_path, damage):
     assert "trained 6 steps" in r.out
 
 
-@xfail("4 resume", "the damaged checkpoint is loaded as it is: a traceback, exit 1")
 def test_resume_refuses_when_no_checkpoint_is_intact(base, tmp_path):
     run = src(base, tmp_path, "run")
     for c in (run / "checkpoints").iterdir():
@@ -1121,7 +1094,6 @@ def test_resume_after_a_kill_during_a_checkpoint_write(base, tmp_path):
 CHANGES = {"lr": (["--lr", "5e-3"], r"\blr\b"), "batch size": (["--batch-size", "4"], r"batch.size")}
 
 
-@xfail("4 resume", "the change is applied silently and train_config.yaml rewritten, exit 0")
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_resume_with_changed_hyperparameters_is_refused(base, tmp_path, change):
     run = src(base, tmp_path, "run")
@@ -1132,6 +1104,15 @@ def test_resume_with_changed_hyperparameters_is_refused(base, tmp_path, change):
     assert (run / "train_config.yaml").read_text() == recorded, "the run's recorded config was rewritten"
     refused(r, named)
     assert tree_hash(run) == before
+
+
+def test_resume_with_changed_hyperparameters_accepted_keeps_the_old_config(base, tmp_path):
+    run = src(base, tmp_path, "run")
+    recorded = (run / "train_config.yaml").read_text()
+    r = ok(resume(base, run, "--lr", "5e-3", "--accept-changes"))
+    assert "trained 6 steps" in r.out
+    assert (run / "train_config.step-000004.yaml").read_text() == recorded
+    assert "lr: 0.005" in (run / "train_config.yaml").read_text()
 
 
 def test_resume_with_the_same_hyperparameters_given_again(base, tmp_path):
@@ -1175,7 +1156,6 @@ def killed_run(base, tmp_path):
     return run, argv
 
 
-@xfail("4 resume", "refused: 'output directory already exists and is not empty', exit 2")
 def test_a_run_killed_before_its_first_checkpoint_starts_again(killed_run):
     run, argv = killed_run
     ok(cli(*argv))
@@ -1198,7 +1178,6 @@ def index_outside(base, tmp_path) -> Path:
     return d
 
 
-@xfail("5 not right", "the shard outside the model directory is read, exit 0")
 @pytest.mark.parametrize("cmd", ["sparse", "eval"])
 def test_index_naming_a_shard_outside_the_directory(base, tmp_path, cmd):
     d = index_outside(base, tmp_path)
@@ -1226,10 +1205,10 @@ def _int(sd):
 @pytest.mark.parametrize(
     "damage, stream",
     [
-        pytest.param(_nan, "true", marks=xfail("5 not right", "NaN weights are converted without a word, exit 0")),
-        pytest.param(_inf, "true", marks=xfail("5 not right", "Inf weights are converted without a word, exit 0")),
-        pytest.param(_nan, "false", marks=xfail("5 not right", "NaN weights are converted without a word, exit 0")),
-        pytest.param(_int, "true", marks=xfail("5 not right", "an integer weight is converted without a word, exit 0")),
+        (_nan, "true"),
+        (_inf, "true"),
+        (_nan, "false"),
+        (_int, "true"),
     ],
     ids=["nan", "inf", "nan-in-memory", "int32"],
 )
@@ -1248,7 +1227,6 @@ def test_non_finite_or_integer_weights_are_flagged(base, tmp_path, damage, strea
         nothing_written(out)
 
 
-@xfail("5 not right", "'1,1' is refused as 'not a comma-separated list of integers'")
 @pytest.mark.parametrize("where", ["flag", "plan file"])
 def test_duplicate_layer_indices_are_refused_for_the_right_reason(tmp_path, where):
     if where == "flag":
@@ -1292,7 +1270,6 @@ def test_free_space_message_does_not_contradict_itself(base, tmpfs):
         assert need > free or re.search(r"margin|reserve", line, re.IGNORECASE), line
 
 
-@xfail("5 not right", "SIGTERM kills the process with its temporary directory left behind")
 @pytest.mark.parametrize("cmd", ["sparse", "tile"])
 def test_sigterm_removes_the_temporary_directory(wide, tmp_path, cmd):
     out = tmp_path / "out"
@@ -1305,7 +1282,6 @@ def test_sigterm_removes_the_temporary_directory(wide, tmp_path, cmd):
     nothing_written(out)
 
 
-@xfail("5 not right", "--seq-len above max_position_embeddings trains without a word")
 def test_seq_len_above_max_position_embeddings_is_flagged(base, tmp_path):
     out = tmp_path / "run"
     argv = [a for a in TRAIN if a not in ("--seq-len", "16")]
@@ -1354,7 +1330,6 @@ def test_stop_at_zero_is_not_silent(base, tmp_path):
         assert (out / "checkpoints").is_dir(), "stopped without a checkpoint to resume from"
 
 
-@xfail("5 not right", "check --against another model of the same shapes reports figures without a warning")
 def test_check_against_a_model_that_is_not_the_source(base):
     r = cli(
         "check", base / "moe", "--against", base / "other", "--text", base / "data.txt", "--tokens", 64, "--context", 32
@@ -1381,7 +1356,6 @@ def test_check_against_its_source_does_not_warn(base):
     assert not re.search(r"warn|differ", r.err, re.IGNORECASE), r.err
 
 
-@xfail("5 not right", "eval scores a binary file that train refuses, exit 0")
 def test_eval_refuses_a_binary_file(base, tmp_path):
     blob = tmp_path / "blob.bin"
     blob.write_bytes(bytes(range(256)) * 16)
@@ -1402,7 +1376,6 @@ def _limit_memory():  # runs in the child: a tile that sizes nothing first hits 
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
 
-@xfail("5 not right", "tile --factor 100000 builds 400,000 layers until an allocation fails (a traceback)")
 def test_tile_huge_factor_is_sized_first(base, tmpfs):
     small = tmpfs("64m")
     out = small / "deep"
