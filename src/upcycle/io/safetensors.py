@@ -195,6 +195,28 @@ class SafetensorsSource:
                 done += n
         return out
 
+    def has_nonfinite(self, name: str, chunk: int = 1 << 16) -> bool:
+        """Whether a floating tensor holds NaN or Inf, read with plain reads into one small buffer (no memory
+        map, so the scan leaves nothing resident)."""
+        from upcycle.errors import any_nonfinite_bits
+
+        t = self.tensors[name]
+        kind = NAMES.get(t.dtype)
+        item = t.dtype.itemsize
+        buf = bytearray(chunk - chunk % item)
+        view = memoryview(buf)
+        with open(t.file, "rb", buffering=0) as f:
+            pos = t.start
+            while pos < t.end:
+                n = os.preadv(f.fileno(), [view[: min(len(buf), t.end - pos)]], pos)
+                if n <= 0:
+                    raise UpcycleError(f"{t.file}: unexpected end of file reading {name!r}; the file is truncated")
+                n -= n % item
+                if any_nonfinite_bits(view[:n], kind):
+                    return True
+                pos += n
+        return False
+
     def _map(self, file: Path) -> mmap.mmap | None:
         if file not in self._maps:
             try:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from upcycle.errors import UpcycleError, nonfinite
+from upcycle.errors import UpcycleError, nonfinite, warn_nonfinite
 from upcycle.io.models import meta_model
 from upcycle.io.safetensors import SafetensorsSource
 from upcycle.io.writer import Item
@@ -74,8 +74,9 @@ def upcycle_items(
                 layer_keys[f"{prefix}.{name}"] = (i, name)
 
     def load(key: str, dtype: torch.dtype) -> torch.Tensor:
+        if source.info(key).dtype.is_floating_point and source.has_nonfinite(key):
+            warn_nonfinite(key, str(source.info(key).file))
         t = source.read(key)
-        nonfinite(key, t, str(source.info(key).file))
         return t.to(dtype) if t.dtype.is_floating_point else t
 
     def experts(i: int, n: int, key: str, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
@@ -93,7 +94,7 @@ def upcycle_items(
         if i not in built:  # read_copy: the dense tensors are used after the next read
             mlp = {n: source.read_copy(k).to(dtype) for n, k in dense_keys[i].items() if k in source}
             for n, t in mlp.items():
-                nonfinite(dense_keys[i][n], t, str(source.info(dense_keys[i][n]).file))
+                nonfinite(dense_keys[i][n], t, str(source.info(dense_keys[i][n]).file))  # copies: a plain scan
             built[i] = init_layer(plan, i, mlp, act)
         t = built[i].pop(name)
         if not built[i]:
