@@ -12,6 +12,10 @@ documents are split into train and validation by a hash of their id, then packed
 --dense-optimizer-state starts an upcycled model from a dense run's AdamW state (a checkpoint of
 `upcycle train` on the dense model): experts get copies of the MLP's moments, routers start at zero.
 Writes OUT/metrics.csv, OUT/tb/ (TensorBoard), OUT/checkpoints/step-N/, OUT/summary.json, OUT/model/.
+
+For an upcycled model, what won in the regime study (results/upcycling-regime/results.md): the dense run's
+stable LR after a short re-warm (--warmup about 1% of the steps), a decay at the end (--schedule wsd), and a
+fresh optimizer state (carrying the dense AdamW state changed nothing beyond the seed spread).
 """
 
 from __future__ import annotations
