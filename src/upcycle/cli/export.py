@@ -18,6 +18,7 @@ HELP = "write an upcycled model as a stock Mixtral / Qwen2-MoE / Qwen3-MoE check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from upcycle.cli.common import add_shared_expert_size
     from upcycle.formats.targets import LAYOUTS, TARGETS
 
     p.add_argument("model", type=Path, help="upcycled model directory (native format)")
@@ -30,14 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="expert tensors one per expert (legacy, read by every engine; default) or fused 3-D "
         "(transformers 5's gate_up_proj)",
     )
-    p.add_argument(
-        "--shared_expert_size",
-        "--shared-expert-size",
-        type=int,
-        default=0,
-        help="qwen2_moe only: width of the zero shared expert written when the model has none "
-        "(default 0; some engines want a non-empty one)",
-    )
+    add_shared_expert_size(p)
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--explain", action="store_true", help="print, for every target, whether it fits and why not")
@@ -61,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.to is None or args.out is None:
         raise UpcycleError("export needs --to TARGET and --out DIR (or --explain)")
-    if args.shared_expert_size < 0:
-        raise UpcycleError("--shared-expert-size must be 0 or more")
+    if args.to == "qwen2_moe":
+        from upcycle.formats.stock import null_shared_width
+
+        null_shared_width(args.shared_expert_size)  # refuses a width below 1 before any work
     t0 = time.time()
     source = args.model
     if is_stock_moe(source):
