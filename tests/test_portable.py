@@ -1,5 +1,6 @@
-"""Exports that the serving engines read as transformers 5 does: no zero-width tensors (vLLM). The
-engines themselves run in the `engines` lane."""
+"""Exports that the serving engines read as transformers 5 does: no zero-width tensors (vLLM), both rope
+forms in config.json (transformers 4.x), a tokenizer class 4.x knows (4.x, llama.cpp's converter), and
+`export --explain` per engine. The engines themselves run in the `engines` lane (tests/engines/)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY, rel_diff, tiny_model
+from conftest import TINY, rel_diff, save_tiny_tokenizer, tiny_model
 from upcycle import UpcyclePlan, save, upcycle
 from upcycle.cli import main
 from upcycle.formats.stock import NULL_SHARED_EXPERT_WIDTH, export
 from upcycle.formats.stock_import import import_stock
+from upcycle.io.compat import portable_config
 
 TOL = 1e-5
 NOISY = dict(router_std=0.5, expert_init="noise", noise_std=0.05)
@@ -81,3 +83,65 @@ def test_zero_width_shared_expert_refused_before_any_work(tmp_path, tiny_dir, cm
         args = ["export", str(tmp_path / "n"), "--to", "qwen2_moe"]
     assert main(args + ["--shared-expert-size", "0", "--out", str(tmp_path / "x")]) == 2
     assert "at least 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize("rope", [None, LLAMA3_ROPE])
+@pytest.mark.parametrize("fmt", ["native", "mixtral", "qwen2_moe"])
+def test_configs_carry_transformers_4_rope_fields_beside_rope_parameters(tmp_path, ids, fmt, rope):
+    kw = {"rope_parameters": dict(rope)} if rope else {"rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}
+    dense = tiny_model("llama", **kw)
+    dense.save_pretrained(tmp_path / "dense")
+    layers = "all" if fmt == "mixtral" else "every_k:2:1"
+    args = ["sparse", "--model", str(tmp_path / "dense"), "--num-experts", "4", "--layers", layers, "--quiet"]
+    assert main(args + ["--format", fmt, "--out", str(tmp_path / "o")]) == 0
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())
+    theta = cfg["rope_parameters"]["rope_theta"]
+    assert theta == (rope or {"rope_theta": 1e5})["rope_theta"] and cfg["rope_theta"] == theta
+    if rope:
+        assert cfg["rope_scaling"] == {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+    else:
+        assert cfg.get("rope_scaling") is None
+    # transformers 5 reads the file with both forms as it read the source
+    assert AutoConfig.from_pretrained(tmp_path / "o").rope_parameters == dense.config.rope_parameters
+    if fmt != "native":
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+        moe = upcycle(dense, UpcyclePlan(num_experts=4, layers=layers)).eval()
+        assert rel_diff(_logits(stock, ids), _logits(moe, ids)) <= TOL
+
+
+def test_portable_config_keeps_given_values_and_leaves_layer_type_ropes():
+    both = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "rope_theta": 1e4}
+    assert portable_config(both) == both
+    partial = portable_config(
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    )
+    assert partial["rope_theta"] == 1e4 and partial["partial_rotary_factor"] == 0.5 and "rope_scaling" not in partial
+    per_type = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}}
+    assert portable_config(per_type) == per_type  # no transformers 4.x form: left alone
+
+
+@pytest.mark.parametrize("fmt", ["native", "qwen2_moe"])
+def test_tokenizer_config_names_a_class_transformers_4_knows(tmp_path, tiny_dir, fmt):
+    save_tiny_tokenizer(tiny_dir)
+    src = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    assert src["tokenizer_class"] == "TokenizersBackend"  # what transformers 5 writes (4.x cannot read it)
+    args = ["sparse", "--model", str(tiny_dir), "--num-experts", "4", "--quiet", "--format", fmt]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 0
+    cfg = json.loads((tmp_path / "o" / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert {k: v for k, v in cfg.items() if k != "tokenizer_class"} == {
+        k: v for k, v in src.items() if k != "tokenizer_class"
+    }
+    text = "the state of the world is good and the old man came back"
+    a, b = AutoTokenizer.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tmp_path / "o")
+    assert a(text).input_ids == b(text).input_ids and len(a(text).input_ids) == 13

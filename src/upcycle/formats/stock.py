@@ -334,6 +334,7 @@ def write_stock(
 
     from tqdm.auto import tqdm
 
+    from upcycle.io.compat import make_portable
     from upcycle.io.dirs import atomic_dir, check_disk_space, copy_side_files, parse_size
     from upcycle.io.writer import output_bytes, write_items
 
@@ -360,3 +361,4 @@ def write_stock(
             (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), tmp)
+        make_portable(tmp)  # rope_theta beside rope_parameters, a tokenizer class 4.x knows
