@@ -145,3 +145,41 @@ def test_tokenizer_config_names_a_class_transformers_4_knows(tmp_path, tiny_dir,
     text = "the state of the world is good and the old man came back"
     a, b = AutoTokenizer.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tmp_path / "o")
     assert a(text).input_ids == b(text).input_ids and len(a(text).input_ids) == 13
+
+
+def _engine_lines(out: str, target: str) -> dict[str, str]:
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(target + " "))
+    rows = {}
+    for line in lines[i + 1 :]:
+        if not line.startswith("    "):
+            break
+        engine, _, verdict = line.strip().partition("  ")
+        rows[engine] = verdict.strip()
+    return rows
+
+
+def test_explain_says_per_engine_whether_the_export_is_exact(tmp_path, tiny_dir, capsys):
+    assert (
+        main(["sparse", "--model", str(tiny_dir), "--num-experts", "4", "--quiet", "--out", str(tmp_path / "n")]) == 0
+    )
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "n"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    rows = _engine_lines(out, "qwen2_moe")
+    assert list(rows) == ["transformers 5", "transformers 4.57", "vLLM", "llama.cpp", "lm-eval"]
+    assert all(rows[e] == "exact" for e in ("transformers 5", "transformers 4.57", "vLLM", "lm-eval"))
+    cpp = rows["llama.cpp"]
+    assert cpp.startswith("not exact") and "refuses dense layers (2 here" in cpp
+    assert "never renormalises" in cpp and "output head of its own" in cpp
+    assert not _engine_lines(out, "mixtral") and "mixtral    MixtralForCausalLM     no: " in out  # refused: no engines
+    # every layer MoE, no renormalisation, an untied head: exact in llama.cpp's Qwen2-MoE too
+    d = tmp_path / "untied"
+    tiny_model("llama", tie_word_embeddings=False).save_pretrained(d)
+    args = ["sparse", "--model", str(d), "--num-experts", "4", "--layers", "all", "--normalize", "false"]
+    assert main(args + ["--quiet", "--out", str(tmp_path / "u")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "u"), "--explain", "--layout", "fused"]) == 0
+    rows = _engine_lines(capsys.readouterr().out, "qwen2_moe")
+    assert rows["transformers 5"] == "exact" and "--layout legacy" in rows["transformers 4.57"]
+    assert rows["llama.cpp"] == "not exact: only --layout legacy is proven"

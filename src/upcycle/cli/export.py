@@ -4,7 +4,9 @@
     upcycle export runs/all-moe --to mixtral --layout fused --out runs/mixtral
 
 The result loads with `AutoModelForCausalLM.from_pretrained` and no code of ours. A target that cannot
-represent the model exactly is refused with every reason (`--explain` lists the reasons for all targets).
+represent the model exactly is refused with every reason; `--explain` lists, for every target, whether it
+fits and, where it does, whether it is exact in each engine (transformers 5 and 4.57, vLLM, llama.cpp,
+lm-eval) and why not.
 Any stock Mixtral / Qwen2-MoE / Qwen3-MoE directory is also accepted as input (it is imported first).
 """
 
@@ -43,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.formats.native import read_meta
     from upcycle.formats.stock import export, read_native
     from upcycle.formats.stock_import import is_stock_moe
-    from upcycle.formats.targets import TARGETS, why_not
+    from upcycle.formats.targets import TARGETS
 
     if args.explain:
         if is_stock_moe(args.model):
             raise UpcycleError(f"{args.model} is already a stock MoE checkpoint; --explain reads native models")
+        from upcycle.formats.engines import explain_lines
+
         config, plan, moe_layers, structure = read_native(args.model)
-        for name, t in TARGETS.items():
-            reasons = why_not(name, config, plan, moe_layers, structure)
-            print(f"{name:10s} {t.architecture:22s} " + ("exact" if not reasons else "no: " + "; ".join(reasons)))
+        print("\n".join(explain_lines(config, plan, moe_layers, structure, args.layout)))
         return 0
     if args.to is None or args.out is None:
         raise UpcycleError("export needs --to TARGET and --out DIR (or --explain)")
