@@ -128,7 +128,9 @@ def run_engine(engine: str, model: Path, work: Path) -> dict:
         ["nice", "-n", "19", str(py), str(SCRIPTS / script), str(_request(work, model)), str(out)],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=float(
+            os.environ.get("UPCYCLE_ENGINES_TIMEOUT", 3600)
+        ),  # one engine on one model; a busy CPU starves them
         env=dict(os.environ, OMP_NUM_THREADS="2", VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false"),
         cwd=work,
     )
