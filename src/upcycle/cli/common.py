@@ -125,7 +125,7 @@ def _count(model) -> tuple[int, int]:
 
 def add_shared_expert_size(p: argparse.ArgumentParser) -> None:
     """--shared-expert-size, for `export` and `sparse --format`."""
-    from upcycle.formats.stock import NULL_SHARED_EXPERT_WIDTH
+    from upcycle.formats.targets import NULL_SHARED_EXPERT_WIDTH  # light: no torch at parser time
 
     p.add_argument(
         "--shared_expert_size",

@@ -38,13 +38,10 @@ import torch
 import torch.nn as nn
 
 from upcycle.errors import UpcycleError
-from upcycle.formats.targets import _COMMON, LAYOUTS, TARGETS, _cfg, check_exportable
+from upcycle.formats.targets import _COMMON, LAYOUTS, NULL_SHARED_EXPERT_WIDTH, TARGETS, _cfg, check_exportable
 from upcycle.io.writer import Item, tensor_items
 from upcycle.methods.plan import UpcyclePlan
 from upcycle.methods.registry import plan_from_meta
-
-# Width of the null shared expert written to Qwen2-MoE for a model without one (3 * D parameters a layer).
-NULL_SHARED_EXPERT_WIDTH = 1
 
 
 def stock_config(
