@@ -16,6 +16,7 @@ import torch
 
 from upcycle.errors import UpcycleError
 from upcycle.eval.encoders import MINILM_WHEEL_SHA256
+from upcycle.io.compat import make_portable
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 
@@ -169,3 +170,4 @@ def _dequantise(gguf_dir: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    make_portable(out)  # the dense reference loads in transformers 4.x and llama.cpp's converter too

@@ -114,3 +114,18 @@ def _count(model) -> tuple[int, int]:
     from upcycle.train.flops import active_params
 
     return _num_params(model), active_params(model, embedding=True)
+
+
+def add_shared_expert_size(p: argparse.ArgumentParser) -> None:
+    """--shared-expert-size, for `export` and `sparse --format`."""
+    from upcycle.formats.targets import NULL_SHARED_EXPERT_WIDTH  # light: no torch at parser time
+
+    p.add_argument(
+        "--shared_expert_size",
+        "--shared-expert-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="qwen2_moe only, for a model without a shared expert: width of the null shared expert written "
+        f"in its place (zero weights, output exactly 0; default {NULL_SHARED_EXPERT_WIDTH}, at least 1)",
+    )

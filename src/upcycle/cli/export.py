@@ -4,7 +4,9 @@
     upcycle export runs/all-moe --to mixtral --layout fused --out runs/mixtral
 
 The result loads with `AutoModelForCausalLM.from_pretrained` and no code of ours. A target that cannot
-represent the model exactly is refused with every reason (`--explain` lists the reasons for all targets).
+represent the model exactly is refused with every reason; `--explain` lists, for every target, whether it
+fits and, where it does, whether it is exact in each engine (transformers 5 and 4.57, vLLM, llama.cpp,
+lm-eval) and why not.
 Any stock Mixtral / Qwen2-MoE / Qwen3-MoE directory is also accepted as input (it is imported first).
 """
 
@@ -18,6 +20,7 @@ HELP = "write an upcycled model as a stock Mixtral / Qwen2-MoE / Qwen3-MoE check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from upcycle.cli.common import add_shared_expert_size
     from upcycle.formats.targets import LAYOUTS, TARGETS
 
     p.add_argument("model", type=Path, help="upcycled model directory (native format)")
@@ -30,14 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="expert tensors one per expert (legacy, read by every engine; default) or fused 3-D "
         "(transformers 5's gate_up_proj)",
     )
-    p.add_argument(
-        "--shared_expert_size",
-        "--shared-expert-size",
-        type=int,
-        default=0,
-        help="qwen2_moe only: width of the zero shared expert written when the model has none "
-        "(default 0; some engines want a non-empty one)",
-    )
+    add_shared_expert_size(p)
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", help="largest shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--explain", action="store_true", help="print, for every target, whether it fits and why not")
@@ -49,20 +45,22 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.formats.native import read_meta
     from upcycle.formats.stock import export, read_native
     from upcycle.formats.stock_import import is_stock_moe
-    from upcycle.formats.targets import TARGETS, why_not
+    from upcycle.formats.targets import TARGETS
 
     if args.explain:
         if is_stock_moe(args.model):
             raise UpcycleError(f"{args.model} is already a stock MoE checkpoint; --explain reads native models")
+        from upcycle.formats.engines import explain_lines
+
         config, plan, moe_layers, structure = read_native(args.model)
-        for name, t in TARGETS.items():
-            reasons = why_not(name, config, plan, moe_layers, structure)
-            print(f"{name:10s} {t.architecture:22s} " + ("exact" if not reasons else "no: " + "; ".join(reasons)))
+        print("\n".join(explain_lines(config, plan, moe_layers, structure, args.layout)))
         return 0
     if args.to is None or args.out is None:
         raise UpcycleError("export needs --to TARGET and --out DIR (or --explain)")
-    if args.shared_expert_size < 0:
-        raise UpcycleError("--shared-expert-size must be 0 or more")
+    if args.to == "qwen2_moe":
+        from upcycle.formats.stock import null_shared_width
+
+        null_shared_width(args.shared_expert_size)  # refuses a width below 1 before any work
     t0 = time.time()
     source = args.model
     if is_stock_moe(source):

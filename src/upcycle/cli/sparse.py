@@ -12,6 +12,7 @@ from upcycle.cli.common import (
     _count,
     _num_params,
     add_plan_flags,
+    add_shared_expert_size,
     family_plan,
     load_dense_config,
     parse_bool,
@@ -57,6 +58,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
         default="legacy",
         help="stock formats: expert tensors one per expert (default) or fused 3-D",
     )
+    add_shared_expert_size(s)
     add_plan_flags(s)
 
 
@@ -95,6 +97,10 @@ def cmd_sparse(args: argparse.Namespace) -> int:
 
         structure = upcycled_structure(plan, config)  # computed once: the check and the stock writer use it
         check_exportable(args.format, config, plan, layers, structure)  # before any work
+        if args.format == "qwen2_moe":
+            from upcycle.formats.stock import null_shared_width
+
+            null_shared_width(args.shared_expert_size)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.stream and plan.router_init == "data":
         print("note: router_init=data runs the dense model on the prompts: converting in memory", file=sys.stderr)
@@ -118,6 +124,7 @@ def cmd_sparse(args: argparse.Namespace) -> int:
             args.out,
             layout=args.layout,
             plan=plan,
+            shared_expert_size=args.shared_expert_size,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             progress=not args.quiet,
@@ -159,16 +166,17 @@ def _sparse_streaming(
 
         cfg = {k: v for k, v in config.to_dict().items() if k != "upcycle"}
         st = structure
-        transform = lambda items: stock_items(
-            items,
-            args.format,
-            cfg,
-            layers,
-            layout=args.layout,  # noqa: E731
-            structure=st,
+        size = args.shared_expert_size
+        transform = lambda items: stock_items(  # noqa: E731
+            items, args.format, cfg, layers, layout=args.layout, structure=st, shared_expert_size=size
         )
         write_config = lambda c, d: stock_config(  # noqa: E731
-            args.format, cfg | {"dtype": str(c.dtype).removeprefix("torch.")}, plan, layers, structure=st
+            args.format,
+            cfg | {"dtype": str(c.dtype).removeprefix("torch.")},
+            plan,
+            layers,
+            structure=st,
+            shared_expert_size=size,
         ).save_pretrained(d)
     stream_upcycle(
         model_dir,

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.formats.load import load_dense
     from upcycle.formats.validate import open_weights, read_config
     from upcycle.hub import default_model_dir
+    from upcycle.io.compat import make_portable
     from upcycle.io.dirs import atomic_dir, copy_side_files, refuse_existing
     from upcycle.methods.baselines import num_params
     from upcycle.methods.tiling import depth_tile
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic_dir(args.out, args.overwrite) as tmp:
         deep.save_pretrained(tmp)
         copy_side_files(model_dir, tmp, replace=False)
+        make_portable(tmp)
     L, T = len(deep.config.depth_tiling["source_of_layer"]), deep.config.depth_tiling["source_layers"]
     print(
         f"tiled {model_dir.name}: {T} -> {L} layers ({plan.mode}); parameters {num_params(dense) / 1e6:.1f}M -> "

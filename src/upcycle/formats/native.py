@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from upcycle.errors import UpcycleError
+from upcycle.io.compat import make_portable
 from upcycle.io.dirs import (
     atomic_dir,
     check_disk_space,
@@ -118,6 +119,7 @@ def stream_upcycle(
             record.source["weights"] = hashing.result()
             write_record(record, tmp)
             copy_side_files(model_dir, tmp)
+            make_portable(tmp)  # transformers 4.x and the engines that pin it read config and tokenizer right
             if fsync:
                 for f in tmp.iterdir():
                     if not f.name.endswith(".safetensors"):
@@ -184,6 +186,7 @@ def save(
         write_record(record, tmp)
         if source_dir is not None:
             copy_side_files(Path(source_dir), tmp)
+        make_portable(tmp)
     return out_dir
 
 

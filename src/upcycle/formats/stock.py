@@ -18,6 +18,12 @@ transformers version reads: Mixtral `block_sparse_moe.experts.{j}.w1/w2/w3`, Qwe
 `mlp.experts.{j}.gate_proj/up_proj/down_proj`), or in transformers 5's fused layout on request
 (`mlp.experts.gate_up_proj` (E, 2F, D) with gate rows first, `mlp.experts.down_proj` (E, D, F)).
 
+Qwen2-MoE always has a sigmoid-gated shared expert. A model without one is written with a null shared
+expert of width `shared_expert_size` (default NULL_SHARED_EXPERT_WIDTH): gate and up projections zero,
+down projection zero, so its output is exactly 0 in every engine; its gate weight is a nonzero constant,
+because llama.cpp computes sigmoid(g) as silu(g)/g, which is 0/0 where g = 0. Never zero-width tensors:
+vLLM builds no shared expert for width 0 and then refuses the (0, D) tensors.
+
 All mappings work tensor by tensor (`stock_items`, `native_items`), so the streaming converter can
 write a stock layout without the model in memory."""
 
@@ -32,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from upcycle.errors import UpcycleError
-from upcycle.formats.targets import _COMMON, LAYOUTS, TARGETS, _cfg, check_exportable
+from upcycle.formats.targets import _COMMON, LAYOUTS, NULL_SHARED_EXPERT_WIDTH, TARGETS, _cfg, check_exportable
 from upcycle.io.writer import Item, tensor_items
 from upcycle.methods.plan import UpcyclePlan
 from upcycle.methods.registry import plan_from_meta
@@ -45,7 +51,7 @@ def stock_config(
     moe_layers: list[int],
     *,
     structure: dict | None = None,
-    shared_expert_size: int = 0,
+    shared_expert_size: int | None = None,
 ):
     """The stock config.json content of the exported model (a transformers config object)."""
     from transformers import AutoConfig
@@ -63,8 +69,6 @@ def stock_config(
     structure = structure or {}
     F = structure.get("expert_intermediate_size") or c["intermediate_size"]
     shared = structure.get("shared_expert")
-    if shared:
-        shared_expert_size = shared["intermediate_size"]
     if target == "mixtral":
         kw.update(
             num_local_experts=plan.num_experts,
@@ -91,10 +95,24 @@ def stock_config(
             use_sliding_window=False,
         )
         if target == "qwen2_moe":
-            kw.update(shared_expert_intermediate_size=shared_expert_size, qkv_bias=True)
+            S = shared["intermediate_size"] if shared else null_shared_width(shared_expert_size)
+            kw.update(shared_expert_intermediate_size=S, qkv_bias=True)
         if target == "qwen3_moe":
             kw.update(attention_bias=bool(c.get("attention_bias", False)))
     return AutoConfig.for_model(target, **kw)
+
+
+def null_shared_width(size: int | None) -> int:
+    """The width of the null shared expert: `size`, or the default; refuses 0 and below."""
+    if size is None:
+        return NULL_SHARED_EXPERT_WIDTH
+    if size < 1:
+        raise UpcycleError(
+            f"shared expert size {size}: Qwen2-MoE's shared expert needs a width of at least 1 (a zero-width "
+            "one loads in transformers but vLLM refuses its tensors); leave --shared-expert-size out for "
+            f"the default {NULL_SHARED_EXPERT_WIDTH}"
+        )
+    return size
 
 
 def _layer(name: str) -> int | None:
@@ -110,7 +128,7 @@ def stock_items(
     *,
     layout: str = "legacy",
     structure: dict | None = None,
-    shared_expert_size: int = 0,
+    shared_expert_size: int | None = None,
 ) -> Iterator[Item]:
     """Map our tensors to the target's names and shapes, lazily: each output item produces its values
     from the input items' producers when the writer asks for them (in whatever order it writes)."""
@@ -134,15 +152,16 @@ def stock_items(
         base, leaf = f"model.layers.{i}", name.split(f"model.layers.{i}.mlp.", 1)[1]
         if leaf == "router.weight":
             yield _renamed(it, f"{base}.{t.experts_prefix if layout == 'legacy' else 'mlp'}.gate.weight")
-            if t.shared_expert and not shared:
+            if t.shared_expert and not shared:  # the null shared expert: output exactly 0, gate finite
                 p = f"{base}.mlp.shared_expert."
-                S = shared_expert_size
+                S = null_shared_width(shared_expert_size)
                 yield from (
                     _zeros(p + "gate_proj.weight", (S, D), it.dtype),
                     _zeros(p + "up_proj.weight", (S, D), it.dtype),
                     _zeros(p + "down_proj.weight", (D, S), it.dtype),
+                    _full(f"{base}.mlp.shared_expert_gate.weight", (1, D), it.dtype, 1.0 / D),
                 )
-            if t.shared_expert and (not shared or not shared.get("gated", True)):
+            elif t.shared_expert and not shared.get("gated", True):
                 yield _zeros(f"{base}.mlp.shared_expert_gate.weight", (1, D), it.dtype)  # sigmoid(0) = 1/2
         elif leaf.startswith("shared_expert."):
             if leaf == "shared_expert.gate.weight":
@@ -202,6 +221,10 @@ def _zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Item:
     return Item(name, tuple(shape), dtype, lambda: torch.zeros(shape, dtype=dtype))
 
 
+def _full(name: str, shape: tuple[int, ...], dtype: torch.dtype, value: float) -> Item:
+    return Item(name, tuple(shape), dtype, lambda: torch.full(shape, value, dtype=dtype))
+
+
 def export(
     source: str | Path | nn.Module,
     target: str,
@@ -209,7 +232,7 @@ def export(
     *,
     layout: str = "legacy",
     plan: UpcyclePlan | None = None,
-    shared_expert_size: int = 0,
+    shared_expert_size: int | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = False,
@@ -299,7 +322,7 @@ def write_stock(
     *,
     structure: dict | None = None,
     layout: str = "legacy",
-    shared_expert_size: int = 0,
+    shared_expert_size: int | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = False,
@@ -311,6 +334,7 @@ def write_stock(
 
     from tqdm.auto import tqdm
 
+    from upcycle.io.compat import make_portable
     from upcycle.io.dirs import atomic_dir, check_disk_space, copy_side_files, parse_size
     from upcycle.io.writer import output_bytes, write_items
 
@@ -337,3 +361,4 @@ def write_stock(
             (tmp / "upcycle.json").write_text(json.dumps(meta, indent=2) + "\n")
         if side_files_from is not None:
             copy_side_files(Path(side_files_from), tmp)
+        make_portable(tmp)  # rope_theta beside rope_parameters, a tokenizer class 4.x knows

@@ -12,6 +12,9 @@ from upcycle.methods.plan import UpcyclePlan
 
 LAYOUTS = ("legacy", "fused")
 
+# Width of the null shared expert written to Qwen2-MoE for a model without one (3 * D parameters a layer).
+NULL_SHARED_EXPERT_WIDTH = 1
+
 
 # Config fields every target shares with the Llama-family source config.
 _COMMON = (

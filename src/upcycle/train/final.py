@@ -17,6 +17,7 @@ from upcycle.train.dist import _Dist
 def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source_dir) -> None:
     """Native format for upcycled models, a transformers directory for dense ones (atomic)."""
     from upcycle.formats.native import save as native_save
+    from upcycle.io.compat import make_portable
     from upcycle.io.dirs import atomic_dir, copy_side_files
     from upcycle.methods.registry import plan_from_dict
 
@@ -35,6 +36,7 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
         native_save(raw, plan, target, source_dir=source_dir, overwrite=True)
         if tokenizer is not None and source_dir is None:
             tokenizer.save_pretrained(target)
+            make_portable(target)
         return
     with atomic_dir(target, overwrite=True) as tmp:
         raw.save_pretrained(tmp)
@@ -42,6 +44,7 @@ def _save_final(model, raw: nn.Module, target: Path, d: _Dist, tokenizer, source
             copy_side_files(Path(source_dir), tmp, replace=False)
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        make_portable(tmp)
 
 
 def _replica(raw: nn.Module) -> nn.Module:
