@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from upcycle.adapters import adapter_for
 from upcycle.errors import UpcycleError
-from upcycle.formats.validate import check_native, load_pretrained, open_weights, read_config
+from upcycle.formats.validate import check_native, load_pretrained, read_config
 from upcycle.io.models import empty_model, model_class
 from upcycle.methods.registry import rebuild
 
@@ -27,8 +27,8 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     if is_stock_moe(path):  # a stock MoE class's config (our stock exports keep upcycle.json as provenance)
         read_config(path)
         return import_stock(path, dtype).to(device)
-    record, config = check_native(path)  # never trust_remote_code
-    with open_weights(path) as source:
+    record, config, source = check_native(path)  # never trust_remote_code
+    with source:
         model = empty_model(config, source.first_float_dtype(), model_class(config))
         rebuild(record, model)  # the plan's own method: sparse upcycling, or BAM / BTX mixing
         state = {k: source.read_copy(k) for k in source.tensors}

@@ -245,7 +245,6 @@ def export(
 
     from upcycle.formats.native import FORMAT, FORMAT_VERSION, read_meta, versions
     from upcycle.io.models import unique_state_dict
-    from upcycle.io.safetensors import SafetensorsSource
 
     if isinstance(source, nn.Module):
         from upcycle.methods.surgery import applied_plan, structure_of
@@ -269,10 +268,11 @@ def export(
         from upcycle.formats.validate import check_native
 
         source_dir = source_dir or source
-        check_native(source)  # every tensor against config.json and upcycle.json before a byte is written
+        # every tensor against config.json and upcycle.json before a byte is written; its weights are the reader
+        _, _, s = check_native(source)
+        reader = s
         config, plan, moe_layers, structure = read_native(source)
         meta = read_meta(Path(source)) | {"versions": versions()}
-        reader = s = SafetensorsSource(source)
         items = [Item(k, s.info(k).shape, s.info(k).dtype, lambda k=k: s.read(k)) for k in s.tensors]
     # Provenance, as every output of ours has: what the weights are (plan, layers, source) and what wrote them.
     meta["exported"] = {

@@ -116,10 +116,10 @@ def check_tensors(
             raise UpcycleError(f"{have[k].file}: tensor {k} is {have[k].dtype}, not floating point; re-save the model")
 
 
-def check_native(model_dir: str | Path):
-    """(record, config) of a native upcycled directory, checked whole before any tensor is read: upcycle.json,
-    config.json, every header, and each tensor's name, shape and dtype against the model that the config and
-    the plan describe (a meta-device model: no memory)."""
+def check_native(model_dir: str | Path) -> tuple[Any, Any, SafetensorsSource]:
+    """(record, config, opened weights) of a native upcycled directory, checked whole before any tensor is read:
+    upcycle.json, config.json, every header, and each tensor's name, shape and dtype against the model that the
+    config and the plan describe (a meta-device model: no memory). The caller closes the weights."""
     from upcycle.formats.native import read_record
     from upcycle.io.models import model_class
     from upcycle.methods.registry import rebuild
@@ -131,9 +131,13 @@ def check_native(model_dir: str | Path):
     with torch.device("meta"):
         skeleton = (getattr(cls, "from_config", None) or cls._from_config)(config)
         rebuild(record, skeleton)
-    with open_weights(model_dir) as source:
+    source = open_weights(model_dir)
+    try:
         check_tensors(source, skeleton, "config.json and upcycle.json", allow_missing=set(record.tied_weights))
-    return record, config
+    except BaseException:
+        source.close()
+        raise
+    return record, config, source
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ def refuse_out_over_inputs(out: str | Path, inputs: Iterable[str | Path], flag: 
 
 
 @contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`.
 
     The temporary directory is `.NAME.tmp-PID-XXXX`: an exception (KeyboardInterrupt included)
@@ -127,9 +127,9 @@ def atomic_dir(out_dir: Path, overwrite: bool = False, inputs: Iterable[str | Pa
     A live writer's temporary directory is a lock: a second writer to the same `out_dir` is refused.
     The final rename never replaces what this writer did not check: without overwrite, a directory that
     appeared at `out_dir` meanwhile is left as it is and the run fails; with overwrite, only the very
-    directory that was there at the start is replaced. `inputs` may not be at or below `out_dir`."""
+    directory that was there at the start is replaced. The working directory (or one above it) is refused."""
     out_dir = Path(os.path.abspath(out_dir))
-    refuse_out_over_inputs(out_dir, inputs)
+    refuse_out_over_inputs(out_dir, ())
     refuse_existing(out_dir, overwrite)
     before = _identity(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

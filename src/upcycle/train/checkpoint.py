@@ -256,8 +256,8 @@ def config_changes(recorded: dict, config: TrainConfig) -> list[str]:
     ]
 
 
-def read_state(ckpt: Path, config: TrainConfig, accept_changes: bool) -> dict:
-    """A checkpoint's state.json, with the run's recorded settings held against this run's."""
+def read_state(ckpt: Path, config: TrainConfig, accept_changes: bool) -> tuple[dict, list[str]]:
+    """A checkpoint's state.json and the settings this run changes (accepted, or refused here)."""
     state = json.loads((ckpt / "state.json").read_text())
     changes = config_changes(state.get("config") or {}, config)
     if changes and not accept_changes:
@@ -265,4 +265,4 @@ def read_state(ckpt: Path, config: TrainConfig, accept_changes: bool) -> dict:
             f"{ckpt} was trained with other settings than this resume gives: {', '.join(changes)}; resume "
             "with the run's own settings (drop those flags), or pass --accept-changes to continue with the new ones"
         )
-    return state
+    return state, changes

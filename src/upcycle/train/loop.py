@@ -44,7 +44,6 @@ from upcycle.train.checkpoint import (
     _load_full_state_fsdp,
     _save_checkpoint,
     _set_rng_state,
-    config_changes,
     load_model_weights,
     load_pt,
     read_state,
@@ -168,12 +167,13 @@ def train(
         dist.broadcast_object_list(box, src=0)
         ckpt = Path(box[0]) if box[0] else None
     state: dict[str, Any] = {"history": [], "tokens": 0, "flops": 0, "train_time_s": 0.0}
+    changes: list[str] = []
     if ckpt is not None:
-        state = read_state(ckpt, config, accept_changes)  # before anything is written
+        state, changes = read_state(ckpt, config, accept_changes)  # before anything is written
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         recorded = out_dir / "train_config.yaml"
-        if ckpt is not None and recorded.is_file() and config_changes(state.get("config") or {}, config):
+        if changes and recorded.is_file():
             os.replace(recorded, out_dir / f"train_config.step-{int(state['step']):06d}.yaml")
         config.to_yaml(recorded)
 
