@@ -100,3 +100,43 @@ def test_example_plans_load():
     assert select_layers(paper.layers, 30) == list(range(1, 30, 2))
     ec = UpcyclePlan.from_yaml(plans / "expert-choice.yaml")
     assert (ec.router, ec.capacity) == ("expert_choice", 2.0)
+
+
+def test_every_file_of_dataclasses_reads_numbers_by_field_type(tmp_path):
+    """YAML 1.1 reads 2e-2 and 3e7 as strings: each file type takes them by the field's type, in one place."""
+    from upcycle.experiments.bam_recipe import BamRecipe
+    from upcycle.experiments.recipe import Recipe
+    from upcycle.experiments.regime_recipe import RegimeRecipe
+    from upcycle.experiments.vit import VitRecipe
+    from upcycle.methods.bam import BamPlan
+    from upcycle.methods.tiling import DepthTilingPlan
+    from upcycle.train.config import TrainConfig
+
+    p = tmp_path / "plan.yaml"
+    p.write_text("router_std: 2e-2\nnum_experts: 8.0\nlayers: all\n")
+    plan = UpcyclePlan.from_yaml(p)
+    assert plan.router_std == 0.02 and plan.num_experts == 8 and isinstance(plan.num_experts, int)
+    assert plan.layers == "all"
+    p.write_text("num_experts: 8.5\n")
+    with pytest.raises(PlanError, match=r"plan.yaml: num_experts must be an integer, got 8.5"):
+        UpcyclePlan.from_yaml(p)
+    assert BamPlan.from_dict({"router_std": "1e-2"}).router_std == 0.01
+    assert DepthTilingPlan.from_dict({"method": "depth_tiling", "factor": "2e0"}).factor == 2.0
+
+    cfg = TrainConfig.from_dict({"lr": "3e-4", "steps": "1e3", "pretrain_tokens": "2e6"})
+    assert (cfg.lr, cfg.steps, cfg.pretrain_tokens) == (3e-4, 1000, 2e6) and isinstance(cfg.steps, int)
+    from pathlib import Path
+
+    from upcycle.yamlio import read_mapping
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    tiny = read_mapping(recipes / "tiny.yaml", "recipe")
+    rec = Recipe.from_dict({**tiny, "lr": "1e-3", "pretrain_tokens": "3e7"})
+    assert (rec.lr, rec.pretrain_tokens) == (1e-3, 30_000_000) and isinstance(rec.pretrain_tokens, int)
+    regime = read_mapping(recipes / "upcycling-regime.yaml", "recipe")
+    assert RegimeRecipe.from_dict({**regime, "lr": "3e-3", "eval_every": "5e-2"}).eval_every == 0.05
+    vit = read_mapping(recipes / "vit-small.yaml", "recipe")
+    assert VitRecipe.from_dict({**vit, "lr": "1e-3"}).lr == 1e-3  # was kept as the string '1e-3'
+    q = tmp_path / "bam.yaml"
+    q.write_text((recipes / "bam-small.yaml").read_text().replace("mix_lr: 1.0e-3", "mix_lr: 5e-4"))
+    assert BamRecipe.from_yaml(q).mix_lr == 5e-4

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,39 @@ def check_fields(cls: type, d: Any, source: str, what: str, error: type[UpcycleE
     unknown = sorted(set(d) - set(names))
     if unknown:
         raise error(f"{source}: unknown key {unknown[0]!r}; valid keys are {', '.join(names)}")
+
+
+def numbers(cls: type, d: dict[str, Any], source: str, error: type[UpcycleError] = UpcycleError) -> dict[str, Any]:
+    """`d` with its numbers read by the dataclass fields' types, the one place every file of dataclasses gets them.
+
+    YAML 1.1 reads `1e-3` and `3e7` as strings (its floats need a dot): a float field takes them as floats;
+    an int-only field takes an integral number in any spelling (`3e7`, `30000000.0`) as an int and refuses a
+    fractional one. Other values pass unchanged, for the dataclass's own checks."""
+    out = dict(d)
+    kinds = {
+        f.name: set(re.findall(r"\w+", f.type if isinstance(f.type, str) else str(f.type)))
+        for f in dataclasses.fields(cls)
+    }
+    for k, v in d.items():
+        words = kinds.get(k, set())
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)) or "bool" in words:
+            continue
+        if isinstance(v, str):
+            if "str" in words:
+                continue  # a field that takes text keeps it
+            try:
+                x = float(v)
+            except ValueError:
+                continue  # not a number: the field's own check names what it expects
+        else:
+            x = v
+        if "float" in words:
+            out[k] = float(x) if isinstance(v, str) else v
+        elif "int" in words:
+            if not (math.isfinite(x) and float(x).is_integer()):
+                raise error(f"{source}: {k} must be an integer, got {v!r}")
+            out[k] = int(x)
+    return out
 
 
 def with_tiny(cls: type, d: dict[str, Any], source: str, default_name: str) -> dict[str, Any]:

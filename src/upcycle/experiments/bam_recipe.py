@@ -69,10 +69,7 @@ class BamRecipe:
             if not d.get("tiny"):
                 raise UpcycleError(f"{path}: no `tiny:` overrides in this recipe")
             d = {**d, **d["tiny"]}
-        for k in ("pretrain_lr", "branch_lr", "mix_lr", "general_share", "val_fraction"):
-            if isinstance(d.get(k), str):
-                d[k] = float(d[k])
-        return cls(**d)
+        return cls(**yamlio.numbers(cls, d, str(path)))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -168,12 +168,7 @@ class Recipe:
         d = dict(d)
         if tiny:
             d = yamlio.with_tiny(cls, d, source, "experiment")
-        for k in ("lr", "continue_lr", "weight_decay", "clip", "val_fraction"):
-            if isinstance(d.get(k), str):
-                d[k] = float(d[k])
-        for k in ("pretrain_tokens", "reference_tokens", "max_chars"):
-            if isinstance(d.get(k), (str, float)):
-                d[k] = int(float(d[k]))
+        d = yamlio.numbers(cls, d, source)
         try:
             return cls(**d)
         except TypeError as e:

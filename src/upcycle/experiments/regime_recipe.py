@@ -144,19 +144,7 @@ class RegimeRecipe:
         d = dict(d)
         if tiny:
             d = yamlio.with_tiny(cls, d, source, "upcycling-regime")
-        for k in (
-            "lr",
-            "rewarm",
-            "decay_fraction",
-            "final_lr_ratio",
-            "weight_decay",
-            "clip",
-            "val_fraction",
-            "eval_every",
-            "checkpoint_every",
-        ):
-            if isinstance(d.get(k), str):
-                d[k] = float(d[k])
+        d = yamlio.numbers(cls, d, source)
         try:
             return cls(**d)
         except TypeError as e:

@@ -96,7 +96,7 @@ class VitRecipe:
             over = d.get("tiny") or {}
             yamlio.check_fields(cls, over, f"{source} (tiny)", "recipe fields")
             d.update(over)
-        return cls(**d)
+        return cls(**yamlio.numbers(cls, d, source))
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "VitRecipe":

@@ -128,6 +128,7 @@ class BamPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "plan") -> "BamPlan":
         yamlio.check_fields(cls, dict(d), source, "plan fields", PlanError)
+        d = yamlio.numbers(cls, d, source, PlanError)
         try:
             return cls(**d)
         except PlanError as e:

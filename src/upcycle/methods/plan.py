@@ -284,6 +284,7 @@ class UpcyclePlan:
         if method not in (None, "sparse_upcycling"):
             raise PlanError(f"{source}: method {method!r} is not a sparse upcycling plan")
         yamlio.check_fields(cls, d, source, "plan fields", PlanError)
+        d = yamlio.numbers(cls, d, source, PlanError)
         try:
             return cls(**d)
         except PlanError as e:

@@ -146,6 +146,7 @@ class DepthTilingPlan:
         if method != "depth_tiling":
             raise PlanError(f"{source}: expected `method: depth_tiling`, got {method!r}")
         yamlio.check_fields(cls, d, source, "depth tiling fields", PlanError)
+        d = yamlio.numbers(cls, d, source, PlanError)
         try:
             return cls(**d)
         except PlanError as e:

@@ -161,7 +161,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "train config") -> "TrainConfig":
         yamlio.check_fields(cls, d, source, "training fields")
-        d = {k: (float(v) if isinstance(v, str) and k in _FLOAT_FIELDS else v) for k, v in d.items()}
+        d = yamlio.numbers(cls, d, source)
         try:
             return cls(**d)
         except (UpcycleError, ValueError) as e:
@@ -176,20 +176,3 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-
-# YAML reads 3e-4 as a string (YAML 1.1 floats need a dot); accept it for float fields.
-_FLOAT_FIELDS = {
-    "lr",
-    "min_lr",
-    "decay_fraction",
-    "clip",
-    "weight_decay",
-    "beta1",
-    "beta2",
-    "eps",
-    "aux_loss_coef",
-    "z_loss_coef",
-    "pretrain_tokens",
-    "pretrain_flops",
-}
