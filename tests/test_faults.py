@@ -443,6 +443,27 @@ def test_experiment_out_above_its_recipe_is_refused(tmp_path):
     refused(r, r"--out|recipe|input")
 
 
+@pytest.mark.parametrize(
+    "command, recipe",
+    [
+        ("experiment", "paper-small.yaml"),
+        ("experiment", "upcycling-regime.yaml"),
+        ("bam-experiment", "bam-small.yaml"),
+        ("vit-experiment", "vit-small.yaml"),
+    ],
+)
+def test_a_study_default_out_holding_its_recipe_is_refused(tmp_path, monkeypatch, command, recipe):
+    """The default OUT (runs/<recipe name>-tiny) is checked like a given one: vit-experiment used to run and then
+    replace the directory, recipe and all."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "runs" / "r-tiny" / "r.yaml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text((ROOT / "recipes" / recipe).read_text())
+    before = tree_hash(mine.parent)
+    refused(cli(command, "runs/r-tiny/r.yaml", "--tiny", "--quiet"), r"holds the input")
+    assert tree_hash(mine.parent) == before
+
+
 def test_plot_out_onto_its_input_is_refused(base, tmp_path):
     curves = tmp_path / "curves.png"  # a metrics.csv under a .png name
     shutil.copy(base / "run" / "metrics.csv", curves)

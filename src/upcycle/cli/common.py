@@ -1,5 +1,5 @@
 """What the command modules share: dataclass fields as flags (YAML key = flag = field), the plan
-resolved from a file and flags, the dense source's config, parameter counts.
+resolved from a file and flags, the dense source's config, parameter counts, the studies' flags and OUT.
 """
 
 from __future__ import annotations
@@ -129,3 +129,28 @@ def add_shared_expert_size(p: argparse.ArgumentParser) -> None:
         help="qwen2_moe only, for a model without a shared expert: width of the null shared expert written "
         f"in its place (zero weights, output exactly 0; default {NULL_SHARED_EXPERT_WIDTH}, at least 1)",
     )
+
+
+def add_study_flags(p: argparse.ArgumentParser, example: str, resumes: bool = True) -> None:
+    """The flags every study command takes: RECIPE, --out, --tiny, --quiet, and --overwrite where OUT is filled
+    in place and resumed (a study written at once, atomically, simply replaces OUT)."""
+    p.add_argument("recipe", type=Path, help=f"experiment recipe (YAML; see {example})")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/<recipe name>[-tiny])")
+    p.add_argument("--tiny", action="store_true", help="apply the recipe's `tiny:` overrides (a smoke test)")
+    if resumes:
+        p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def study_out(args: argparse.Namespace, command: str) -> tuple[Path, str]:
+    """A study's OUT (default runs/<recipe name>[-tiny]) and the command line recorded with its results.
+    OUT may not be a file, the recipe, or hold it, default or not; --overwrite empties it first."""
+    from upcycle.io.dirs import refuse_out_over_inputs, remove_for_overwrite
+
+    out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
+    if out.exists() and not out.is_dir():
+        raise UpcycleError(f"--out {out} is a file")
+    refuse_out_over_inputs(out, [args.recipe])
+    if getattr(args, "overwrite", False) and out.exists():
+        remove_for_overwrite(out, [args.recipe])
+    return out, f"upcycle {command} {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"

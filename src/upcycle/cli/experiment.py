@@ -21,18 +21,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from upcycle.cli.common import add_study_flags, study_out
 from upcycle.errors import UpcycleError
 
 HELP = "the paper's core comparison at small scale: dense / upcycled / depth-tiled / MoE-from-scratch vs FLOPs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", type=Path, help="experiment recipe (YAML; see recipes/)")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/<recipe name>[-tiny])")
-    p.add_argument("--tiny", action="store_true", help="apply the recipe's `tiny:` overrides (a smoke test)")
-    p.add_argument("--overwrite", action="store_true", help="delete OUT first instead of resuming")
+    add_study_flags(p, "recipes/")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe's threads)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--workers", type=int, help="regime study: runs side by side (overrides the recipe's workers)")
     p.add_argument(
         "--publish",
@@ -53,19 +50,6 @@ def _with_flags(recipe, args: argparse.Namespace, flags: tuple[str, ...]):
     return recipe
 
 
-def _out(args: argparse.Namespace) -> tuple[Path, str]:
-    """(OUT, the command line recorded with the results); --overwrite empties OUT first."""
-    out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
-    if out.exists() and not out.is_dir():
-        raise UpcycleError(f"--out {out} is a file")
-    from upcycle.io.dirs import refuse_out_over_inputs, remove_for_overwrite
-
-    refuse_out_over_inputs(out, [args.recipe])
-    if args.overwrite and out.exists():
-        remove_for_overwrite(out, [args.recipe])
-    return out, f"upcycle experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
-
-
 def run(args: argparse.Namespace) -> int:
     from upcycle.experiments.regime_recipe import is_regime_recipe, load_recipe_mapping
 
@@ -77,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.experiments.sparse import run_experiment
 
     recipe = _with_flags(Recipe.from_yaml(args.recipe, tiny=args.tiny), args, ("threads",))
-    out, command = _out(args)
+    out, command = study_out(args, "experiment")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -96,7 +80,7 @@ def _run_regime(args: argparse.Namespace) -> int:
     recipe = _with_flags(recipe, args, ("threads", "workers"))
     if args.publish and args.overwrite:
         raise UpcycleError("--publish reads the study in --out; it does not go with --overwrite")
-    out, command = _out(args)
+    out, command = study_out(args, "experiment")
     if args.publish:
         if not (out / "recipe.json").is_file():
             raise UpcycleError(f"--publish: {out} holds no regime study (no recipe.json); give the study's --out")

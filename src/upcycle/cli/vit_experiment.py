@@ -13,19 +13,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
+from upcycle.cli.common import add_study_flags, study_out
 from upcycle.errors import UpcycleError
 
 HELP = "the paper's vision recipe at small scale: ViT on digits, dense vs upcycled (expert choice) vs FLOPs"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", type=Path, help="experiment recipe (YAML; see recipes/vit-small.yaml)")
-    p.add_argument("--out", type=Path, help="output directory (default: runs/<recipe name>[-tiny])")
-    p.add_argument("--tiny", action="store_true", help="apply the recipe's `tiny:` overrides (a smoke test)")
+    add_study_flags(p, "recipes/vit-small.yaml", resumes=False)
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides the recipe's threads)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,10 +33,7 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UpcycleError(f"--threads must be at least 1, got {args.threads}")
         recipe = dataclasses.replace(recipe, threads=args.threads)
-    out = args.out or Path("runs") / (args.recipe.stem + ("-tiny" if args.tiny else ""))
-    if out.exists() and not out.is_dir():
-        raise UpcycleError(f"--out {out} is a file")
-    command = f"upcycle vit-experiment {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+    out, command = study_out(args, "vit-experiment")
     run_vit_experiment(recipe, out, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr), command=command)
     print((out / "results.md").read_text())
     return 0
