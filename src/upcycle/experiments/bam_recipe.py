@@ -82,23 +82,9 @@ def cohere_config(r: BamRecipe, vocab_size: int, eos: int):
     side by side), GQA, RoPE, tied embeddings; logit_scale 1 (Cohere's 0.0625 is for its large models)."""
     from transformers import CohereConfig
 
-    m = r.model
-    return CohereConfig(
-        vocab_size=vocab_size,
-        hidden_size=m["hidden_size"],
-        intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_heads"],
-        num_key_value_heads=m.get("num_kv_heads", m["num_heads"]),
-        max_position_embeddings=r.seq_len,
-        tie_word_embeddings=True,
-        logit_scale=1.0,
-        initializer_range=0.02,
-        use_cache=False,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
+    from upcycle.experiments.common import decoder_shape
+
+    return CohereConfig(**decoder_shape(r.model, r.seq_len, vocab_size, eos), logit_scale=1.0, pad_token_id=eos)
 
 
 def _sample(seqs, n: int, seed: int):

@@ -72,25 +72,30 @@ def train_bpe(docs, vocab_size: int, out_dir: Path):
     return hf
 
 
-def dense_config(recipe: Recipe, vocab_size: int, eos: int):
-    from transformers import LlamaConfig
-
-    m = recipe.model
-    return LlamaConfig(
+def decoder_shape(model: dict, seq_len: int, vocab_size: int, eos: int) -> dict:
+    """The config fields every study's small decoder shares, from a recipe's `model:` shape: tied embeddings,
+    GQA where num_kv_heads is given, positions up to seq_len, eos as bos, init std 0.02, no KV cache."""
+    return dict(
         vocab_size=vocab_size,
-        hidden_size=m["hidden_size"],
-        intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_heads"],
-        num_key_value_heads=m.get("num_kv_heads", m["num_heads"]),
-        max_position_embeddings=recipe.seq_len,
+        hidden_size=model["hidden_size"],
+        intermediate_size=model["intermediate_size"],
+        num_hidden_layers=model["num_layers"],
+        num_attention_heads=model["num_heads"],
+        num_key_value_heads=model.get("num_kv_heads", model["num_heads"]),
+        max_position_embeddings=seq_len,
         tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
         initializer_range=0.02,
         bos_token_id=eos,
         eos_token_id=eos,
         use_cache=False,
     )
+
+
+def dense_config(recipe: Recipe, vocab_size: int, eos: int):
+    """The studies' dense Llama."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**decoder_shape(recipe.model, recipe.seq_len, vocab_size, eos), rms_norm_eps=1e-5)
 
 
 def budget_steps(
