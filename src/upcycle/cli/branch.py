@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from upcycle.cli.common import add_data_flags
 from upcycle.errors import UpcycleError
 
 HELP = "train N copies of a seed dense model, one per domain (BAM / BTX step 1)"
@@ -52,22 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of each branch's training sequences from the general data (default 0.1, as BAM)",
     )
     p.add_argument("--config", type=Path, help="training config YAML (keys = the training fields below)")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --seed's)")
-    p.add_argument(
-        "--val-fraction",
-        "--val_fraction",
-        type=float,
-        default=0.05,
-        help="share of documents held out for validation (default 0.05)",
-    )
-    p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument(
-        "--chunk-chars",
-        "--chunk_chars",
-        type=int,
-        default=8192,
-        help="text files are cut at blank lines into documents of about this many characters",
-    )
+    add_data_flags(p, "--seed")
     p.add_argument("--overwrite", action="store_true", help="retrain branches that finished before")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

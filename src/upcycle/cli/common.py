@@ -131,6 +131,27 @@ def add_shared_expert_size(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_data_flags(p: argparse.ArgumentParser, model_flag: str) -> None:
+    """How a training command reads its text: the tokenizer (default: the model's, named by `model_flag`), the
+    validation share, the JSONL field and the chunking of plain text files."""
+    p.add_argument("--tokenizer", type=Path, help=f"tokenizer directory (default: {model_flag}'s)")
+    p.add_argument(
+        "--val-fraction",
+        "--val_fraction",
+        type=float,
+        default=0.05,
+        help="share of documents held out for validation (default 0.05)",
+    )
+    p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
+    p.add_argument(
+        "--chunk-chars",
+        "--chunk_chars",
+        type=int,
+        default=8192,
+        help="text files are cut at blank lines into documents of about this many characters",
+    )
+
+
 def add_study_flags(p: argparse.ArgumentParser, example: str, resumes: bool = True) -> None:
     """The flags every study command takes: RECIPE, --out, --tiny, --quiet, and --overwrite where OUT is filled
     in place and resumed (a study written at once, atomically, simply replaces OUT)."""

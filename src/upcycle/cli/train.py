@@ -25,6 +25,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from upcycle.cli.common import add_data_flags
 from upcycle.errors import UpcycleError
 
 HELP = "continue training a dense or upcycled model (checkpoints, resume, DDP/FSDP)"
@@ -50,22 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="training config YAML (keys = the training fields below)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start over")
-    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model's)")
-    p.add_argument(
-        "--val-fraction",
-        "--val_fraction",
-        type=float,
-        default=0.05,
-        help="share of documents held out for validation (default 0.05)",
-    )
-    p.add_argument("--text-field", "--text_field", default="text", help="JSONL field with the text (default text)")
-    p.add_argument(
-        "--chunk-chars",
-        "--chunk_chars",
-        type=int,
-        default=8192,
-        help="text files are cut at blank lines into documents of about this many characters",
-    )
+    add_data_flags(p, "--model")
     p.add_argument(
         "--dense-optimizer-state",
         "--dense_optimizer_state",
