@@ -60,6 +60,39 @@ def save_figure(fig, out_png: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
+def mark_x(ax, x: float, label: str, *, ls="--", lw=1.2, line="0.3", text="0.3", at: float = 0.97) -> None:
+    """A vertical line at data x with its label written along it, near the top (at > 0.5) or the bottom."""
+    ax.axvline(x, color=line, ls=ls, lw=lw)
+    ax.annotate(
+        label,
+        (x, at),
+        xycoords=("data", "axes fraction"),
+        rotation=90,
+        ha="right",
+        va="top" if at > 0.5 else "bottom",
+        fontsize=9,
+        color=text,
+        xytext=(-3, 0),
+        textcoords="offset points",
+    )
+
+
+def mark_y(ax, y: float, label: str, *, ls=":", lw=1.2, at: float = 0.005, boxed=True, zorder=None) -> None:
+    """A horizontal line at data y with its label just above it at the left (on a white box if boxed)."""
+    ax.axhline(y, color="0.35", ls=ls, lw=lw, zorder=zorder)
+    box = dict(bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8)) if boxed else {}
+    ax.annotate(
+        label,
+        (at, y),
+        xycoords=("axes fraction", "data"),
+        xytext=(2, 3),
+        textcoords="offset points",
+        fontsize=9,
+        color="0.3",
+        **box,
+    )
+
+
 def read_metrics(path: str | Path) -> dict[str, list[float | None]]:
     """Columns of a training run's metrics.csv (a file, or a directory holding one) as floats; empty or
     non-numeric cells are None."""
@@ -184,36 +217,14 @@ def plot_loss_vs_flops(
     lo, hi = min(xs_all), max(xs_all)
     if reference:
         for name, y in reference.items():
-            ax.axhline(y, color="0.35", ls=":", lw=1.2)
-            ax.annotate(
-                name,
-                (0.005, y),
-                xycoords=("axes fraction", "data"),
-                xytext=(2, 3),
-                textcoords="offset points",
-                fontsize=9,
-                color="0.3",
-                bbox=dict(boxstyle="square,pad=0.1", fc="white", ec="none", alpha=0.8),
-            )
+            mark_y(ax, y, name)
     if ylim == "auto":
         ylim = _auto_ylim(ys_all, [y for y in lasts if y is not None], list((reference or {}).values()))
     if ylim is not None:
         ax.set_ylim(*ylim)
     if budget:
         if lo <= budget <= hi * 1.05:
-            ax.axvline(budget, color="0.3", ls="--", lw=1.2)
-            ax.annotate(
-                budget_label,
-                (budget, 0.97),
-                xycoords=("data", "axes fraction"),
-                rotation=90,
-                ha="right",
-                va="top",
-                fontsize=9,
-                color="0.3",
-                xytext=(-3, 0),
-                textcoords="offset points",
-            )
+            mark_x(ax, budget, budget_label)
         from matplotlib.ticker import FuncFormatter
 
         top = ax.secondary_xaxis("top", functions=(lambda x: 100 * x / budget, lambda p: p * budget / 100))

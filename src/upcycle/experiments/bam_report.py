@@ -121,7 +121,7 @@ def _findings(rows: list[dict]) -> list[str]:
 def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
     """Left: the mixtures' equal-mix validation loss vs training FLOPs (BTX's total marked: the compute
     match). Right: per-domain perplexity of every model."""
-    from upcycle.eval.plots import PALETTE, pyplot, save_figure
+    from upcycle.eval.plots import PALETTE, mark_x, pyplot, save_figure
 
     plt = pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.6), gridspec_kw={"width_ratios": [1, 1.3]})
@@ -138,19 +138,7 @@ def plot(rows: list[dict], curves: dict, info: dict, out_png: Path) -> Path:
                 label=f"{LABELS[m]}  ({pts[-1][1]:.3f})",
             )
     if info.get("btx_flops"):
-        ax.axvline(info["btx_flops"], color="0.5", ls=":", lw=1.0)
-        ax.annotate(
-            "BTX's compute (CM)",
-            (info["btx_flops"], 0.97),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=9,
-            color="0.35",
-            xytext=(-3, 0),
-            textcoords="offset points",
-        )
+        mark_x(ax, info["btx_flops"], "BTX's compute (CM)", ls=":", lw=1.0, line="0.5", text="0.35")
     ax.set_xlabel("mixture training FLOPs")
     ax.set_ylabel("validation loss (equal mix of the domains)")
     ax.set_title(f"{info['recipe']['name']}: mixture training", loc="left", fontweight="bold")

@@ -136,7 +136,7 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
     """Left: validation loss vs extra compute (% of B), one curve per arm, the budgets marked. Right (a
     model pretrained here): the same runs against all their training FLOPs, the dense pretraining included,
     so MoE-from-scratch is seen from its start."""
-    from upcycle.eval.plots import pyplot, save_figure
+    from upcycle.eval.plots import mark_x, mark_y, pyplot, save_figure
 
     plt = pyplot()
     B = info["B_flops"]
@@ -152,16 +152,8 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
     targets = sorted({x["target_extra"] for x in rows if x["target_extra"] > 0})
     for t in targets:
         ax.axvline(100 * t, color="0.75", ls=":", lw=1.0, zorder=0)
-    ax.axhline(info["dense_val_loss"], color="0.35", ls="--", lw=1.0, zorder=0)
-    ax.annotate(
-        f"dense checkpoint {info['dense_val_loss']:.3f}",
-        (0.01, info["dense_val_loss"]),
-        xycoords=("axes fraction", "data"),
-        xytext=(2, 3),
-        textcoords="offset points",
-        fontsize=9,
-        color="0.3",
-    )
+    label = f"dense checkpoint {info['dense_val_loss']:.3f}"
+    mark_y(ax, info["dense_val_loss"], label, ls="--", lw=1.0, at=0.01, boxed=False, zorder=0)
     ys = []
     for arm, pts in curves.items():
         pts = sorted(pts)
@@ -204,19 +196,7 @@ def plot(curves: dict, rows: list[dict], info: dict, out_png: Path) -> Path:
                 lw=2.2 if arm == "pretrain" else 1.5,
                 label=label,
             )
-        ax2.axvline(100, color="0.35", ls="--", lw=1.0)
-        ax2.annotate(
-            "end of dense pretraining",
-            (100, 0.03),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            ha="right",
-            va="bottom",
-            fontsize=9,
-            color="0.3",
-            xytext=(-3, 0),
-            textcoords="offset points",
-        )
+        mark_x(ax2, 100, "end of dense pretraining", lw=1.0, line="0.35", at=0.03)
         x0 = 60.0  # the last stretch of pretraining and everything after it
         allv = [y for pts in whole.values() for x, y in pts if 100 * x / B >= x0]
         ax2.set_xlim(x0, max(100 * x / B for pts in whole.values() for x, _ in pts) + 3)
