@@ -252,6 +252,18 @@ def test_bad_inputs():
         MoAttention(a.model.layers[0].self_attn, 2, kv="nope")
 
 
+@pytest.mark.parametrize("method", ["bam", "btx"])
+def test_an_encoder_is_refused_by_family_not_by_a_missing_key(method):
+    """BERT seeds used to fail on 'no encoder.layer.0.intermediate.dense.weight: is this checkpoint a BERT
+    encoder?' (it is); the refusal now says which families BAM and BTX mix."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    c = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    seeds = [BertForMaskedLM(c).eval() for _ in range(2)]
+    with pytest.raises(UpcycleError, match=rf"^{method} mixes decoder LMs \(llama, .*cohere\); bert is a BERT encoder"):
+        mix(seeds, BamPlan.for_method(method, 2))
+
+
 def test_sparse_upcycling_works_on_cohere(ids, tmp_path):
     """The llama-like adapter covers Cohere (parallel block): copy experts + top-2 renormalised is the model,
     in memory and through `upcycle sparse` (the streaming converter)."""

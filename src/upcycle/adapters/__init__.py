@@ -45,6 +45,13 @@ class MLPAdapter:
     mask_module: str | None = None  # module (from the base model) whose forward gets this stack's padding
     mask_arg: str = "attention_mask"  # mask as `mask_arg`; "" for the base model itself; None: no padding
     inner_dropout_key: str | None = None  # config field of a dropout between the activation and `down` (T5's)
+    # Attention, for BAM's attention experts and mixing (None: a family BAM and BTX do not mix).
+    attn: str | None = None  # attribute of a block that holds the self-attention
+    attn_proj: tuple[str, ...] = ()  # its projections (nn.Linear modules; q, k, v, o)
+    attn_norms: tuple[str, ...] = ()  # its per-head norms where the family has them (q, k)
+
+    def attn_prefix(self, i: int) -> str:
+        return f"{self.layers}.{i}.{self.attn}"
 
     def layer_list(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -130,6 +137,9 @@ LLAMA_LIKE = MLPAdapter(
     gate="gate_proj",
     act_key="hidden_act",
     bias_key="mlp_bias",
+    attn="self_attn",
+    attn_proj=("q_proj", "k_proj", "v_proj", "o_proj"),
+    attn_norms=("q_norm", "k_norm"),
 )
 
 BERT = MLPAdapter(

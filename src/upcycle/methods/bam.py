@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from upcycle import yamlio
-from upcycle.adapters import adapter_for
+from upcycle.adapters import ADAPTERS, adapter_for
 from upcycle.errors import PlanError, UpcycleError
 from upcycle.methods.record import ConversionRecord
 from upcycle.yamlio import option
@@ -39,10 +39,6 @@ METHODS = ("bam", "btx")
 
 
 KV = ("experts", "shared", "averaged")
-
-
-# Where a llama-like block keeps its attention (every family the llama-like adapter covers).
-ATTN, ATTN_PROJ, ATTN_NORMS = "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), ("q_norm", "k_norm")
 
 
 PARALLEL_BLOCK_TYPES = ("cohere",)  # y = x + Attn(LN x) + MLP(LN x)
@@ -213,13 +209,25 @@ def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return (torch.stack([t.float() for t in tensors]).mean(0)).to(tensors[0].dtype)
 
 
+def mixing_adapter(config: Any, plan: BamPlan):
+    """The adapter of a family BAM and BTX mix: decoder LMs whose adapter says where attention lives."""
+    adapter = adapter_for(config)
+    if adapter.attn is None:
+        kinds = [t for a in ADAPTERS if a.attn is not None for t in a.model_types]
+        raise UpcycleError(
+            f"{plan.method} mixes decoder LMs ({', '.join(kinds)}); {config.model_type} is a {adapter.family}: "
+            "upcycle it with `upcycle sparse` instead"
+        )
+    return adapter
+
+
 def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan: BamPlan) -> dict[str, torch.Tensor]:
     """The mixed model's state dict from N dense state dicts (same keys and shapes)."""
     from upcycle.methods.surgery import _EXPERT_PARAMS
 
     if len(states) != plan.num_experts:
         raise UpcycleError(f"the plan mixes {plan.num_experts} models but {len(states)} state dicts were given")
-    adapter = adapter_for(config)
+    adapter = mixing_adapter(config, plan)
     L, D, _ = adapter.dims(config)
     out: dict[str, torch.Tensor] = {}
     taken: set[str] = set()
@@ -242,8 +250,8 @@ def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan
         out[f"{prefix}.router.weight"] = _router(plan, i, 0, plan.num_experts, D, ref.dtype)
         if not plan.attention_experts:
             continue
-        a = f"{adapter.layers}.{i}.{ATTN}"
-        for proj in ATTN_PROJ:
+        a = adapter.attn_prefix(i)
+        for proj in adapter.attn_proj:
             for kind, name in (("weight", proj), ("bias", proj[0] + "_bias")):
                 key = f"{a}.{proj}.{kind}"
                 if key not in states[0]:
@@ -253,7 +261,7 @@ def mix_state_dicts(states: Sequence[dict[str, torch.Tensor]], config: Any, plan
                     out[f"{a}.{name}"] = _mean([s[key] for s in states])
                 else:
                     out[f"{a}.{name}"] = stack(key)
-        for norm in ATTN_NORMS:
+        for norm in adapter.attn_norms:
             keys = sorted(k for k in states[0] if k.startswith(f"{a}.{norm}."))
             for key in keys:
                 leaf = key[len(f"{a}.{norm}.") :]
@@ -280,7 +288,7 @@ def convert_structure(
     from upcycle.moe.block import MoEBlock
 
     config = model.config
-    adapter = adapter_for(config)
+    adapter = mixing_adapter(config, plan)
     blocks = adapter.layer_list(model)
     layers = list(range(len(blocks))) if layers is None else list(layers)
     ffn = plan.ffn_plan()
@@ -289,9 +297,10 @@ def convert_structure(
         ref = getattr(old, adapter.up).weight if not isinstance(old, MoEBlock) else old.experts.up_proj
         adapter.set_mlp(blocks[i], make_moe_block(config, ffn, adapter, ref.dtype, ref.device, structure))
         if plan.attention_experts:
-            attn = getattr(blocks[i], ATTN)
+            attn = getattr(blocks[i], adapter.attn)
             if not isinstance(attn, MoAttention):  # in the block's train/eval mode, as set_mlp puts the MLP
-                setattr(blocks[i], ATTN, MoAttention(attn, plan.num_experts, plan.kv).train(blocks[i].training))
+                mixed = MoAttention(attn, plan.num_experts, plan.kv).train(blocks[i].training)
+                setattr(blocks[i], adapter.attn, mixed)
     return layers
 
 
