@@ -17,6 +17,7 @@ import pytest
 
 from upcycle.cli import main
 from upcycle.experiments.regime_recipe import Job, RegimeRecipe, job_dir, load_recipe_mapping, plan_jobs, sha256_file
+from upcycle.experiments.regime_report import collect
 from upcycle.train.config import TrainConfig
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "upcycling-regime.yaml"
@@ -204,6 +205,25 @@ def test_the_saved_state_resumes_on_a_fresh_machine(study, tmp_path):
     (tmp_path / "state" / "data" / "data.json").write_text(json.dumps(info))
     (tmp_path / "state" / "data" / "sequences.pt").unlink()
     assert main(["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "state"), "--quiet"]) == 2
+
+
+def test_the_report_names_the_machines_the_runs_ran_on(study):
+    """Each run keeps its CPU; the Machine line comes from the runs, not from wherever the report is made."""
+    from upcycle.experiments.common import machine
+    from upcycle.experiments.regime_text import _machines
+
+    r, out, res = study
+    cpu = machine()["cpu"]
+    n = sum(len(v) for v in collect(r, out)["runs"].values())
+    assert res["run_machines"] == {cpu: n} and n >= len([j for j in plan_jobs(r) if j.arm])
+    assert f"Machine: {cpu}, " in (out / "results.md").read_text()
+    here = {"machine": {"cpu": "CPU B"}}
+    assert _machines({**here, "run_machines": {"CPU A": 3}}) == "CPU A"
+    assert _machines({**here, "run_machines": {"not recorded": 3}}) == (
+        "CPU B (where this report was made; the runs did not record theirs)"
+    )
+    mixed = {**here, "run_machines": {"CPU A": 2, "CPU C": 1, "not recorded": 4}}
+    assert _machines(mixed) == "CPU A (2 runs); CPU C (1 run); 4 runs did not record theirs"
 
 
 def test_wsd_schedule():

@@ -33,6 +33,16 @@ def collect(r: RegimeRecipe, out: Path) -> dict:
     return {"runs": runs, "branches": branches}
 
 
+def run_machines(runs: dict) -> dict[str, int]:
+    """{CPU: finished runs on it}, "not recorded" counting the runs made before runs kept their machine."""
+    count: dict[str, int] = {}
+    for results in runs.values():
+        for res in results:
+            cpu = (res.get("machine") or {}).get("cpu", "not recorded")
+            count[cpu] = count.get(cpu, 0) + 1
+    return count
+
+
 def arm_points(results: list[dict], extras) -> list[dict]:
     pts = []
     for k, x in enumerate(extras):
@@ -109,6 +119,7 @@ def regime_report(
     res: dict = {
         "recipe": r.to_dict(),
         "machine": machine(),
+        "run_machines": run_machines(runs),
         "command": command,
         "wall_s_this_call": wall_s,
         "data": data_info,

@@ -400,11 +400,21 @@ def run_arm(r: RegimeRecipe, out: Path, job: Job, data, progress: bool) -> str:
         "curve": curve,
         "wall_s": time.perf_counter() - t0,
         "plan": plan.to_dict() if plan is not None else None,
+        "machine": run_machine(),
     }
     tmp = d / ".result.json.tmp"
     tmp.write_text(json.dumps(res, indent=1) + "\n")
     tmp.replace(d / "result.json")
     return " ".join(f"+{p['extra']:.0%}: {p['val_loss']:.4f}" for p in points)
+
+
+def run_machine() -> dict:
+    """What a run ran on, kept with its result: a study resumed across stops may span machines, and the report
+    is made wherever it is published."""
+    from upcycle.experiments.common import machine
+
+    m = machine()
+    return {k: m[k] for k in ("cpu", "cores", "torch", "threads")}
 
 
 def run_job(r: RegimeRecipe, out: str, job: Job, progress: bool = False) -> str:

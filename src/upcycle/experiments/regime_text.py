@@ -18,6 +18,22 @@ def _gap(g: dict | None) -> str:
     return f"{g['gap_mean']:+.4f}{s} (n={g['seeds']})"
 
 
+def _machines(res: dict) -> str:
+    """The CPUs the runs ran on, from their results; where some did not record it, the report's own machine,
+    said as such."""
+    runs = res.get("run_machines") or {}
+    known = {cpu: n for cpu, n in runs.items() if cpu != "not recorded"}
+    missing = runs.get("not recorded", 0)
+    if not runs:
+        return res["machine"]["cpu"]
+    if not known:
+        return f"{res['machine']['cpu']} (where this report was made; the runs did not record theirs)"
+    if len(known) == 1 and not missing:
+        return next(iter(known))
+    text = "; ".join(f"{cpu} ({n} run{'s' * (n != 1)})" for cpu, n in known.items())
+    return text + (f"; {missing} runs did not record theirs" if missing else "")
+
+
 def results_markdown(res: dict, r: RegimeRecipe) -> str:
     m = res["machine"]
     d = res.get("dense")
@@ -31,8 +47,8 @@ def results_markdown(res: dict, r: RegimeRecipe) -> str:
         ]
     fp = res["data"].get("fingerprint", {})
     L += [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {r.workers} runs side by side with {r.threads} torch thread(s) "
-        f"each; torch {m['torch']}, transformers {m.get('transformers', '?')}, device {m['device']}.",
+        f"Machine: {_machines(res)}, {m['cores']} cores, {r.workers} runs side by side with {r.threads} torch "
+        f"thread(s) each; torch {m['torch']}, transformers {m.get('transformers', '?')}, device {m['device']}.",
         f"Command: `{res.get('command')}`; the finished runs took {res['runs_wall_s'] / 3600:.2f} h of worker time "
         f"(the dense phases not counted).",
         f"Corpus `{r.corpus}`: {fp.get('documents', '?')} documents, {fp.get('chars', 0) / 1e6:.1f}M characters "
