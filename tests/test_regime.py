@@ -7,6 +7,7 @@ trains nothing."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from upcycle.cli import main
+from upcycle.errors import UpcycleError
 from upcycle.experiments.regime_recipe import Job, RegimeRecipe, job_dir, load_recipe_mapping, plan_jobs, sha256_file
 from upcycle.experiments.regime_report import collect
 from upcycle.train.config import TrainConfig
@@ -182,6 +184,30 @@ def test_a_second_call_trains_nothing(study):
     again = json.loads((out / "results.json").read_text())
     assert again["arms"] == res["arms"] and again["map"] == res["map"]
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_resume_with_another_recipe_is_refused_by_key(study, tmp_path, capsys):
+    """The recorded recipe guards OUT: a changed lr is refused by name before anything runs; a free key
+    (workers) is not; a key the old record lacks stands at its default."""
+    from upcycle.experiments.common import keep_recipe
+    from upcycle.yamlio import dump, read_mapping
+
+    r, out, res = study
+    changed = read_mapping(RECIPE, "recipe")
+    changed["lr"] = 0.001
+    (tmp_path / "changed.yaml").write_text(dump(changed))
+    assert main(["experiment", str(tmp_path / "changed.yaml"), "--tiny", "--out", str(out), "--quiet"]) == 2
+    assert "holds a study with a different recipe (lr)" in capsys.readouterr().err
+    keep_recipe(tmp_path, r, free=("workers",))
+    keep_recipe(tmp_path, dataclasses.replace(r, workers=r.workers + 1), free=("workers",))
+    keep_recipe(tmp_path, r, free=("workers",))
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    del saved["final_lr_ratio"]  # a record from before the key existed: its default stands for it
+    (tmp_path / "recipe.json").write_text(json.dumps(saved))
+    assert r.final_lr_ratio == 0.1  # the field's default
+    keep_recipe(tmp_path, r, free=())
+    with pytest.raises(UpcycleError, match=r"different recipe \(seq_len\)"):
+        keep_recipe(tmp_path, dataclasses.replace(r, seq_len=r.seq_len * 2), free=())
 
 
 def test_the_saved_state_resumes_on_a_fresh_machine(study, tmp_path):

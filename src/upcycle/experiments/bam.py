@@ -36,6 +36,7 @@ from pathlib import Path
 from upcycle.errors import UpcycleError
 from upcycle.experiments.bam_recipe import LABELS, BamRecipe, _Data, _sample, _spread, cohere_config, latency
 from upcycle.experiments.bam_report import _curve, plot, results_markdown
+from upcycle.experiments.common import keep_recipe
 
 
 class BamExperiment:
@@ -56,20 +57,7 @@ class BamExperiment:
 
         r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
-        saved = self.out / "recipe.json"
-        if saved.is_file():
-            old = json.loads(saved.read_text())
-            diff = sorted(
-                k
-                for k in set(old) | set(r.to_dict())
-                if k not in ("tiny", "mixes", "threads") and old.get(k) != r.to_dict().get(k)
-            )
-            if diff:
-                raise UpcycleError(
-                    f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
-                    "pass --overwrite or another --out"
-                )
-        saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
+        keep_recipe(self.out, r, free=("tiny", "mixes", "threads"))
         t0 = time.perf_counter()
         docs = {}
         for name, spec in r.domains.items():

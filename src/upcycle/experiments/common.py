@@ -4,6 +4,8 @@ Llama config, budgets in steps, and reading a run's metrics back.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import platform
@@ -12,6 +14,24 @@ from pathlib import Path
 
 from upcycle.errors import UpcycleError
 from upcycle.experiments.recipe import Recipe
+
+
+def keep_recipe(out: Path, recipe, free: tuple[str, ...], what: str = "an experiment") -> None:
+    """Record `recipe` in OUT/recipe.json. A recipe recorded there before must be the same but for the keys in
+    `free` (what a resumed run may change: arms added, workers, ...); a key added to the recipe's class since
+    stands at its default in the old one. Otherwise OUT's finished runs would be mixed with other settings."""
+    saved = Path(out) / "recipe.json"
+    new = json.loads(json.dumps(recipe.to_dict()))  # as JSON reads it back: lists, not tuples
+    if saved.is_file():
+        fields = dataclasses.fields(type(recipe))
+        defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+        old = json.loads(json.dumps(defaults)) | json.loads(saved.read_text())
+        diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+        if diff:
+            raise UpcycleError(
+                f"{out} holds {what} with a different recipe ({', '.join(diff)}); pass --overwrite or another --out"
+            )
+    saved.write_text(json.dumps(new, indent=1) + "\n")
 
 
 def machine() -> dict:

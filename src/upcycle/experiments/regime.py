@@ -32,11 +32,11 @@ turns whatever has finished into results.json, results.csv, results.md and the f
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from upcycle.errors import UpcycleError
+from upcycle.experiments.common import keep_recipe
 from upcycle.experiments.regime_recipe import Job, RegimeRecipe, best_other_arm, job_done, plan_jobs, save_state
 from upcycle.experiments.regime_report import regime_report
 from upcycle.experiments.regime_runs import prepare_data, run_job
@@ -49,20 +49,7 @@ def run_study(r: RegimeRecipe, out: str | Path, log=print, command: str | None =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved = out / "recipe.json"
-    new = r.to_dict()
-    if saved.is_file():
-        old = json.loads(saved.read_text())
-        diff = sorted(
-            k
-            for k in set(old) | set(new)
-            if k not in ("arms", "map", "tiny", "workers", "map_seeds") and old.get(k) != new.get(k)
-        )
-        if diff:
-            raise UpcycleError(
-                f"{out} holds a study with a different recipe ({', '.join(diff)}); pass --overwrite or another --out"
-            )
-    saved.write_text(json.dumps(new, indent=1) + "\n")
+    keep_recipe(out, r, free=("arms", "map", "tiny", "workers", "map_seeds"), what="a study")
     t0 = time.perf_counter()
     prepare_data(r, out, log)  # tokenizer and packed sequences, cached for the workers
     done_before = {j for j in plan_jobs(r) if job_done(out, j)}

@@ -30,7 +30,6 @@ outputs     OUT/results.csv, OUT/results.md, OUT/loss_vs_flops.png, OUT/<run>/me
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import shutil
@@ -42,6 +41,7 @@ from upcycle.experiments.common import (
     budget_steps,
     cumulative_time,
     dense_config,
+    keep_recipe,
     machine,
     read_rows,
     split_seen,
@@ -69,22 +69,7 @@ class Experiment:
 
         r = self.r
         self.out.mkdir(parents=True, exist_ok=True)
-        saved = self.out / "recipe.json"
-        if saved.is_file():  # arms may be added or dropped; anything else changes every run
-            new = r.to_dict()
-            defaults = {
-                f.name: f.default for f in dataclasses.fields(Recipe) if f.default is not dataclasses.MISSING
-            }  # keys added to Recipe since: their defaults
-            old = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} | json.loads(
-                saved.read_text()
-            )
-            diff = sorted(k for k in set(old) | set(new) if k not in ("arms", "tiny") and old.get(k) != new.get(k))
-            if diff:
-                raise UpcycleError(
-                    f"{self.out} holds an experiment with a different recipe ({', '.join(diff)}); "
-                    "pass --overwrite or another --out"
-                )
-        saved.write_text(json.dumps(r.to_dict(), indent=1) + "\n")
+        keep_recipe(self.out, r, free=("arms", "tiny"))  # arms may be added or dropped
         t0 = time.perf_counter()
         if r.corpus in CORPORA:
             docs = corpus_documents(r.corpus, r.max_chars, r.seed)
