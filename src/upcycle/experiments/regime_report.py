@@ -212,47 +212,18 @@ def crossover(rows: list[dict], r: RegimeRecipe) -> dict:
     return out
 
 
+# A point's columns in results.csv, between the run's (size, tokens_per_param, arm, seed) and its own.
+_POINT = ("extra", "steps", "tokens", "flops", "extra_flops", "target_flops", "val_loss")
+
+
 def write_csv(runs: dict, r: RegimeRecipe, path: Path) -> None:
-    fields = [
-        "size",
-        "tokens_per_param",
-        "arm",
-        "seed",
-        "extra",
-        "steps",
-        "tokens",
-        "flops",
-        "extra_flops",
-        "target_flops",
-        "val_loss",
-        "start_val_loss",
-        "flops_per_token",
-    ]
+    fields = ["size", "tokens_per_param", "arm", "seed", *_POINT, "start_val_loss", "flops_per_token"]
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for (s, t, a), rs in sorted(runs.items()):
             for x in sorted(rs, key=lambda x: x["seed"]):
+                run = {"size": s, "tokens_per_param": t, "arm": a, "seed": x["seed"]}
                 for p in x["points"]:
-                    w.writerow(
-                        {
-                            "size": s,
-                            "tokens_per_param": t,
-                            "arm": a,
-                            "seed": x["seed"],
-                            **{
-                                k: p[k]
-                                for k in (
-                                    "extra",
-                                    "steps",
-                                    "tokens",
-                                    "flops",
-                                    "extra_flops",
-                                    "target_flops",
-                                    "val_loss",
-                                )
-                            },
-                            "start_val_loss": x["start_val_loss"],
-                            "flops_per_token": x["flops_per_token"],
-                        }
-                    )
+                    own = {"start_val_loss": x["start_val_loss"], "flops_per_token": x["flops_per_token"]}
+                    w.writerow({**run, **{k: p[k] for k in _POINT}, **own})
