@@ -212,16 +212,44 @@ def trained(models, work):
         gen = ours.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, attention_mask=torch.ones_like(prompt))
     from transformers import AutoTokenizer
 
-    text = AutoTokenizer.from_pretrained(out).decode(gen[0, prompt.shape[1] :].tolist())
-    return out, {"logprobs": lp.tolist(), "greedy_text": text, "seconds": 0}
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.decode(gen[0, prompt.shape[1] :].tolist())
+    ours_lp = {"logprobs": lp.tolist(), "greedy_text": text, "seconds": 0}
+    return out, {"tokens": ours_lp, "lm-eval": _as_lmeval(ours, tok, req["text"]) | {"greedy_text": text}}
 
 
-@pytest.mark.parametrize("engine", ["transformers 5", "transformers 4.57", "vLLM", "llama.cpp"])
+def _as_lmeval(model, tok, text: str) -> dict:
+    """Our model's answers to run_lmeval's requests, computed as lm-eval's HFLM defines them: a chunk's
+    loglikelihood scores the tokens of context + continuation past the context's own tokens (a context's
+    trailing space moves to the continuation); the rolling loglikelihood scores every token of the text,
+    the first one given the prefix token (BOS, or EOS where there is none)."""
+    from run_lmeval import chunks
+
+    def logprobs(ids: list[int]) -> torch.Tensor:
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
+        return lp.gather(1, x[0, 1:, None])[:, 0]
+
+    out = []
+    for ctx, cont in chunks(text):
+        n = len(ctx) - len(ctx.rstrip(" "))
+        ctx, cont = (ctx[:-n], ctx[-n:] + cont) if n else (ctx, cont)
+        whole, head = tok(ctx + cont, add_special_tokens=False).input_ids, tok(ctx, add_special_tokens=False).input_ids
+        out.append(logprobs(whole)[len(head) - 1 :].sum().item())
+    ids = tok(text, add_special_tokens=False).input_ids
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # HFLM's prefix_token_id
+    out.append(logprobs([prefix] + ids).sum().item())
+    return {"logprobs": out, "seconds": 0}
+
+
+@pytest.mark.parametrize("engine", ["transformers 5", "transformers 4.57", "vLLM", "llama.cpp", "lm-eval"])
 def test_trained_upcycled_model_exported_and_served(engine, trained, models, work):
     out, ours = trained
+    ours = ours["lm-eval" if engine == "lm-eval" else "tokens"]  # lm-eval answers its own requests
     res = run_engine(engine, out, work)
     row = _compare(res, ours)
-    dense = run_engine("transformers 5", models["dense"], work)
+    dense = run_engine(engine if engine == "lm-eval" else "transformers 5", models["dense"], work)
     row["max_abs_logprob_diff_vs_dense"] = _compare(dense, ours)["max_abs_logprob_diff"]
     _record(f"{engine} / trained mixtral", row)
     assert row["max_abs_logprob_diff_vs_dense"] > 10 * TOL  # training moved it: the check below can fail
