@@ -63,11 +63,15 @@ router_init: normal / uniform (std router_std) / zeros, or data: row e = the mea
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from upcycle.errors import PlanError
 from upcycle.methods.routers import _generator, router_weight
+
+if TYPE_CHECKING:  # a plan at run time is an UpcyclePlan (BamPlan hands over its ffn_plan())
+    from upcycle.methods.plan import UpcyclePlan
 
 # Degree of homogeneity of activations: act(c x) = c^deg act(x) for c > 0 (exact for relu/relu2; silu and
 # gelu behave like degree 1 for large inputs, which is what the virtual-group scale assumes).
@@ -82,7 +86,7 @@ _TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 _S_DROP_SETS, _S_DROP_VALUES, _S_PARTITION, _S_QWEN2_PERM = 10, 20, 30, 40
 
 
-def expert_intermediate_size(plan, F: int) -> int:
+def expert_intermediate_size(plan: UpcyclePlan, F: int) -> int:
     """Width of one routed expert for a dense MLP of width F (checks the divisibility the plan needs)."""
     kind, E = plan.expert_init, plan.num_experts
     if kind == "partition":
@@ -132,7 +136,7 @@ def _distinct_slices(idx: torch.Tensor, E: int, h: int) -> list[torch.Tensor]:
     return out
 
 
-def plan_structure(plan, F: int) -> dict:
+def plan_structure(plan: UpcyclePlan, F: int) -> dict:
     """The block shape the plan gives a dense MLP of width F, in `surgery.make_moe_block`'s terms."""
     out: dict = {}
     Fe = expert_intermediate_size(plan, F)
@@ -143,14 +147,14 @@ def plan_structure(plan, F: int) -> dict:
     return out
 
 
-def _topk_unnormalised(plan) -> bool:
+def _topk_unnormalised(plan: UpcyclePlan) -> bool:
     """Top-k weights that are not renormalised (each active expert carries p_e ~ 1/E). Surgery hands the
     initialisers plans with the family's router resolved; a plan that names none is read as the decoder
     default, top-k."""
     return plan.router in (None, "topk") and not plan.normalize_weights
 
 
-def granular_scale(plan, act: str, gated: bool) -> float:
+def granular_scale(plan: UpcyclePlan, act: str, gated: bool) -> float:
     """Per-matrix factor of virtual-group upcycling, s^(1/p) (module docstring)."""
     G, E, K = plan.granularity, plan.num_experts, plan.top_k
     s = float(E * G / K) if _topk_unnormalised(plan) else float(G)
@@ -158,7 +162,7 @@ def granular_scale(plan, act: str, gated: bool) -> float:
     return s ** (1.0 / p)
 
 
-def partition_scale(plan) -> float:
+def partition_scale(plan: UpcyclePlan) -> float:
     if plan.partition_scale is not None:
         return float(plan.partition_scale)
     E, K = plan.num_experts, plan.top_k
@@ -197,7 +201,7 @@ def _reinit_neurons(
                 t[e][sets[e]] = vals[e]
 
 
-def drop_sets(plan, layer: int, E: int, width: int) -> list[torch.Tensor]:
+def drop_sets(plan: UpcyclePlan, layer: int, E: int, width: int) -> list[torch.Tensor]:
     """One index set per expert, floor(r * width) neurons, sorted."""
     n = int(math.floor(plan.drop_ratio * width))
     g = _generator(plan.seed, layer, _S_DROP_SETS)
@@ -233,7 +237,7 @@ def _balanced_kmeans(x: torch.Tensor, k: int, g: torch.Generator, iters: int = 2
     return labels
 
 
-def partition_sets(plan, layer: int, dense: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+def partition_sets(plan: UpcyclePlan, layer: int, dense: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """E disjoint, sorted index sets of F/E neurons covering 0..F-1."""
     E = plan.num_experts
     F = dense["up"].shape[0]
@@ -322,7 +326,7 @@ def init_layer(
     return out
 
 
-def init_experts(plan, layer: int, dense: torch.Tensor, which: int) -> torch.Tensor:
+def init_experts(plan: UpcyclePlan, layer: int, dense: torch.Tensor, which: int) -> torch.Tensor:
     """(E, ...) expert tensor from one dense tensor: copies, or copies plus independent noise (`which`:
     the tensor's index in surgery._EXPERT_PARAMS, which picks its noise stream)."""
     out = dense.unsqueeze(0).expand(plan.num_experts, *dense.shape).clone()

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from upcycle.errors import PlanError, UpcycleError
+
+if TYPE_CHECKING:  # a plan at run time is an UpcyclePlan (BamPlan hands over its ffn_plan())
+    from upcycle.adapters import MLPAdapter
+    from upcycle.methods.plan import UpcyclePlan
 
 
 def _generator(seed: int, layer: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + layer) * 16 + stream)
 
 
-def init_router(plan, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
+def init_router(plan: UpcyclePlan, layer: int, hidden_size: int, dtype: torch.dtype) -> torch.Tensor:
     """Router weight (E, D): normal(0, std) by default (flaxformer / the paper), zeros, or a centred
     uniform with the same std. Granular plans draw E/G rows and repeat each G times (a virtual group
     shares one row). router_init=data needs the rows from `data_router_rows`: see `router_weight`."""
@@ -46,11 +50,11 @@ def router_weight(
     return init_router(plan, layer, hidden_size, dtype)
 
 
-def _groups(plan) -> int:
+def _groups(plan: UpcyclePlan) -> int:
     return plan.granularity if plan.expert_init == "granular" else 1
 
 
-def _expand_groups(w: torch.Tensor, plan) -> torch.Tensor:
+def _expand_groups(w: torch.Tensor, plan: UpcyclePlan) -> torch.Tensor:
     G = _groups(plan)
     return w.repeat_interleave(G, dim=0) if G > 1 else w
 
@@ -105,7 +109,9 @@ def _split_text(text: str) -> list[str]:
 
 
 @torch.no_grad()
-def data_router_rows(model, tokenizer, plan, layers: list[int], adapter) -> dict[int, torch.Tensor]:
+def data_router_rows(
+    model, tokenizer, plan: UpcyclePlan, layers: list[int], adapter: MLPAdapter
+) -> dict[int, torch.Tensor]:
     """{layer: (E/G, D) router rows} from the hidden states entering each chosen layer's MLP on the plan's
     router_prompts (one forward pass of the dense model per prompt). See the module docstring."""
     sets = read_prompts(plan.router_prompts, plan.num_experts // _groups(plan))

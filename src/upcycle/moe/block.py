@@ -9,12 +9,27 @@ nothing is global.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from upcycle.moe import routing as R
 from upcycle.moe.experts import Experts
+
+
+class RoutedPlan(Protocol):
+    """What a router is built from (methods.plan.UpcyclePlan is one; this package does not import methods)."""
+
+    router: str | None
+    top_k: int
+    ec_group: str
+
+    @property
+    def normalize_weights(self) -> bool: ...
+
+    @property
+    def capacity(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -26,7 +41,7 @@ class RouterConfig:
     ec_group: str = "sequence"  # expert_choice: route within each sequence, or over the whole batch
 
     @classmethod
-    def from_plan(cls, plan) -> "RouterConfig":
+    def from_plan(cls, plan: RoutedPlan) -> "RouterConfig":
         if plan.router is None:
             raise ValueError("the plan names no router: resolve the family's with plan.for_stack(adapter) first")
         return cls(plan.router, plan.top_k, plan.normalize_weights, plan.capacity, plan.ec_group)
