@@ -10,13 +10,29 @@ from pathlib import Path
 from upcycle.eval.plots import PALETTE, pyplot, save_figure
 from upcycle.experiments.regime_recipe import RegimeRecipe
 
+# The protocol's two treatment switches, as arm names spell them: the optimizer carried, the continued arms' decay.
+VARIANT_SUFFIXES = ("_carry", "_short_decay")
+
+
+def _base(r: RegimeRecipe, arm: str) -> str | None:
+    """The arm this one is a treatment variant of (dense_carry of dense, moe_scratch_short_decay of moe_scratch),
+    None for an arm of its own."""
+    for suffix in VARIANT_SUFFIXES:
+        if arm.endswith(suffix) and arm[: -len(suffix)] in r.arms:
+            return arm[: -len(suffix)]
+    return None
+
 
 def _colour(r: RegimeRecipe, arm: str) -> str:
-    return PALETTE[list(r.arms).index(arm) % len(PALETTE)] if list(r.arms).index(arm) < len(PALETTE) else "#888888"
+    """Arms of their own take the palette in recipe order; a variant takes its base arm's colour."""
+    own = [a for a in r.arms if _base(r, a) is None]
+    base = _base(r, arm) or arm
+    return PALETTE[own.index(base) % len(PALETTE)]
 
 
 def _style(r: RegimeRecipe, arm: str) -> str:
-    return "--" if list(r.arms).index(arm) >= len(PALETTE) else "-"
+    """A variant is dashed in its base arm's colour."""
+    return "--" if _base(r, arm) else "-"
 
 
 def plot_budgets(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
@@ -50,8 +66,8 @@ def plot_budgets(res: dict, r: RegimeRecipe, out_png: Path) -> Path | None:
     for ax in axes:
         ax.axhline(res["dense"]["val_loss"], color="0.4", ls=":", lw=1)
         ax.grid(True, alpha=0.3)
-    axes[0].set_xlabel("extra training FLOPs, % of the dense pretraining's B (scratch arms: total − B)")
-    axes[1].set_xlabel("extra training tokens, % of the dense pretraining's tokens")
+    axes[0].set_xlabel("extra FLOPs, % of B (the dense pretraining's)\nscratch arms: their total − B")
+    axes[1].set_xlabel("extra tokens, % of the dense pretraining's\nscratch arms: their total − those")
     axes[0].set_ylabel("validation loss (mean ± std over seeds)")
     d = res["dense"]
     fig.suptitle(
