@@ -261,3 +261,13 @@ def test_wsd_schedule():
     assert [c.lr_at(s, 1000) for s in range(80)] == lrs[:80]
     with pytest.raises(Exception, match="decay_fraction"):
         TrainConfig(schedule="wsd", decay_fraction=0.0)
+
+
+def test_a_treatment_variant_is_drawn_in_its_base_arms_colour_dashed():
+    from upcycle.experiments.regime_plots import _colour, _style
+
+    r = RegimeRecipe.from_dict(load_recipe_mapping(RECIPE))
+    for variant, base in (("dense_carry", "dense"), ("moe_scratch_short_decay", "moe_scratch")):
+        assert _colour(r, variant) == _colour(r, base) and (_style(r, variant), _style(r, base)) == ("--", "-")
+    own = [a for a in r.arms if _style(r, a) == "-"]
+    assert len({_colour(r, a) for a in own}) == len(own)  # arms of their own never share a colour
