@@ -127,7 +127,7 @@ def test_every_file_of_dataclasses_reads_numbers_by_field_type(tmp_path):
     assert (cfg.lr, cfg.steps, cfg.pretrain_tokens) == (3e-4, 1000, 2e6) and isinstance(cfg.steps, int)
     from pathlib import Path
 
-    from upcycle.yamlio import read_mapping
+    from upcycle.io.yamlio import read_mapping
 
     recipes = Path(__file__).parent.parent / "recipes"
     tiny = read_mapping(recipes / "tiny.yaml", "recipe")

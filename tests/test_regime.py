@@ -190,7 +190,7 @@ def test_a_resume_with_another_recipe_is_refused_by_key(study, tmp_path, capsys)
     """The recorded recipe guards OUT: a changed lr is refused by name before anything runs; a free key
     (workers) is not; a key the old record lacks stands at its default."""
     from upcycle.experiments.common import keep_recipe
-    from upcycle.yamlio import dump, read_mapping
+    from upcycle.io.yamlio import dump, read_mapping
 
     r, out, res = study
     changed = read_mapping(RECIPE, "recipe")

@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace) -> DepthTilingPlan:
-    from upcycle import yamlio
     from upcycle.errors import PlanError
+    from upcycle.io import yamlio
 
     base = {}
     if args.plan is not None:

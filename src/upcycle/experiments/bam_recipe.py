@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle import yamlio
 from upcycle.errors import UpcycleError
-from upcycle.yamlio import option
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 
 MIXES = ("btx", "bam", "bam_shared")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from upcycle import yamlio
 from upcycle.errors import UpcycleError
-from upcycle.yamlio import option
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 
 ARMS = ("dense", "upcycled", "upcycled_carry", "depth_tiled", "moe_scratch")
 

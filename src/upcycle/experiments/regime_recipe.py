@@ -10,9 +10,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle import yamlio
 from upcycle.errors import UpcycleError
-from upcycle.yamlio import option
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 
 KINDS = ("dense", "upcycled", "moe_scratch", "dense_wide_scratch")
 OPTIMIZER = ("reset", "carry")

@@ -37,10 +37,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from upcycle import yamlio
 from upcycle.errors import UpcycleError
 from upcycle.experiments.vit_report import _row, plot, results_markdown, write_csv
-from upcycle.yamlio import option
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 
 ARMS = ("dense", "upcycled", "upcycled_nonorm", "upcycled_fresh")
 

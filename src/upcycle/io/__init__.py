@@ -1,1 +1,1 @@
-"""The file layer, a leaf that knows nothing of MoE: safetensors reading with header checks (`safetensors`), the one sharded writer (`writer`), atomic output directories, disk checks and side files (`dirs`), models without weights (`models`)."""
+"""The file layer, a leaf that knows nothing of MoE: safetensors reading with header checks (`safetensors`), the one sharded writer (`writer`), atomic output directories, disk checks and side files (`dirs`), models without weights (`models`), and YAML files of dataclasses: key = field = flag (`yamlio`)."""

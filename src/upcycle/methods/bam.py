@@ -29,11 +29,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from upcycle import yamlio
 from upcycle.adapters import ADAPTERS, adapter_for
 from upcycle.errors import PlanError, UpcycleError
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 from upcycle.methods.record import ConversionRecord
-from upcycle.yamlio import option
 
 METHODS = ("bam", "btx")
 

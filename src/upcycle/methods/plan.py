@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle import yamlio
 from upcycle.errors import PlanError
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 from upcycle.methods.layers import DEFAULT_LAYERS, parse_layers
 from upcycle.moe.routing import EC_CAPACITY_FACTOR
-from upcycle.yamlio import option
 
 ROUTERS = ("topk", "expert_choice", "soft")
 ROUTER_INITS = ("normal", "zeros", "uniform", "data")

@@ -138,8 +138,8 @@ class DepthTilingPlan:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "DepthTilingPlan":
-        from upcycle import yamlio
         from upcycle.errors import PlanError
+        from upcycle.io import yamlio
 
         d = dict(d) if isinstance(d, dict) else d
         method = d.pop("method", None) if isinstance(d, dict) else None

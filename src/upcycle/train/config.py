@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from upcycle import yamlio
 from upcycle.errors import UpcycleError
-from upcycle.yamlio import option
+from upcycle.io import yamlio
+from upcycle.io.yamlio import option
 
 PARALLEL = ("auto", "none", "ddp", "fsdp")
 
