@@ -140,3 +140,24 @@ def test_every_file_of_dataclasses_reads_numbers_by_field_type(tmp_path):
     q = tmp_path / "bam.yaml"
     q.write_text((recipes / "bam-small.yaml").read_text().replace("mix_lr: 1.0e-3", "mix_lr: 5e-4"))
     assert BamRecipe.from_yaml(q).mix_lr == 5e-4
+
+
+def test_every_study_recipe_reads_its_tiny_overrides_one_way(tmp_path):
+    """One recipe_from_dict for the four study recipes: a ViT recipe without `tiny:` used to run at full size
+    under --tiny, and a BAM recipe's misspelt tiny key ended in a TypeError traceback."""
+    from pathlib import Path
+
+    from upcycle.errors import UpcycleError
+    from upcycle.experiments.bam_recipe import BamRecipe
+    from upcycle.experiments.vit import VitRecipe
+    from upcycle.io.yamlio import read_mapping
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    vit = read_mapping(recipes / "vit-small.yaml", "recipe")
+    assert VitRecipe.from_dict(vit, tiny=True).name == f"{vit['name']} (tiny)"
+    with pytest.raises(UpcycleError, match=r"--tiny needs a `tiny:` section"):
+        VitRecipe.from_dict({k: v for k, v in vit.items() if k != "tiny"}, tiny=True)
+    bam = tmp_path / "bam.yaml"
+    bam.write_text((recipes / "bam-small.yaml").read_text().replace("tiny:\n", "tiny:\n  mix_stepz: 3\n", 1))
+    with pytest.raises(UpcycleError, match=r"bam.yaml: tiny: unknown key 'mix_stepz'"):
+        BamRecipe.from_yaml(bam, tiny=True)

@@ -63,13 +63,7 @@ class BamRecipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "BamRecipe":
-        d = yamlio.read_mapping(path, "recipe")
-        yamlio.check_fields(cls, d, str(path), "recipe fields")
-        if tiny:
-            if not d.get("tiny"):
-                raise UpcycleError(f"{path}: no `tiny:` overrides in this recipe")
-            d = {**d, **d["tiny"]}
-        return cls(**yamlio.numbers(cls, d, str(path)))
+        return yamlio.recipe_from_dict(cls, yamlio.read_mapping(path, "recipe"), str(path), tiny)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -164,15 +164,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "Recipe":
-        yamlio.check_fields(cls, d, source, "recipe keys")
-        d = dict(d)
-        if tiny:
-            d = yamlio.with_tiny(cls, d, source, "experiment")
-        d = yamlio.numbers(cls, d, source)
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise UpcycleError(f"{source}: {e}") from None
+        return yamlio.recipe_from_dict(cls, d, source, tiny)
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "Recipe":

@@ -140,15 +140,7 @@ class RegimeRecipe:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "RegimeRecipe":
-        yamlio.check_fields(cls, d, source, "recipe keys")
-        d = dict(d)
-        if tiny:
-            d = yamlio.with_tiny(cls, d, source, "upcycling-regime")
-        d = yamlio.numbers(cls, d, source)
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise UpcycleError(f"{source}: {e}") from None
+        return yamlio.recipe_from_dict(cls, d, source, tiny)
 
 
 # ----------------------------------------------------------------------------------------------- jobs

@@ -90,13 +90,7 @@ class VitRecipe:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "recipe", tiny: bool = False) -> "VitRecipe":
-        yamlio.check_fields(cls, d, source, "recipe fields")
-        d = dict(d)
-        if tiny:
-            over = d.get("tiny") or {}
-            yamlio.check_fields(cls, over, f"{source} (tiny)", "recipe fields")
-            d.update(over)
-        return cls(**yamlio.numbers(cls, d, source))
+        return yamlio.recipe_from_dict(cls, d, source, tiny)
 
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "VitRecipe":

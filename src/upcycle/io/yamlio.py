@@ -104,6 +104,20 @@ def numbers(cls: type, d: dict[str, Any], source: str, error: type[UpcycleError]
     return out
 
 
+def recipe_from_dict(cls: type, d: Any, source: str, tiny: bool = False) -> Any:
+    """A study's recipe (a dataclass with a `name` field) from a YAML mapping: keys checked, its `tiny:`
+    overrides applied when asked for, numbers read by field type; a missing or wrong argument is one error."""
+    check_fields(cls, d, source, "recipe keys")
+    d = dict(d)
+    if tiny:
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "name")
+        d = with_tiny(cls, d, source, default)
+    try:
+        return cls(**numbers(cls, d, source))
+    except TypeError as e:
+        raise UpcycleError(f"{source}: {e}") from None
+
+
 def with_tiny(cls: type, d: dict[str, Any], source: str, default_name: str) -> dict[str, Any]:
     """A recipe mapping with its `tiny:` overrides applied (what `--tiny` runs: a smoke-test size), its
     name marked "(tiny)"; the overrides' keys are checked against the dataclass `cls`."""
@@ -113,7 +127,8 @@ def with_tiny(cls: type, d: dict[str, Any], source: str, default_name: str) -> d
     bad = sorted(set(over) - {f.name for f in dataclasses.fields(cls)} - {"tiny"})
     if bad:
         raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
-    return dict(d, **over, name=f"{d.get('name', default_name)} (tiny)")
+    merged = {**d, **over}  # an override may rename the recipe too
+    return merged | {"name": f"{merged.get('name', default_name)} (tiny)"}
 
 
 def dump(d: dict[str, Any], path: str | Path | None = None) -> str:
