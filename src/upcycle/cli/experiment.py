@@ -24,7 +24,10 @@ from pathlib import Path
 from upcycle.cli.common import add_study_flags, study_out
 from upcycle.errors import UpcycleError
 
-HELP = "the paper's core comparison at small scale: dense / upcycled / depth-tiled / MoE-from-scratch vs FLOPs"
+HELP = (
+    "a study from a recipe: the paper's comparison at small scale (dense / upcycled / depth-tiled / MoE from "
+    "scratch vs FLOPs), or with `study: regime` when upcycling pays (recipes/upcycling-regime.yaml)"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
