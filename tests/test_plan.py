@@ -161,3 +161,5 @@ def test_every_study_recipe_reads_its_tiny_overrides_one_way(tmp_path):
     bam.write_text((recipes / "bam-small.yaml").read_text().replace("tiny:\n", "tiny:\n  mix_stepz: 3\n", 1))
     with pytest.raises(UpcycleError, match=r"bam.yaml: tiny: unknown key 'mix_stepz'"):
         BamRecipe.from_yaml(bam, tiny=True)
+    with pytest.raises(UpcycleError, match=r"tiny: expected a mapping of recipe keys, got int"):
+        VitRecipe.from_dict({**vit, "tiny": 5}, tiny=True)

@@ -124,6 +124,8 @@ def with_tiny(cls: type, d: dict[str, Any], source: str, default_name: str) -> d
     over = d.get("tiny")
     if not over:
         raise UpcycleError(f"{source}: --tiny needs a `tiny:` section of overrides in the recipe")
+    if not isinstance(over, dict):
+        raise UpcycleError(f"{source}: tiny: expected a mapping of recipe keys, got {type(over).__name__}")
     bad = sorted(set(over) - {f.name for f in dataclasses.fields(cls)} - {"tiny"})
     if bad:
         raise UpcycleError(f"{source}: tiny: unknown key {bad[0]!r}")
