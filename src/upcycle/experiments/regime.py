@@ -1,7 +1,8 @@
 """The regime study: when does sparse upcycling beat dense continuation, and by how much?
 
-The literature's wins come from capacity-limited dense models and long upcycling budgets
-(`shared/research/regime.md`); this study measures where that regime starts, at CPU size.
+The literature's wins come from capacity-limited dense models and long upcycling budgets (Komatsuzaki et
+al. 2023 from T5 checkpoints of 1M steps; He et al. 2024 from Nemotron 2B at ~550 tokens per parameter;
+Skywork-MoE, OLMoE and Drop-Upcycling from 1000+); this study measures where that regime starts, at CPU size.
 
     dense phase  a Llama from scratch per model size, warmup then a constant LR (a warmup-stable-decay
                  run stopped in its stable phase): a checkpoint at each branch point, `tokens_per_param`

@@ -10,8 +10,9 @@ Two backends compute the same thing:
 - "loop": split the sorted rows by expert once and run plain matmuls per expert, as one autograd node
   (_ExpertLoop) that writes every expert's output and weight gradients straight into one buffer. This is
   the CPU path (fp32). Autograd through a 3-D parameter indexed per expert inside the loop would build a
-  full-size zero gradient per expert (research/performance.md §3.3); autograd through `unbind(0)` avoids
-  that but still stacks the gradients in an extra full-size copy per parameter.
+  full-size zero gradient per expert (the backward of indexing fills a zero tensor of the whole
+  parameter); autograd through `unbind(0)` avoids that but still stacks the gradients in an extra
+  full-size copy per parameter.
 - "grouped": one grouped matmul per projection (torch.nn.functional.grouped_mm) with int32 offsets;
   no host synchronisation, the GPU path (bf16 weights, or fp32 weights under bf16 autocast, cast per call
   as autocast casts a linear). On CPU "auto" takes it for small batches (at most

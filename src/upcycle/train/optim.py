@@ -150,7 +150,7 @@ def carry_over_optimizer_state(dense_state: dict, dense_model: nn.Module, moe_mo
 
 def _zero_dropped_moments(mapped: dict[str, dict[str, torch.Tensor]], plan, config) -> None:
     """Drop-Upcycling re-draws a share of each expert's neurons: their moments start at zero (Adam's state
-    of a new parameter), the kept neurons keep the dense moments (research/algorithms.md F.5)."""
+    of a new parameter), the kept neurons keep the dense moments."""
     from upcycle.methods.init import drop_sets
     from upcycle.methods.surgery import plan_stacks
 
