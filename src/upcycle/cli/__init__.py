@@ -55,10 +55,23 @@ COMMANDS = {
 BUILT_IN = ("sparse", "check", "plan")  # described by their one-line DESCRIPTION or HELP, not a docstring
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the promise's one error line: `upcycle: error: COMMAND: what`, exit 2, and where the
+    flags are listed, instead of the usage block (subcommands' parsers are of this class too)."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("upcycle").strip()
+        print(
+            f"upcycle: error: {where + ': ' if where else ''}{message} (`{self.prog} --help` lists them)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from upcycle._version import __version__
 
-    p = argparse.ArgumentParser(prog="upcycle", description="Turn dense Transformer checkpoints into MoE models.")
+    p = _Parser(prog="upcycle", description="Turn dense Transformer checkpoints into MoE models.")
     p.add_argument("--version", action="version", version=f"upcycle {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback behind an error (before the command)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -171,7 +184,13 @@ def _sigterm_unwinds():
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    for i, a in enumerate(argv):  # an empty path would read as "." (the working directory), silently
+        if not a.strip():
+            after = f" after {argv[i - 1]}" if i else ""
+            print(f"upcycle: error: an empty argument{after}; give a value", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     _show_our_warnings()
     with _sigterm_unwinds():
