@@ -36,12 +36,22 @@ def cmd_check(args: argparse.Namespace) -> int:
     from upcycle.formats.stock_import import is_stock_moe
     from upcycle.formats.validate import load_tokenizer, read_config
 
+    if args.max_rel is not None and not 0 < args.max_rel < float("inf"):
+        raise UpcycleError(f"--max-rel must be a positive number, got {args.max_rel}")
     if not is_stock_moe(args.model):  # stock Mixtral / Qwen2-MoE / Qwen3-MoE directories are imported
         read_meta(args.model)
     from upcycle.cli.check import encoder_check
     from upcycle.eval.encoders import is_causal_lm
 
-    if not is_causal_lm(load_dense_config(args.against)):  # encoders, ViT, T5: outputs, not perplexity
+    dense_config, moe_config = load_dense_config(args.against), read_config(args.model)
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        a, b = getattr(moe_config, key, None), getattr(dense_config, key, None)
+        if a != b:  # not its source: the figures would compare unrelated models
+            raise UpcycleError(
+                f"{args.model} ({key} {a}) cannot have come from {args.against} ({key} {b}): "
+                "give --against the dense model it was upcycled from"
+            )
+    if not is_causal_lm(dense_config):  # encoders, ViT, T5: outputs, not perplexity
         return encoder_check(args)
     if args.text is not None:
         from upcycle.data.documents import read_text_file

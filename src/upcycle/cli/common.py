@@ -175,3 +175,20 @@ def study_out(args: argparse.Namespace, command: str) -> tuple[Path, str]:
     if getattr(args, "overwrite", False) and out.exists():
         remove_for_overwrite(out, [args.recipe])
     return out, f"upcycle {command} {args.recipe}" + (" --tiny" if args.tiny else "") + f" --out {out}"
+
+
+def check_device(name: str) -> str:
+    """A --device that torch can use here, or one error line saying why not."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise UpcycleError(
+            f"--device {name!r}: not a torch device ({str(e).splitlines()[0]}); e.g. cpu or cuda:0"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UpcycleError(f"--device {name}: this torch has no CUDA device (torch {torch.__version__}); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UpcycleError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return name

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from upcycle.cli.common import check_device
 from upcycle.errors import UpcycleError
 
 OUT_REPLACES = False  # --out is a folder eval.json is written into, never replaced
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.formats.validate import load_tokenizer, read_config
 
     t0 = time.time()
+    check_device(args.device)
     if args.tokens < 2 or args.context < 2:
         raise UpcycleError("--tokens and --context must be at least 2")
     texts = _texts(args.text)

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"--label given {len(args.label)} times for {len(args.runs)} runs; give one per run")
     if args.out.suffix.lower() != ".png":
         raise UpcycleError(f"--out {args.out}: the figure is written as PNG; name it *.png")
-    if args.budget is not None and args.budget <= 0:
-        raise UpcycleError("--budget must be a positive number of FLOPs")
+    if args.budget is not None and not 0 < args.budget < float("inf"):
+        raise UpcycleError(f"--budget must be a positive number of FLOPs, got {args.budget}")
     labels = args.label or [_label(r) for r in args.runs]
     if len(set(labels)) != len(labels):
         labels = [str(r) for r in args.runs]

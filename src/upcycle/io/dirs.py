@@ -8,6 +8,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -59,16 +60,23 @@ SIDE_FILES = (
 
 
 def parse_size(size: str | int) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
+    """Bytes of a shard size such as 5GB, 500MB or 4096 (an int); at least one byte."""
+    n = None
+    if isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    elif isinstance(size, str):
+        s = size.strip().upper()
+        for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if s.endswith(unit):
+                try:
+                    x = float(s[: -len(unit)]) * mult
+                except ValueError:
+                    break
+                n = int(x) if math.isfinite(x) else None
                 break
-    raise UpcycleError(f"max_shard_size: cannot read {size!r}; write it like 5GB or 500MB")
+    if n is None or n < 1:
+        raise UpcycleError(f"max_shard_size: cannot use {size!r}; give a positive size like 5GB or 500MB")
+    return n
 
 
 def sha256_files(files: list[Path]) -> dict[str, str]:
@@ -119,7 +127,7 @@ def refuse_out_over_inputs(out: str | Path, inputs: Iterable[str | Path], flag: 
 
 
 @contextmanager
-def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Yield a temporary directory next to `out_dir`; on success rename it to `out_dir`.
 
     The temporary directory is `.NAME.tmp-PID-XXXX`: an exception (KeyboardInterrupt included)
@@ -127,9 +135,10 @@ def atomic_dir(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     A live writer's temporary directory is a lock: a second writer to the same `out_dir` is refused.
     The final rename never replaces what this writer did not check: without overwrite, a directory that
     appeared at `out_dir` meanwhile is left as it is and the run fails; with overwrite, only the very
-    directory that was there at the start is replaced. The working directory (or one above it) is refused."""
+    directory that was there at the start is replaced. The working directory (or one above it) is refused,
+    and so is a directory that is, or holds, one of `inputs` (what is being read to write it), overwrite or not."""
     out_dir = Path(os.path.abspath(out_dir))
-    refuse_out_over_inputs(out_dir, ())
+    refuse_out_over_inputs(out_dir, [i for i in inputs if i is not None])
     refuse_existing(out_dir, overwrite)
     before = _identity(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ class BamPlan:
             raise bad("layers", f"BAM and BTX mix every layer; got {self.layers!r}")
         for name in ("aux_loss_coef", "z_loss_coef", "router_std"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == float("inf"):
                 raise bad(name, f"must be a non-negative number, got {v!r}")
 
     @classmethod

@@ -146,6 +146,8 @@ class UpcyclePlan:
                 raise bad(name, f"expected an integer, got {v!r}")
         if self.num_experts < 1:
             raise bad("num_experts", f"must be at least 1, got {self.num_experts}")
+        if not 0 <= self.seed < 2**63:  # a torch.Generator seed
+            raise bad("seed", f"must be between 0 and 2**63 - 1, got {self.seed}")
         if self.router is not None and self.router not in ROUTERS:
             raise bad("router", f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")
         if self.router in (None, "topk") and not 1 <= self.top_k <= self.num_experts:
