@@ -1414,3 +1414,93 @@ def test_tile_huge_factor_is_sized_first(base, tmpfs):
     r = Result(p.returncode, p.stdout, p.stderr, p.stderr if "Traceback" in p.stderr else None)
     refused(r, r"space|memory|size|GB")
     assert list(small.iterdir()) == []
+
+
+# ============================================================ 6. found by a second sweep (303 cases)
+def _bert(tmp_path: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM
+
+    d = tmp_path / "bert"
+    c = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    BertForMaskedLM(c).save_pretrained(d)
+    return d
+
+
+def test_families_a_command_does_not_take_are_refused_before_anything_is_written(base, tmp_path):
+    bert = _bert(tmp_path)
+    out = tmp_path / "out"
+    refused(cli("tile", "--model", bert, "--out", out, "--factor", 2), "depth tiling deepens decoder LMs")
+    r = cli("train", "--model", bert, "--data", base / "data.txt", "--out", out, "--steps", 1, "--quiet")
+    refused(r, "continues decoder LMs", "bert is not one")
+    assert not out.exists() and leftovers(tmp_path) == []  # train used to leave train_config.yaml, metrics.csv
+
+
+def test_check_against_a_model_it_cannot_have_come_from_is_refused(base, tmp_path):
+    other = tmp_path / "wider"
+    tiny_model("llama", vocab_size=300).save_pretrained(other)  # was an IndexError; a BERT gave figures, exit 0
+    refused(cli("check", base / "moe", "--against", other), "vocab_size", "cannot have come from")
+    refused(cli("check", base / "moe", "--against", _bert(tmp_path)), "model_type", "cannot have come from")
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["check", "{moe}", "--against", "{dense}", "--max-rel", "nan"], "--max-rel must be a positive number"),
+        (["check", "{moe}", "--against", "{dense}", "--max-rel", "-1"], "--max-rel must be a positive number"),
+        (["sparse", "--model", "{dense}", "--out", "{out}", "--max-shard-size=-5GB"], "max_shard_size"),
+        (["sparse", "--model", "{dense}", "--out", "{out}", "--seed", "99999999999999999999999"], "seed"),
+        (["sparse", "--model", "{dense}", "--out", "{out}", "--seed", "-1"], "seed"),
+        (["plot", "{run}", "--out", "{out}.png", "--budget", "inf"], "--budget must be a positive"),
+        (["bam", "--seed", "{dense}", "--experts", "{other}", "--router-std", "nan", "--out", "{out}"], "router_std"),
+        (["btx", "--seed", "{dense}", "--experts", "{other}", "--z-loss-coef", "nan", "--out", "{out}"], "z_loss"),
+        (["train", "--data", "", "--out", "{out}"], "an empty argument after --data"),
+        (["eval", "{moe}", "--device", "nonsense"], "not a torch device"),
+        (["sparse", "--num-experts", "nan", "--out", "{out}"], "sparse: argument --num_experts"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_flag_values_that_cannot_work_are_refused_in_one_line(base, tmp_path, argv, pattern):
+    """NaN passed `< 0` checks (BAM routers all NaN, exit 0), a negative shard size wrote one tensor per shard,
+    a huge seed overflowed, an empty --data trained on the working directory, argparse printed its usage."""
+    names = {"moe": base / "moe", "dense": base / "dense", "other": base / "other", "run": base / "run"}
+    names["out"] = tmp_path / "out"
+    refused(cli(*[a.format(**names) for a in argv]), re.escape(pattern))
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_the_python_api_refuses_what_would_lose_or_misread_data(base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import upcycle
+
+    dense_dir = src(base, tmp_path, "dense")
+    before = tree_hash(dense_dir)
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir)
+    plan = upcycle.UpcyclePlan(num_experts=2)
+    moe = upcycle.upcycle(dense, plan)
+    with pytest.raises(UpcycleError, match="is the input"):  # was: the dense source replaced by the MoE
+        upcycle.save(moe, plan, dense_dir, source_dir=dense_dir, overwrite=True)
+    assert tree_hash(dense_dir) == before
+    with pytest.raises(UpcycleError, match="upcycled already"):  # was an AttributeError deep in surgery
+        upcycle.upcycle(moe, plan)
+    with pytest.raises(UpcycleError, match="plan must be an UpcyclePlan"):
+        upcycle.upcycle(dense, {"num_experts": 2})
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"model": {"hidden_size": 33, "intermediate_size": 64, "num_layers": 2, "num_heads": 2}}, "multiple of"),
+        ({"depth_factor": 0}, "depth_factor: must be above 1"),
+        ({"plan": {"num_experts": [1, 2]}}, "num_experts: expected an integer"),
+    ],
+    ids=["heads", "depth0", "plan"],
+)
+def test_an_experiment_recipe_is_checked_whole_before_its_out_is_written(tmp_path, change, pattern):
+    """These used to fail after writing recipe.json and the tokenizer, or after three arms had trained."""
+    from upcycle.io.yamlio import dump, read_mapping
+
+    recipe = read_mapping(ROOT / "recipes" / "tiny.yaml", "recipe") | change
+    (tmp_path / "r.yaml").write_text(dump(recipe))
+    refused(cli("experiment", tmp_path / "r.yaml", "--out", tmp_path / "out", "--quiet"), re.escape(pattern))
+    assert not (tmp_path / "out").exists()

@@ -66,20 +66,21 @@ def run(args: argparse.Namespace) -> int:
     from upcycle.io.compat import make_portable
     from upcycle.io.dirs import atomic_dir, copy_side_files, refuse_existing
     from upcycle.methods.baselines import num_params
-    from upcycle.methods.tiling import depth_tile
+    from upcycle.methods.tiling import check_family, depth_tile
 
     t0 = time.time()
     plan = resolve(args)
     refuse_existing(args.out, args.overwrite)
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = read_config(model_dir)
+    check_family(config, str(model_dir / "config.json"))
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     with open_weights(model_dir) as source:
         size_check(source, config, plan, args.out, None if dtype == "auto" else dtype)
     dense = load_dense(model_dir, dtype=dtype)
     deep = depth_tile(dense, num_layers=plan.num_layers, factor=plan.factor, mode=plan.mode)
     deep.config.depth_tiling["plan"] = plan.to_dict()
-    with atomic_dir(args.out, args.overwrite) as tmp:
+    with atomic_dir(args.out, args.overwrite, [model_dir]) as tmp:
         deep.save_pretrained(tmp)
         copy_side_files(model_dir, tmp, replace=False)
         make_portable(tmp)

@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"--stop-at must be at least 1 (the step after which the run stops), got {args.stop_at}")
 
     config = resolve_config(args)
-    if not args.data.exists():
-        raise UpcycleError(f"data path not found: {args.data}")
+    if not str(args.data).strip() or not args.data.exists():
+        raise UpcycleError(f"data path not found: {str(args.data)!r}")
     if not 0 <= args.val_fraction < 1:
         raise UpcycleError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = args.out
@@ -134,7 +134,17 @@ def run(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    vocab = read_config(model_dir).vocab_size
+    model_config = read_config(model_dir)
+    from upcycle.eval.encoders import is_causal_lm
+    from upcycle.formats.stock_import import is_stock_moe
+
+    # before anything is written: the loop trains next-token prediction (stock MoE decoders are imported)
+    if not is_stock_moe(model_dir) and not is_causal_lm(model_config):
+        raise UpcycleError(
+            f"{model_dir}: `upcycle train` continues decoder LMs with next-token prediction; "
+            f"{model_config.model_type} is not one (encoders and ViT: train them with your own task loop)"
+        )
+    vocab = model_config.vocab_size
     tokenizer = load_tokenizer(args.tokenizer or model_dir, vocab_size=vocab)
     data = load_data(
         args.data,

@@ -76,7 +76,7 @@ def cohere_config(r: BamRecipe, vocab_size: int, eos: int):
     side by side), GQA, RoPE, tied embeddings; logit_scale 1 (Cohere's 0.0625 is for its large models)."""
     from transformers import CohereConfig
 
-    from upcycle.experiments.common import decoder_shape
+    from upcycle.experiments.recipe import decoder_shape
 
     return CohereConfig(**decoder_shape(r.model, r.seq_len, vocab_size, eos), logit_scale=1.0, pad_token_id=eos)
 

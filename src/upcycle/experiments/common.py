@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from upcycle.errors import UpcycleError
-from upcycle.experiments.recipe import Recipe
+from upcycle.experiments.recipe import Recipe, decoder_shape
 
 
 def keep_recipe(out: Path, recipe, free: tuple[str, ...], what: str = "an experiment") -> None:
@@ -90,25 +90,6 @@ def train_bpe(docs, vocab_size: int, out_dir: Path):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     hf.save_pretrained(out_dir)
     return hf
-
-
-def decoder_shape(model: dict, seq_len: int, vocab_size: int, eos: int) -> dict:
-    """The config fields every study's small decoder shares, from a recipe's `model:` shape: tied embeddings,
-    GQA where num_kv_heads is given, positions up to seq_len, eos as bos, init std 0.02, no KV cache."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=model["hidden_size"],
-        intermediate_size=model["intermediate_size"],
-        num_hidden_layers=model["num_layers"],
-        num_attention_heads=model["num_heads"],
-        num_key_value_heads=model.get("num_kv_heads", model["num_heads"]),
-        max_position_embeddings=seq_len,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        use_cache=False,
-    )
 
 
 def dense_config(recipe: Recipe, vocab_size: int, eos: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,29 @@ class Recipe:
         for k in ("seq_len", "batch_size", "eval_batches"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise bad(k, "must be a positive integer")
+        # Everything the arms build later is checked now, before OUT is written: the plan, the deeper
+        # model's depth, the model shape (transformers' own config checks) and the learning rates.
+        self.plan_obj  # noqa: B018 - validates
+        if isinstance(self.depth_factor, bool) or not isinstance(self.depth_factor, (int, float)):
+            raise bad(
+                "depth_factor",
+                f"must be a number above 1 (the deeper model's depth / the dense one's), got {self.depth_factor!r}",
+            )
+        if "depth_tiled" in self.arms and not self.depth_factor > 1:
+            raise bad(
+                "depth_factor", f"must be above 1 (the deeper model's depth / the dense one's), got {self.depth_factor}"
+            )
+        for k in ("lr", "continue_lr", "weight_decay", "clip"):
+            v = getattr(self, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+                raise bad(k, f"must be a non-negative number, got {v!r}")
+        if not pretrained:
+            try:
+                from transformers import LlamaConfig
+
+                LlamaConfig(**decoder_shape(self.model, self.seq_len, 256, 0))
+            except Exception as e:  # noqa: BLE001 - transformers' config validators raise their own classes
+                raise bad("model", str(e).strip().splitlines()[-1].strip()) from None
 
     @property
     def pretrained(self) -> bool:
@@ -169,3 +193,22 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path, tiny: bool = False) -> "Recipe":
         return cls.from_dict(yamlio.read_mapping(path, "recipe"), source=str(path), tiny=tiny)
+
+
+def decoder_shape(model: dict, seq_len: int, vocab_size: int, eos: int) -> dict:
+    """The config fields every study's small decoder shares, from a recipe's `model:` shape: tied embeddings,
+    GQA where num_kv_heads is given, positions up to seq_len, eos as bos, init std 0.02, no KV cache."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=model["hidden_size"],
+        intermediate_size=model["intermediate_size"],
+        num_hidden_layers=model["num_layers"],
+        num_attention_heads=model["num_heads"],
+        num_key_value_heads=model.get("num_kv_heads", model["num_heads"]),
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        use_cache=False,
+    )

@@ -105,7 +105,7 @@ def stream_upcycle(
         side = side_files(model_dir)
         need = output_bytes(items, limit) + sum(f.stat().st_size for f in side)
         check_disk_space(out_dir, need)
-        with ThreadPoolExecutor(1) as pool, atomic_dir(out_dir, overwrite) as tmp:
+        with ThreadPoolExecutor(1) as pool, atomic_dir(out_dir, overwrite, [model_dir]) as tmp:
             hashing = pool.submit(sha256_files, source.files)  # overlaps the writes (hashlib frees the GIL)
             structure = upcycled_structure(plan, config)
             record = ConversionRecord(
@@ -173,7 +173,7 @@ def save(
     plan = applied_plan(plan, model.config, model)
     layers = _moe_layer_indices(model)
     structure = structure_of(model)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, [source_dir]) as tmp:
         model.config.architectures = [type(model).__name__]  # the class `load` rebuilds
         source = {"path": str(source_dir) if source_dir else None, "weights": source_hashes or {}}
         record = ConversionRecord(plan, layers, structure, tied, source, versions())

@@ -347,7 +347,7 @@ def write_stock(
     )
     limit = parse_size(max_shard_size)
     check_disk_space(Path(out_dir), output_bytes(mapped, limit))
-    with atomic_dir(Path(out_dir), overwrite) as tmp:
+    with atomic_dir(Path(out_dir), overwrite, [side_files_from]) as tmp:
         cfg.save_pretrained(tmp)
         with tqdm(
             total=sum(it.nbytes for it in mapped),

@@ -15,6 +15,7 @@ import torch.nn as nn
 from transformers.activations import ACT2FN
 
 from upcycle.adapters import MLPAdapter, adapter_for, stacks_for
+from upcycle.errors import UpcycleError
 from upcycle.methods.init import init_layer, plan_structure
 from upcycle.methods.layers import select_layers
 from upcycle.methods.plan import UpcyclePlan
@@ -238,6 +239,14 @@ def upcycle(model: nn.Module, plan: UpcyclePlan, inplace: bool = False, progress
     """Sparse upcycling of a transformers model: the chosen MLPs become MoE blocks whose experts are
     initialised from the dense MLP (plan.expert_init, see init.py), routers new. Everything else is
     untouched. router_init=data runs the dense model on plan.router_prompts first (needs `tokenizer`)."""
+    from upcycle.moe.block import moe_blocks
+
+    if not isinstance(plan, UpcyclePlan):
+        raise UpcycleError(
+            f"upcycle: plan must be an UpcyclePlan (UpcyclePlan.from_dict reads a mapping), got {type(plan).__name__}"
+        )
+    if moe_blocks(model) or getattr(model.config, "upcycle", None):
+        raise UpcycleError("upcycle: this model is upcycled already (it has MoE layers); give it the dense model")
     if not inplace:
         model = copy.deepcopy(model)
     config = model.config

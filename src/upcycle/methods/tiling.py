@@ -38,6 +38,19 @@ def tile_order(num_layers: int, target: int, mode: str = "stack") -> list[int]:
 
 
 @torch.no_grad()
+def check_family(config: Any, source: str = "config.json") -> None:
+    """Depth tiling repeats the blocks of a decoder LM (the llama-like families); refuse anything else before
+    it is loaded."""
+    from upcycle.adapters import LLAMA_LIKE
+
+    adapter = adapter_for(config, source)
+    if adapter.family != LLAMA_LIKE.family:
+        raise UpcycleError(
+            f"{source}: depth tiling deepens decoder LMs ({', '.join(LLAMA_LIKE.model_types)}); "
+            f"{config.model_type} is a {adapter.family}"
+        )
+
+
 def depth_tile(
     model: nn.Module, num_layers: int | None = None, factor: float | None = None, mode: str = "stack"
 ) -> nn.Module:
@@ -55,6 +68,7 @@ def depth_tile(
     if moe_blocks(model):
         raise UpcycleError("depth_tile works on dense models; this one has MoE layers")
     config = model.config
+    check_family(config, "model")
     adapter = adapter_for(config)
     L = adapter.dims(config)[0]
     if (num_layers is None) == (factor is None):
