@@ -1456,6 +1456,9 @@ def test_check_against_a_model_it_cannot_have_come_from_is_refused(base, tmp_pat
         (["train", "--data", "", "--out", "{out}"], "an empty argument after --data"),
         (["eval", "{moe}", "--device", "nonsense"], "not a torch device"),
         (["sparse", "--num-experts", "nan", "--out", "{out}"], "sparse: argument --num_experts"),
+        (["sparse", "--model", "{dense}", "--out", "{out}", "--layers", "0,2,,3"], "not a comma-separated list"),
+        (["train", "--model", "{moe}", "--data", "{data}", "--out", "{out}", "--eps", "0"], "eps: must be positive"),
+        (["train", "--model", "{moe}", "--data", "{data}", "--out", "{out}", "--chunk-chars", "0"], "--chunk-chars"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -1463,6 +1466,7 @@ def test_flag_values_that_cannot_work_are_refused_in_one_line(base, tmp_path, ar
     """NaN passed `< 0` checks (BAM routers all NaN, exit 0), a negative shard size wrote one tensor per shard,
     a huge seed overflowed, an empty --data trained on the working directory, argparse printed its usage."""
     names = {"moe": base / "moe", "dense": base / "dense", "other": base / "other", "run": base / "run"}
+    names["data"] = base / "data.txt"
     names["out"] = tmp_path / "out"
     refused(cli(*[a.format(**names) for a in argv]), re.escape(pattern))
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

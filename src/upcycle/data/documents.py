@@ -115,6 +115,8 @@ def read_documents(path: str | Path, text_field: str = "text", chunk_chars: int 
     path = Path(path)
     if not path.exists():
         raise UpcycleError(f"data path not found: {path}")
+    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
+        raise UpcycleError(f"--chunk-chars must be a positive number of characters, got {chunk_chars!r}")
     if path.is_file():
         files, root = [path], path.parent
     else:

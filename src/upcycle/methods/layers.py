@@ -34,7 +34,7 @@ def parse_layers(spec: str | list[int] | tuple[int, ...]) -> str | tuple[int, ..
     spec = spec.strip()
     if spec[0].isdigit() or spec[0] == "-":
         try:
-            ints = [int(s) for s in spec.split(",") if s.strip()]
+            ints = [int(s) for s in spec.rstrip(",").split(",")]  # an empty element (0,2,,3) is a typo, not a skip
         except ValueError:
             raise PlanError(f"layers: {spec!r} is not a comma-separated list of integers") from None
         return parse_layers(ints)

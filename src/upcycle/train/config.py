@@ -105,6 +105,8 @@ class TrainConfig:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise bad(name, f"must be a non-negative number, got {v!r}")
+        if self.eps == 0:  # AdamW divides by sqrt(v) + eps: a parameter with no gradient yet would get 0/0
+            raise bad("eps", "must be positive (AdamW divides by sqrt(v) + eps), got 0")
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
