@@ -1508,3 +1508,12 @@ def test_an_experiment_recipe_is_checked_whole_before_its_out_is_written(tmp_pat
     (tmp_path / "r.yaml").write_text(dump(recipe))
     refused(cli("experiment", tmp_path / "r.yaml", "--out", tmp_path / "out", "--quiet"), re.escape(pattern))
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_context_above_max_position_embeddings_is_flagged(base):
+    r = ok(cli("eval", base / "moe", "--context", 200, "--tokens", 256))  # the tiny model has 128 positions
+    assert re.search(r"upcycle: warning: --context 200 is above the model's max_position_embeddings 128", r.err)
+
+
+def test_sparse_on_an_upcycled_model_says_so(base, tmp_path):
+    refused(cli("sparse", "--model", base / "moe", "--out", tmp_path / "again"), "upcycled already")

@@ -75,7 +75,20 @@ def run(args: argparse.Namespace) -> int:
     texts = _texts(args.text)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UpcycleError(f"--out {args.out} exists and is not a directory")
-    vocab = getattr(read_config(args.model), "vocab_size", None)
+    model_config = read_config(args.model)
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if max_pos and args.context > max_pos:
+        import warnings
+
+        from upcycle.errors import UpcycleWarning
+
+        warnings.warn(
+            f"--context {args.context} is above the model's max_position_embeddings {max_pos}: positions past it "
+            "were never trained, so the perplexity says little",
+            UpcycleWarning,
+            stacklevel=1,
+        )
+    vocab = getattr(model_config, "vocab_size", None)
     tok = load_tokenizer(args.tokenizer or args.model, vocab_size=vocab)
     dtype = getattr(torch, args.dtype)
     model = load_any(args.model, dtype=dtype, device=args.device)

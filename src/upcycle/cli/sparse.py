@@ -80,6 +80,8 @@ def cmd_sparse(args: argparse.Namespace) -> int:
     refuse_existing(args.out, args.overwrite)
     model_dir = args.model if args.model is not None else default_model_dir(log=lambda m: print(m, file=sys.stderr))
     config = load_dense_config(model_dir)
+    if getattr(config, "upcycle", None):  # its MLPs are MoE blocks already: a missing-tensor error would follow
+        raise UpcycleError(f"{model_dir} is upcycled already (config.json has an upcycle record); give the dense model")
     adapter = adapter_for(config, source=str(model_dir / "config.json"))
     plan = family_plan(plan, config, adapter)
     layers = select_layers(plan.layers, adapter.dims(config)[0])
