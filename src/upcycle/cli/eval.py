@@ -36,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="text file to evaluate on; repeat for several (default: Python's textwrap.py source)",
     )
     p.add_argument("--tokens", type=int, default=2048, help="tokens of each text to use (default 2048)")
-    p.add_argument("--context", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument(
+        "--context", type=int, help="window length in tokens (default 512, or the model's positions if fewer)"
+    )
     p.add_argument("--tokenizer", type=Path, help="directory with the tokenizer (default: the model directory)")
     p.add_argument("--out", type=Path, help="directory to write eval.json and expert-load.png into")
     p.add_argument("--title", help="title of the heatmap (default: 'Expert load: <model directory name>')")
@@ -70,14 +72,16 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     check_device(args.device)
-    if args.tokens < 2 or args.context < 2:
+    if args.tokens < 2 or (args.context is not None and args.context < 2):
         raise UpcycleError("--tokens and --context must be at least 2")
     texts = _texts(args.text)
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise UpcycleError(f"--out {args.out} exists and is not a directory")
     model_config = read_config(args.model)
     max_pos = getattr(model_config, "max_position_embeddings", None)
-    if max_pos and args.context > max_pos:
+    if args.context is None:  # the default: 512 tokens, within what the model was trained on
+        args.context = min(512, max_pos or 512)
+    elif max_pos and args.context > max_pos:
         import warnings
 
         from upcycle.errors import UpcycleWarning
