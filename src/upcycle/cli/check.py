@@ -61,7 +61,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         text, text_name = held_out_text()
     if args.tokens < 2 or args.context < 2:
         raise UpcycleError("--tokens and --context must be at least 2")
-    tok = load_tokenizer(args.model, args.against, vocab_size=read_config(args.model).vocab_size)
+    tok = load_tokenizer(args.model, args.against, vocab_size=moe_config.vocab_size)
     ids = tok(text, return_tensors="pt").input_ids[0, : args.tokens]
     if ids.numel() < 2:
         raise UpcycleError(f"{text_name}: {ids.numel()} token(s); check needs at least 2: give a longer --text")

@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         raise UpcycleError(f"--stop-at must be at least 1 (the step after which the run stops), got {args.stop_at}")
 
     config = resolve_config(args)
-    if not str(args.data).strip() or not args.data.exists():
-        raise UpcycleError(f"data path not found: {str(args.data)!r}")
+    if not args.data.exists():
+        raise UpcycleError(f"data path not found: {args.data}")
     if not 0 <= args.val_fraction < 1:
         raise UpcycleError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     out = args.out

@@ -139,15 +139,9 @@ class Recipe:
         # Everything the arms build later is checked now, before OUT is written: the plan, the deeper
         # model's depth, the model shape (transformers' own config checks) and the learning rates.
         self.plan_obj  # noqa: B018 - validates
-        if isinstance(self.depth_factor, bool) or not isinstance(self.depth_factor, (int, float)):
-            raise bad(
-                "depth_factor",
-                f"must be a number above 1 (the deeper model's depth / the dense one's), got {self.depth_factor!r}",
-            )
-        if "depth_tiled" in self.arms and not self.depth_factor > 1:
-            raise bad(
-                "depth_factor", f"must be above 1 (the deeper model's depth / the dense one's), got {self.depth_factor}"
-            )
+        f = self.depth_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or ("depth_tiled" in self.arms and not f > 1):
+            raise bad("depth_factor", f"must be above 1 (the deeper model's depth / the dense one's), got {f!r}")
         for k in ("lr", "continue_lr", "weight_decay", "clip"):
             v = getattr(self, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
